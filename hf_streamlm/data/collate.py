@@ -1,0 +1,59 @@
+"""Collators: causal-LM labels, and BERT masking (15%, 80/10/10, special tokens never masked)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class CausalCollator:
+    """Stack blocks; labels are the inputs (the model shifts), padding ignored with -100."""
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
+        attention_mask = torch.tensor([e["attention_mask"] for e in examples], dtype=torch.long)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class MLMCollator:
+    """BERT's masking scheme (Devlin et al. 2019, sec. 3.1), seeded so runs are repeatable.
+
+    ``mlm_probability`` of the non-special, non-padding tokens are chosen; of those 80% become
+    ``[MASK]``, 10% a random token, 10% stay. Labels are -100 everywhere else.
+    """
+
+    def __init__(
+        self,
+        mask_token_id: int,
+        vocab_size: int,
+        special_ids: list[int],
+        mlm_probability: float = 0.15,
+        seed: int = 0,
+    ):
+        self.mask_token_id = mask_token_id
+        self.vocab_size = vocab_size
+        self.special_ids = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        self.mlm_probability = mlm_probability
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def _rng(self) -> torch.Generator:
+        # Created lazily so each DataLoader worker gets its own stream (seed + worker id).
+        if self.generator is None:
+            info = torch.utils.data.get_worker_info()
+            self.generator = torch.Generator().manual_seed(self.seed + (info.id + 1 if info else 0))
+        return self.generator
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        g = self._rng()
+        input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
+        attention_mask = torch.tensor([e["attention_mask"] for e in examples], dtype=torch.long)
+        maskable = (attention_mask == 1) & ~torch.isin(input_ids, self.special_ids)
+        chosen = (torch.rand(input_ids.shape, generator=g) < self.mlm_probability) & maskable
+        labels = input_ids.masked_fill(~chosen, -100)
+        roll = torch.rand(input_ids.shape, generator=g)
+        masked = input_ids.masked_fill(chosen & (roll < 0.8), self.mask_token_id)
+        randomize = chosen & (roll >= 0.8) & (roll < 0.9)
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=g)
+        masked = torch.where(randomize, random_ids, masked)
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,141 @@
+"""Assemble the stages into the training and evaluation streams of a :class:`~hf_streamlm.config.Config`.
+
+sources -> mixture (weights) -> hold-out split -> shuffle buffer -> rank shard -> tokenize (batched
+``map``) -> pack (rolling buffer) -> blocks. Collation (labels, masking) happens in the DataLoader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+
+import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from hf_streamlm.config import Config, SourceConfig
+from hf_streamlm.data.packing import pack
+from hf_streamlm.data.sources import load_source
+
+logger = logging.getLogger(__name__)
+
+TOKENIZE_BATCH = 1000
+"""Documents per batched ``map`` call: large enough that the Rust tokenizer runs in parallel."""
+
+
+def is_heldout(text: str, share: float) -> bool:
+    """Deterministic, order-free hold-out: the same document is held out on every machine and run."""
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < share * 2**64
+
+
+def open_mixture(config: Config, sources: list[SourceConfig] | None = None) -> datasets.IterableDataset:
+    """All sources of ``config.data`` as one stream of ``{"text"}`` rows, mixed by weight."""
+    data = config.data
+    sources = list(sources if sources is not None else data.sources)
+    if sources is data.sources and data.train_shards:
+        sources.append(_shard_source(data.train_shards))
+    streams = [load_source(s, data.cache_dir) for s in sources]
+    if len(streams) == 1:
+        ds = streams[0]
+    else:
+        total = sum(s.weight for s in sources)
+        ds = datasets.interleave_datasets(
+            streams,
+            probabilities=[s.weight / total for s in sources],
+            seed=config.runtime.seed,
+            stopping_strategy=data.stopping_strategy,
+        )
+    if data.min_words:
+        min_words = data.min_words
+        ds = ds.filter(lambda batch: [len(t.split()) >= min_words for t in batch["text"]], batched=True)
+    return ds
+
+
+def _shard_source(files: list[str]) -> SourceConfig:
+    builder = "json" if all(f.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) for f in files) else "text"
+    return SourceConfig(path=builder, data_files=list(files))
+
+
+def _split(config: Config, ds: datasets.IterableDataset, heldout: bool) -> datasets.IterableDataset:
+    share = config.data.eval_holdout
+    if share <= 0:
+        return ds
+    return ds.filter(lambda batch: [is_heldout(t, share) == heldout for t in batch["text"]], batched=True)
+
+
+def iter_texts(config: Config, limit: int | None = None) -> Iterator[str]:
+    """The training documents in stream order (no shuffle): what tokenizers are trained on."""
+    ds = _split(config, open_mixture(config), heldout=False)
+    if limit is not None:
+        ds = ds.take(limit)
+    for row in ds:
+        yield row["text"]
+
+
+def _tokenize(ds: datasets.IterableDataset, tokenizer, mlm: bool) -> datasets.IterableDataset:
+    """Batched tokenization; each document wrapped in its separators: [CLS] x [SEP] or x <eos>."""
+    if mlm:
+        head, tail = [tokenizer.cls_token_id], [tokenizer.sep_token_id]
+    else:
+        head, tail = [], [tokenizer.eos_token_id]
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)
+        return {"input_ids": [head + ids + tail for ids in encoded["input_ids"]]}
+
+    return ds.map(encode, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=["text"])
+
+
+class PackedBlocks(torch.utils.data.IterableDataset):
+    """A torch ``IterableDataset`` of packed blocks over a tokenized ``datasets`` stream.
+
+    One iteration is one pass (epoch) over this rank's share of the stream; call
+    :meth:`set_epoch` before each pass to reshuffle.
+    """
+
+    def __init__(self, tokenized: datasets.IterableDataset, block_size: int, drop_last: bool, pad_id: int):
+        self.tokenized = tokenized
+        self.block_size = block_size
+        self.drop_last = drop_last
+        self.pad_id = pad_id
+
+    def set_epoch(self, epoch: int) -> None:
+        self.tokenized.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        documents = (row["input_ids"] for row in self.tokenized)
+        return pack(documents, self.block_size, self.drop_last, self.pad_id)
+
+
+def build_train_blocks(config: Config, tokenizer, rank: int = 0, world_size: int = 1) -> PackedBlocks:
+    data = config.data
+    ds = _split(config, open_mixture(config), heldout=False)
+    if data.max_samples is not None:
+        ds = ds.take(data.max_samples)
+    if data.shuffle_buffer_size:
+        ds = ds.shuffle(seed=config.runtime.seed, buffer_size=data.shuffle_buffer_size)
+    if world_size > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    mlm = config.model.type == "microbert"
+    return PackedBlocks(_tokenize(ds, tokenizer, mlm), data.sequence_length, data.drop_last, tokenizer.pad_token_id)
+
+
+def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[str, list[int]]]:
+    """The first ``max_blocks`` held-out blocks, materialised once so every eval sees the same data."""
+    data = config.data
+    if data.validation_shards:
+        ds = open_mixture(config, [_shard_source(data.validation_shards)])
+    elif data.eval_holdout > 0:
+        ds = _split(config, open_mixture(config), heldout=True)
+    else:
+        return []
+    mlm = config.model.type == "microbert"
+    blocks = PackedBlocks(_tokenize(ds, tokenizer, mlm), data.sequence_length, False, tokenizer.pad_token_id)
+    out = []
+    for block in blocks:
+        out.append(block)
+        if len(out) >= max_blocks:
+            break
+    return out

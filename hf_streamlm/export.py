@@ -1,0 +1,79 @@
+"""Hub-format export of a trained model: weights (safetensors), config, tokenizer, model card, and
+the resolved training config; optional ``push_to_hub``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from hf_streamlm.config import Config
+
+logger = logging.getLogger(__name__)
+
+TRAINING_CONFIG = "hf_streamlm_config.yaml"
+"""The resolved training config travels with every export (nanoGPT/litgpt practice)."""
+
+
+def model_card(model: PreTrainedModel, config: Config, fmt: str) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    task = "fill-mask" if config.model.type == "microbert" else "text-generation"
+    auto = "AutoModelForMaskedLM" if task == "fill-mask" else "AutoModelForCausalLM"
+    remote = ", trust_remote_code=True" if fmt == "custom" else ""
+    sources = ", ".join(s.name if s.path == "builtin" else (s.name and f"{s.path}/{s.name}") or s.path
+                        for s in config.data.sources)
+    return f"""---
+library_name: transformers
+pipeline_tag: {task}
+tags:
+- hf_streamlm
+---
+
+# {config.runtime.experiment}
+
+A {config.model.type} model ({n_params:,} parameters) pretrained with
+hf_streamlm from the recipe `{config.recipe}`.
+
+- Data: {sources}; sequence length {config.data.sequence_length}
+- Training: {config.scheduler.total_steps} optimizer steps, batch {config.data.batch_size} x
+  accumulation {config.data.gradient_accumulation_steps}, peak learning rate {config.optimizer.learning_rate}
+- Format: `{fmt}` ({"stock transformers classes" if fmt == "native" else "hf_streamlm classes with remote code"})
+
+```python
+from transformers import AutoTokenizer, {auto}, pipeline
+
+model = {auto}.from_pretrained("path/or/repo"{remote})
+tokenizer = AutoTokenizer.from_pretrained("path/or/repo")
+pipe = pipeline("{task}", model="path/or/repo"{remote})
+```
+
+The full training configuration is in `{TRAINING_CONFIG}`.
+"""
+
+
+def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Path, fmt: str = "native") -> Path:
+    """Write ``output_dir`` so that ``AutoModel*.from_pretrained(output_dir)`` and ``pipeline`` work."""
+    from hf_streamlm.models.export_formats import save_model
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, output_dir, format=fmt)
+    tokenizer.save_pretrained(output_dir)
+    config.save(output_dir / TRAINING_CONFIG)
+    (output_dir / "README.md").write_text(model_card(model, config, fmt))
+    return output_dir
+
+
+def push_export(export_dir: Path, config: Config) -> str:
+    """Upload the export folder to ``hub.repo_id`` (creating the repository if needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    hub = config.hub
+    api.create_repo(hub.repo_id, private=hub.private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=hub.repo_id, folder_path=str(export_dir), revision=hub.revision, commit_message=hub.commit_message
+    )
+    logger.info("pushed %s to %s", export_dir, hub.repo_id)
+    return str(info)

@@ -1,0 +1,62 @@
+"""``python -m hf_streamlm.run recipe=NAME key=value ...``: train (also under ``accelerate launch``).
+
+Bad input (unknown key, wrong type, unknown recipe, impossible combination) exits with status 2 and
+one line naming what is wrong, before anything is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from hf_streamlm.config import ConfigError, describe, load_config
+
+USAGE = """usage: python -m hf_streamlm.run recipe=NAME [section.key=value ...]
+       accelerate launch [--config_file accelerate_configs/X.yaml] -m hf_streamlm.run recipe=NAME ...
+
+Values are YAML: lists and mappings work (data.sources='[{path: json, data_files: a.jsonl}]').
+Precedence: command line > recipe > defaults. Keys:
+"""
+
+
+def fail(message: str) -> None:
+    print(f"hf-streamlm: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def setup_logging() -> None:
+    main = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    import datasets
+    import transformers
+
+    datasets.utils.logging.set_verbosity_warning()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("accelerate", "matplotlib"):  # per-file checkpoint chatter; font cache notices
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + describe())
+        return 0
+    try:
+        config = load_config(argv)
+    except ConfigError as err:
+        fail(str(err))
+    setup_logging()
+    from hf_streamlm.train.loop import train
+
+    try:
+        train(config)
+    except ConfigError as err:  # bad input discovered while building (empty stream, vocab mismatch ...)
+        fail(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

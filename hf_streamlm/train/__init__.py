@@ -1,0 +1,1 @@
+"""The Accelerate training loop and the helpers it calls."""

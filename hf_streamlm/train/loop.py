@@ -1,0 +1,250 @@
+"""The training loop: one Accelerate loop for both families, kept short (accelerate's
+``complete_nlp_example.py``); features live in the helpers it calls."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hf_streamlm.config import Config, ConfigError
+from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, build_train_blocks
+from hf_streamlm.data.pipeline import PackedBlocks
+from hf_streamlm.export import export_run
+from hf_streamlm.tokenizer import build_tokenizer
+from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler
+from hf_streamlm.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from hf_streamlm.train.history import History, plot_history
+
+logger = logging.getLogger(__name__)
+
+
+def has_accelerator() -> bool:
+    """True when a GPU-like device is present; without one Accelerate must be told ``cpu=True`` or
+    processes started by ``accelerate launch``/torchrun each train alone instead of together."""
+    probe = getattr(torch, "accelerator", None)
+    return probe.is_available() if probe is not None else torch.cuda.is_available()
+
+
+def make_collator(config: Config, tokenizer, seed: int):
+    if config.model.type == "microbert":
+        return MLMCollator(
+            mask_token_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer),
+            special_ids=tokenizer.all_special_ids,
+            mlm_probability=config.data.mlm_probability,
+            seed=seed,
+        )
+    return CausalCollator()
+
+
+def prepare_tokenizer(config: Config, accelerator: Accelerator, out: Path):
+    """Train (or load) the tokenizer on the main process, save it in the run, load it everywhere."""
+    saved = out / "tokenizer"
+    if accelerator.is_main_process and not (saved / "tokenizer.json").is_file():
+        build_tokenizer(config).save_pretrained(saved)
+    accelerator.wait_for_everyone()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(saved)
+
+
+def count_steps_per_epoch(blocks: PackedBlocks, config: Config) -> int:
+    """One pass over the stream to size an epoch-based schedule (streams have no length)."""
+    n_blocks = sum(1 for _ in blocks)
+    return max(1, n_blocks // (config.data.batch_size * config.data.gradient_accumulation_steps))
+
+
+def iterate_batches(loader: DataLoader, blocks: PackedBlocks, epoch: int) -> Iterator[tuple[int, dict]]:
+    """Yield ``(epoch, batch)`` forever, reshuffling at each pass over the stream."""
+    while True:
+        blocks.set_epoch(epoch)
+        produced = 0
+        for batch in loader:
+            produced += 1
+            yield epoch, batch
+        if produced == 0:
+            raise ConfigError(
+                "the training stream produced no full block: the sources are empty, everything was filtered "
+                "out, or data.sequence_length is longer than the corpus"
+            )
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate(model, eval_blocks: list[dict], collator, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
+    """Mean loss over the held-out blocks (per predicted token), perplexity, MLM accuracy."""
+    model.eval()
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    for i in range(0, len(eval_blocks), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collator(eval_blocks[i : i + batch_size]).items()}
+        out = model(**batch)
+        labels = batch["labels"]
+        if collator.__class__ is CausalCollator:
+            labels = labels[:, 1:]
+            logits = out.logits[:, :-1]
+        else:
+            logits = out.logits
+        n = int((labels != -100).sum())
+        total_loss += float(out.loss) * n
+        total_tokens += n
+        correct += int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+    model.train()
+    if total_tokens == 0:
+        return {}
+    loss = total_loss / total_tokens
+    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+    if collator.__class__ is not CausalCollator:
+        metrics["eval_accuracy"] = correct / total_tokens
+    return metrics
+
+
+def train(config: Config) -> Path:
+    """Train according to ``config``; return the run directory."""
+    r, d = config.runtime, config.data
+    out = config.output_dir
+    tensorboard = r.logging.tensorboard
+    accelerator = Accelerator(
+        cpu=not has_accelerator(),  # a torchrun/accelerate-launched CPU job then uses gloo (MULTI_CPU)
+        mixed_precision="no" if r.precision == "fp32" else r.precision,
+        gradient_accumulation_steps=d.gradient_accumulation_steps,
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=str(out if tensorboard is True or not tensorboard else Path(tensorboard).parent),
+    )
+    set_seed(r.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.yaml")
+    if tensorboard:
+        accelerator.init_trackers("tensorboard" if tensorboard is True else Path(tensorboard).name)
+
+    tokenizer = prepare_tokenizer(config, accelerator, out)
+    model = build_model(config, tokenizer)
+    optimizer = build_optimizer(model, config)
+    blocks = build_train_blocks(config, tokenizer, accelerator.process_index, accelerator.num_processes)
+    collator = make_collator(config, tokenizer, seed=r.seed + 1000 * accelerator.process_index)
+    loader = DataLoader(blocks, batch_size=d.batch_size, collate_fn=collator, num_workers=d.num_workers)
+    total_steps = config.scheduler.total_steps or config.scheduler.total_epochs * count_steps_per_epoch(blocks, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    # The loader is not prepared: ranks already read disjoint shards (split_dataset_by_node), and the
+    # scheduler steps once per optimizer step (a prepared one would step num_processes times).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    eval_blocks = build_eval_blocks(config, tokenizer, r.evaluation.max_batches * d.batch_size)
+    eval_collator = make_collator(config, tokenizer, seed=r.seed)  # re-seeded per eval: same masks each time
+
+    ckpt_dir = Path(r.checkpoint.directory or out / "checkpoints")
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0}
+    resume_from = resolve_resume(config, ckpt_dir)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
+    history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
+
+    batches = iterate_batches(loader, blocks, epoch=0)
+    for _ in range(state["micro_batches"]):  # fast-forward the stream to where the checkpoint was taken
+        next(batches)
+
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not (accelerator.is_main_process and r.logging.progress_bar),
+               desc="train", dynamic_ncols=True)
+    model.train()
+    window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+    while state["step"] < total_steps:
+        for _ in range(d.gradient_accumulation_steps):
+            t_wait = time.perf_counter()
+            state["epoch"], batch = next(batches)
+            window["wait"] += time.perf_counter() - t_wait
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.optimizer.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window["loss"] += loss.detach().float()
+            window["micro"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum())
+            state["micro_batches"] += 1
+        scheduler.step()
+        state["step"] += 1
+        bar.update(1)
+
+        if state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps:
+            stats = torch.tensor([float(window["loss"]) / window["micro"], window["tokens"]], device=accelerator.device)
+            stats = accelerator.reduce(stats, reduction="sum")
+            elapsed = time.perf_counter() - window["t0"]
+            state["tokens"] += int(stats[1])
+            row = {
+                "step": state["step"],
+                "epoch": state["epoch"],
+                "loss": float(stats[0]) / accelerator.num_processes,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if config.optimizer.max_grad_norm else None,
+                "tokens": state["tokens"],
+                "tokens_per_s": float(stats[1]) / elapsed,
+                "data_wait_pct": 100.0 * window["wait"] / elapsed,
+            }
+            log_row(row, accelerator, history, bar, r.logging.enable_stdout)
+            window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+
+        every = r.evaluation.every_n_steps
+        if eval_blocks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
+            eval_collator.generator = None
+            metrics = evaluate(model, eval_blocks, eval_collator, d.batch_size, accelerator)
+            log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
+
+        every = r.checkpoint.every_n_steps
+        if (every and state["step"] % every == 0) or state["step"] == total_steps:
+            save_checkpoint(accelerator, config, ckpt_dir, dict(state), r.checkpoint.max_keep)
+    bar.close()
+
+    if accelerator.is_main_process:
+        export_dir = export_run(accelerator.unwrap_model(model), tokenizer, config, out / "export", r.export_format)
+        plot_history(out / "history.jsonl", out / "history.png")
+        accelerator.print(f"Run directory: {out}\nExport (Hub format): {export_dir}")
+        if config.model.type == "microbert" and r.demo_sentences:
+            print_fill_mask(export_dir, r.demo_sentences)
+        if config.hub.push:
+            from hf_streamlm.export import push_export
+
+            push_export(export_dir, config)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes trackers and the process group: last
+    return out
+
+
+def log_row(row: dict[str, Any], accelerator: Accelerator, history: History | None, bar, stdout: bool) -> None:
+    if accelerator.is_main_process:
+        history.write(row)
+        if stdout:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            bar.write(text)
+            sys.stdout.flush()  # visible at once when stdout is a file (pod logs)
+    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+
+
+def print_fill_mask(export_dir: Path, sentences: list[str]) -> None:
+    """Top-5 predictions for masked sentences, as seed 003's MicroBERT prints them."""
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(export_dir), tokenizer=str(export_dir), device="cpu")
+    print("=== Testing MLM Model ===")
+    for i, sentence in enumerate(sentences, 1):
+        text = sentence.replace("[MASK]", fill.tokenizer.mask_token)
+        print(f"{i}. Original: {sentence}")
+        for pred in fill(text, top_k=5):
+            print(f"     {pred['token_str']}: prob={pred['score']:.6f}")
+
+
+__all__ = ["list_checkpoints", "train"]

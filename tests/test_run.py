@@ -1,0 +1,191 @@
+"""Real entry-point runs: the quickstart recipe end to end (shortened by overrides), the console
+script, ``accelerate launch`` with two processes, resume, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+
+SHORT = [
+    "recipe=quickstart",
+    "scheduler.total_steps=30",
+    "scheduler.warmup_steps=3",
+    "runtime.log_every_n_steps=5",
+    "runtime.evaluation.every_n_steps=15",
+    "runtime.evaluation.max_batches=2",
+    "runtime.checkpoint.every_n_steps=15",
+    "runtime.logging.progress_bar=false",
+    "data.shuffle_buffer_size=200",
+]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("runs") / "quickstart"
+    proc = run_cli(*SHORT, f"runtime.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_run_directory_contract(quickstart_run):
+    out, _ = quickstart_run
+    for name in ("config.yaml", "history.jsonl", "history.png", "export", "tensorboard", "checkpoints"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-15", "step-30"]
+    export = out / "export"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+                 "hf_streamlm_config.yaml"):
+        assert (export / name).is_file(), name
+    assert (out / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resolved_config_is_written(quickstart_run):
+    out, _ = quickstart_run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["scheduler"]["total_steps"] == 30  # the override, not the recipe's 400
+    assert saved["model"]["hidden_size"] == 128  # from the recipe
+    assert saved["optimizer"]["max_grad_norm"] == 1.0  # a default
+    assert saved["runtime"]["output_dir"] == str(out)
+
+
+def test_history_rows_and_loss_goes_down(quickstart_run):
+    out, _ = quickstart_run
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    for row in train:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= row.keys()
+        assert row["tokens_per_s"] > 0
+    tokens = [r["tokens"] for r in train]
+    assert tokens == sorted(tokens) and tokens[0] == 5 * 16 * 128  # 5 steps x batch 16 x 128 tokens
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert [r["step"] for r in evals] == [15, 30]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_run_prints_top5_fill_mask_predictions(quickstart_run):
+    _, proc = quickstart_run
+    out = proc.stdout
+    assert "=== Testing MLM Model ===" in out
+    assert "1. Original: the function returns a new [MASK] object." in out
+    block = out.split("1. Original:")[1].split("2. Original:")[0]
+    assert block.count("prob=") == 5
+
+
+NATIVE_CHECK = """
+import sys, torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+path = sys.argv[1]
+model = AutoModelForMaskedLM.from_pretrained(path)
+assert type(model).__name__ == "BertForMaskedLM", type(model)
+tok = AutoTokenizer.from_pretrained(path)
+fill = pipeline("fill-mask", model=path)
+preds = fill("the function returns a new " + fill.tokenizer.mask_token + " object.", top_k=5)
+assert len(preds) == 5 and all(0 <= p["score"] <= 1 for p in preds)
+assert "hf_streamlm" not in sys.modules
+print("OK", sum(p.numel() for p in model.parameters()))
+"""
+
+
+def test_export_loads_in_stock_transformers_without_hf_streamlm(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", NATIVE_CHECK, str(out / "export")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK")
+
+
+def test_export_loads_with_auto_classes_in_process(quickstart_run):
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    out, _ = quickstart_run
+    model = AutoModelForMaskedLM.from_pretrained(out / "export")
+    fill = pipeline("fill-mask", model=model, tokenizer=str(out / "export"))
+    assert len(fill("raise a [MASK] if the file does not exist.", top_k=5)) == 5
+
+
+def test_resume_auto_continues_from_newest_checkpoint(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    run = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "checkpoints" / "step-30")  # as if killed between step 15 and 30
+    args = [a for a in SHORT if not a.startswith("scheduler.total_steps")]
+    proc = run_cli(*args, "scheduler.total_steps=30", f"runtime.output_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resuming from" in proc.stdout and "step-15" in proc.stdout
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30]  # no duplicated rows after the resume point
+
+
+def test_console_script_is_the_same_entry_point(tmp_path):
+    script = Path(sys.executable).parent / "hf-streamlm"
+    assert script.exists(), "install the package (pip install -e .) to get the hf-streamlm script"
+    proc = subprocess.run([str(script), "train", "recipe=quickstart", "optimizer.learnin_rate=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "learnin_rate" in proc.stderr
+    listed = subprocess.run([str(script), "recipes"], capture_output=True, text=True, timeout=120)
+    assert "quickstart" in listed.stdout.split()
+    shown = subprocess.run([str(script), "config", "recipe=quickstart", "data.batch_size=3"],
+                           capture_output=True, text=True, timeout=120)
+    assert yaml.safe_load(shown.stdout)["data"]["batch_size"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["recipe=quickstart", "optimizer.learnin_rate=1"], "learnin_rate"),
+        (["recipe=does_not_exist"], "quickstart"),
+        (["recipe=quickstart", "data.batch_size=lots"], "data.batch_size"),
+        (["recipe=quickstart", "model.hidden_size=100", "model.num_attention_heads=3"], "num_attention_heads"),
+    ],
+)
+def test_bad_input_exits_with_one_line_and_no_traceback(args, needle):
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_bad_data_found_while_building_is_one_line(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"body": "some words here"}) + "\n")
+    proc = run_cli("recipe=quickstart", f"runtime.output_dir={tmp_path / 'out'}",
+                   f"data.sources=[{{path: json, data_files: '{corpus}'}}]")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "no column 'text'" in proc.stderr and "body" in proc.stderr
+
+
+def test_accelerate_launch_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the processes
+    # meet over gloo on the CPU (--cpu would start one process).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29517", "-m", "hf_streamlm.run",
+           *[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=10",
+           "runtime.checkpoint.every_n_steps=10", "runtime.evaluation.every_n_steps=10", f"runtime.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [5, 10]
+    assert train[0]["tokens"] == 2 * 5 * 16 * 128  # both ranks' tokens are counted
+    ckpt = out / "checkpoints" / "step-10"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (out / "export" / "model.safetensors").is_file()
