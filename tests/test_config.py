@@ -126,3 +126,12 @@ def test_parse_override_types():
     assert parse_override("a.b=true") == (["a", "b"], True)
     assert parse_override("a.b=null") == (["a", "b"], None)
     assert parse_override("a.b=hello world") == (["a", "b"], "hello world")
+
+
+def test_docs_configuration_reference_is_in_sync():
+    from pathlib import Path
+
+    from hf_streamlm.config import reference_markdown
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert page.read_text() == reference_markdown(), "regenerate: hf-streamlm config --reference > docs/configuration.md"

@@ -189,3 +189,28 @@ def test_accelerate_launch_two_processes(tmp_path):
     ckpt = out / "checkpoints" / "step-10"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run, tmp_path):
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    out, _ = quickstart_run
+    script = Path(sys.executable).parent / "hf-streamlm"
+    for source, fmt in ((out, "custom"), (out / "checkpoints" / "step-15", "native")):
+        target = tmp_path / f"{fmt}"
+        proc = subprocess.run([str(script), "export", str(source), "--format", fmt, "--output", str(target)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (target / "tokenizer.json").is_file() and (target / "model.safetensors").is_file()
+    native_final = AutoModelForMaskedLM.from_pretrained(out / "export")
+    custom_final = AutoModelForMaskedLM.from_pretrained(tmp_path / "custom", trust_remote_code=True)
+    native_15 = AutoModelForMaskedLM.from_pretrained(tmp_path / "native")
+    assert type(custom_final).__name__ == "MicroBertForMaskedLM" and type(native_15).__name__ == "BertForMaskedLM"
+    ids = torch.randint(5, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (native_final(ids).logits - custom_final(ids).logits).abs().max() <= 1e-5  # the run dir's newest = final
+        assert (native_final(ids).logits - native_15(ids).logits).abs().max() > 1e-3  # step 15 is another model
+    bad = subprocess.run([str(script), "export", str(tmp_path), "--output", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "neither a checkpoint" in bad.stderr

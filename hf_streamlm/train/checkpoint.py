@@ -25,7 +25,10 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator: Accelerator, config: Config, directory: Path, state: dict[str, Any], max_keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, config: Config, tokenizer, directory: Path, state: dict[str, Any], max_keep: int
+) -> Path:
+    """Save everything needed to resume, and to export (config and tokenizer travel with it)."""
     final = directory / f"step-{state['step']}"
     tmp = directory / f".tmp-step-{state['step']}"
     if accelerator.is_main_process:
@@ -34,6 +37,7 @@ def save_checkpoint(accelerator: Accelerator, config: Config, directory: Path, s
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states, scaler; per rank
     if accelerator.is_main_process:
         config.save(tmp / "config.yaml")
+        tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

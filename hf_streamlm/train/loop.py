@@ -206,7 +206,7 @@ def train(config: Config) -> Path:
 
         every = r.checkpoint.every_n_steps
         if (every and state["step"] % every == 0) or state["step"] == total_steps:
-            save_checkpoint(accelerator, config, ckpt_dir, dict(state), r.checkpoint.max_keep)
+            save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep)
     bar.close()
 
     if accelerator.is_main_process:
