@@ -17,6 +17,8 @@ COMMANDS = {
     "train": "train a model: hf-streamlm train recipe=NAME [key=value ...]",
     "config": "print the resolved config of recipe=NAME [key=value ...] as YAML (--reference: all keys)",
     "recipes": "list the shipped recipes",
+    "tokenizer": "train the recipe's tokenizer from its stream: tokenizer recipe=NAME [key=value ...] [--output DIR]",
+    "models": "list the named model shapes (model.preset=NAME) with parameter counts",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
     "push": "upload an export folder to the Hub: push DIR --repo-id USER/NAME [--private] [--revision BRANCH]",
 }
@@ -58,6 +60,74 @@ def push_command(args: list[str]) -> int:
     return 0
 
 
+def tokenizer_command(args: list[str]) -> int:
+    """Train (or load) the recipe's tokenizer and save it where ``train`` looks for it."""
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from hf_streamlm.data import iter_texts
+    from hf_streamlm.tokenizer import build_tokenizer
+
+    output = None
+    if "--output" in args:
+        i = args.index("--output")
+        if i + 1 >= len(args):
+            fail("--output needs a folder")
+        output, args = args[i + 1], args[:i] + args[i + 2 :]
+    config = load_config(args)
+    target = Path(output) if output else config.output_dir / "tokenizer"
+    limit = config.tokenizer.train_samples
+    texts = tqdm(iter_texts(config, limit=limit), total=limit, desc="tokenizer", unit=" docs")
+    tokenizer = build_tokenizer(config, texts)
+    tokenizer.save_pretrained(target)
+    if config.tokenizer.kind == "bpe" and (target / "tokenizer.json").is_file():
+        _write_vocab_and_merges(target)
+    print(f"Saved a {len(tokenizer)}-token tokenizer to {target}")
+    return 0
+
+
+def _write_vocab_and_merges(folder) -> None:
+    """Seed 004 lists vocab.json and merges.txt beside tokenizer.json; write them from the BPE model."""
+    import json
+
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    if model.get("type") != "BPE":
+        return
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def models_command(args: list[str]) -> int:
+    """Seed 003's model_config_comparison.py: every recipe's and preset's model, sized without memory."""
+    from hf_streamlm.config import ModelConfig, build
+    from hf_streamlm.models.presets import MODEL_PRESETS, PRESET_VOCAB, SEED_PARAMETER_COUNTS
+    from hf_streamlm.train.builders import estimate
+
+    rows = []
+    for name in available_recipes():
+        config = load_config([f"recipe={name}"])
+        vocab = config.model.vocab_size or config.tokenizer.vocab_size
+        rows.append((f"recipe={name}", estimate(config.model, vocab, config.data.sequence_length,
+                                                config.data.batch_size), ""))
+    for name, values in MODEL_PRESETS.items():
+        m = build(ModelConfig, values)
+        rows.append((f"preset={name}", estimate(m, PRESET_VOCAB[m.type], m.max_position_embeddings, 1),
+                     SEED_PARAMETER_COUNTS.get(name, "")))
+    header = (f"{'model':<34}{'family':<10}{'layers':>7}{'heads':>6}{'kv':>4}{'hidden':>7}{'inter':>7}{'vocab':>7}"
+              f"{'params':>15}{'FLOPs/token':>13}{'train mem':>11}  seed")
+    print(header)
+    for label, e, seed in rows:
+        print(f"{label:<34}{e['type']:<10}{e['layers']:>7}{e['heads']:>6}{e['kv_heads']:>4}{e['hidden']:>7}"
+              f"{e['intermediate']:>7}{e['vocab']:>7}{e['params']:>15,}{e['flops_per_token']:>13.3g}"
+              f"{e['train_memory_gib']:>9.2f}Gi  {seed}")
+    print("\nFLOPs/token = 6N + 12·L·d·T (Kaplan et al. 2020 + attention; T = sequence length). train mem = bf16"
+          " mixed precision with AdamW: 16 bytes/param (fp32 weights, grads, two moments) + activations of one"
+          " micro-batch without checkpointing (Korthikanti et al. 2022: T·b·d·(34 + 5·a·T/d) bytes per layer).")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -70,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "recipes":
             print("\n".join(available_recipes()))
             return 0
+        if command == "tokenizer":
+            setup_logging()
+            return tokenizer_command(rest)
+        if command == "models":
+            return models_command(rest)
         if command == "config":
             if rest == ["--reference"]:
                 from hf_streamlm.config import reference_markdown

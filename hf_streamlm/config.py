@@ -42,12 +42,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    preset: str | None = None
+    """A named shape (``hf-streamlm models`` lists them) whose values fill this section; keys set in
+    the recipe or on the command line win."""
     type: Literal["microbert", "decoder"] = "microbert"
     """Model family: ``microbert`` (BERT masked LM) or ``decoder`` (Llama-style causal LM)."""
     hidden_size: int = 64
     """Width of the residual stream (``hidden_size`` in transformers)."""
     intermediate_size: int | None = None
-    """Width of the MLP; ``null`` means 4 x hidden_size."""
+    """Width of the MLP; ``null`` means 4 x hidden_size (MicroBERT) or the SwiGLU 8/3 x hidden_size,
+    rounded up (decoder)."""
     num_layers: int = 2
     """Number of transformer blocks (``num_hidden_layers`` in transformers)."""
     num_attention_heads: int = 2
@@ -66,6 +70,10 @@ class ModelConfig:
     """Rotary scaling type for the decoder (``linear``, ``dynamic``, ...); ``null`` for none."""
     rope_theta: float | None = None
     """Rotary base frequency for the decoder; ``null`` means 10000."""
+    rope_factor: float | None = None
+    """Scaling factor of ``rope_mode`` (e.g. 2.0 doubles the usable context); required with it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     tie_word_embeddings: bool = True
     """Share the input embedding matrix with the output projection."""
     initializer_range: float = 0.02
@@ -153,6 +161,9 @@ class DataConfig:
     """When a mixture ends: when its first source runs out, or when all have."""
     drop_last: bool = True
     """Drop the last partial block (``true``) or pad it (``false``)."""
+    document_masking: bool = False
+    """Decoder: restart ``position_ids`` at each document inside a packed block and keep attention
+    from crossing documents."""
     mlm_probability: float = 0.15
     """Share of tokens masked for MicroBERT (80% [MASK], 10% random, 10% kept)."""
     eval_holdout: float = 0.02
@@ -252,10 +263,15 @@ class RuntimeConfig:
     """Experiment name; names the default output directory ``runs/<experiment>``."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in the run directory), ``never``, or a checkpoint path."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (faster steps after a one-time compilation)."""
+    compile_backend: str = "inductor"
+    """``torch.compile`` backend (``inductor``; ``aot_eager`` compiles fast, for debugging)."""
     export_format: Literal["native", "custom"] = "native"
     """Format of the final ``export/``: stock transformers classes or the project's own."""
     demo_sentences: list[str] = field(default_factory=list)
-    """Masked sentences whose top-5 predictions are printed at the end (MicroBERT)."""
+    """Printed at the end: MicroBERT's top-5 guesses for these masked sentences; a decoder's greedy
+    continuation of these prompts."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Periodic checkpoints."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -521,6 +537,19 @@ def _fix_yaml_floats(data: Any) -> Any:
     return data
 
 
+def _apply_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """Put a ``model.preset``'s values under the model section (recipe and command line win)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("preset") is None:
+        return data
+    from hf_streamlm.models.presets import MODEL_PRESETS
+
+    name = model["preset"]
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown 'model.preset' {name!r}. Presets: {', '.join(MODEL_PRESETS)}")
+    return {**data, "model": _merge(MODEL_PRESETS[name], model)}
+
+
 def load_config(args: list[str] | None = None, recipe: str | None = None) -> Config:
     """Resolve ``recipe=NAME key=value ...`` into a validated :class:`Config`.
 
@@ -536,6 +565,7 @@ def load_config(args: list[str] | None = None, recipe: str | None = None) -> Con
         overrides = _merge(overrides, _nest(parts, value))
     data = _fix_yaml_floats(read_recipe(recipe)) if recipe else {}
     data = _merge(data, _fix_yaml_floats(overrides))
+    data = _apply_preset(data)
     data["recipe"] = recipe
     config = build(Config, data)
     validate(config)
@@ -577,8 +607,12 @@ def validate(c: Config) -> None:
         value = getattr(m, key)
         if value is not None and not 0 <= value < 1:
             raise ConfigError(f"'model.{key}' must be in [0, 1), got {value}")
-    if m.type == "microbert" and (m.rope_mode or m.rope_theta):
-        raise ConfigError("'model.rope_mode'/'model.rope_theta' apply to model.type=decoder, not microbert")
+    if m.type == "microbert" and (m.rope_mode or m.rope_theta or m.rope_factor):
+        raise ConfigError("'model.rope_mode'/'model.rope_theta'/'model.rope_factor' apply to model.type=decoder")
+    if m.rope_mode is not None and m.rope_mode not in ("linear", "dynamic"):
+        raise ConfigError(f"'model.rope_mode' must be linear, dynamic or null; got {m.rope_mode!r}")
+    if (m.rope_mode is None) != (m.rope_factor is None):
+        raise ConfigError("'model.rope_mode' and 'model.rope_factor' go together: set both or neither")
 
     d = c.data
     if d.sequence_length > m.max_position_embeddings:
@@ -604,6 +638,8 @@ def validate(c: Config) -> None:
                 )
         elif s.path in ("json", "parquet", "text", "csv", "arrow") and not s.data_files:
             raise ConfigError(f"'data.sources[{i}].data_files' is required for path: {s.path}")
+    if d.document_masking and m.type != "decoder":
+        raise ConfigError("'data.document_masking' applies to model.type=decoder (MicroBERT blocks are [CLS]..[SEP])")
     if not 0 < d.mlm_probability < 1:
         raise ConfigError(f"'data.mlm_probability' must be in (0, 1), got {d.mlm_probability}")
     if not 0 <= d.eval_holdout < 1:

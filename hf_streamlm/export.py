@@ -107,7 +107,8 @@ def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Co
     config = load_config([f"recipe={ckpt / 'config.yaml'}", "runtime.resume=never"])
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     model = build_model(config, tokenizer)
-    state = load_file(ckpt / "model.safetensors")
+    # A run with runtime.compile=true saves the compiled wrapper's keys ("_orig_mod." prefix).
+    state = {k.removeprefix("_orig_mod."): v for k, v in load_file(ckpt / "model.safetensors").items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Accelerate drops tied copies (e.g. the MLM decoder that shares the embedding) when saving.
     tied = set(getattr(model, "all_tied_weights_keys", None) or model._tied_weights_keys or {})

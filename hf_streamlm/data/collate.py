@@ -11,8 +11,12 @@ class CausalCollator:
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
         attention_mask = torch.tensor([e["attention_mask"] for e in examples], dtype=torch.long)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+        for key in ("position_ids", "document_ids"):  # packed-document inputs (data.document_masking)
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+        return batch
 
 
 class MLMCollator:

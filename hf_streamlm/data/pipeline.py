@@ -95,18 +95,26 @@ class PackedBlocks(torch.utils.data.IterableDataset):
     :meth:`set_epoch` before each pass to reshuffle.
     """
 
-    def __init__(self, tokenized: datasets.IterableDataset, block_size: int, drop_last: bool, pad_id: int):
+    def __init__(
+        self,
+        tokenized: datasets.IterableDataset,
+        block_size: int,
+        drop_last: bool,
+        pad_id: int,
+        with_documents: bool = False,
+    ):
         self.tokenized = tokenized
         self.block_size = block_size
         self.drop_last = drop_last
         self.pad_id = pad_id
+        self.with_documents = with_documents
 
     def set_epoch(self, epoch: int) -> None:
         self.tokenized.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         documents = (row["input_ids"] for row in self.tokenized)
-        return pack(documents, self.block_size, self.drop_last, self.pad_id)
+        return pack(documents, self.block_size, self.drop_last, self.pad_id, self.with_documents)
 
 
 def build_train_blocks(config: Config, tokenizer, rank: int = 0, world_size: int = 1) -> PackedBlocks:
@@ -119,7 +127,9 @@ def build_train_blocks(config: Config, tokenizer, rank: int = 0, world_size: int
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     mlm = config.model.type == "microbert"
-    return PackedBlocks(_tokenize(ds, tokenizer, mlm), data.sequence_length, data.drop_last, tokenizer.pad_token_id)
+    return PackedBlocks(
+        _tokenize(ds, tokenizer, mlm), data.sequence_length, data.drop_last, tokenizer.pad_token_id, data.document_masking
+    )
 
 
 def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[str, list[int]]]:
@@ -132,7 +142,9 @@ def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[s
     else:
         return []
     mlm = config.model.type == "microbert"
-    blocks = PackedBlocks(_tokenize(ds, tokenizer, mlm), data.sequence_length, False, tokenizer.pad_token_id)
+    blocks = PackedBlocks(
+        _tokenize(ds, tokenizer, mlm), data.sequence_length, False, tokenizer.pad_token_id, data.document_masking
+    )
     out = []
     for block in blocks:
         out.append(block)

@@ -1,17 +1,22 @@
-"""Saving MicroBERT checkpoints in the two formats the project publishes.
+"""Saving checkpoints in the two formats the project publishes.
 
-- ``"native"``: a stock ``transformers.BertForMaskedLM`` checkpoint (``model_type: "bert"``). MicroBERT keeps BERT's
-  module tree and hyperparameter names, so the conversion is a config translation plus an unchanged state dict. Loads
-  anywhere with plain ``AutoModelForMaskedLM.from_pretrained(path)``, no custom code involved.
-- ``"custom"``: the MicroBERT checkpoint itself (``model_type: "microbert"``) with ``auto_map`` in config.json and the
-  configuration/modeling files copied beside the weights, for ``from_pretrained(path, trust_remote_code=True)``.
+- ``"native"``: a stock transformers checkpoint, loadable anywhere with plain ``AutoModelFor*.from_pretrained(path)``,
+  no custom code involved. MicroBERT becomes ``transformers.BertForMaskedLM`` (``model_type: "bert"``) and the
+  decoder ``transformers.LlamaForCausalLM`` (``model_type: "llama"``). Both families keep the module tree and
+  hyperparameter names of their stock counterpart, so the conversion is a config translation plus an unchanged state
+  dict.
+- ``"custom"``: the project checkpoint itself (``model_type: "microbert"`` / ``"streamlm_decoder"``) with ``auto_map``
+  in config.json and the configuration/modeling files copied beside the weights, for
+  ``from_pretrained(path, trust_remote_code=True)``.
 """
 
+import copy
 import os
 from pathlib import Path
 
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from .decoder import DecoderConfig, DecoderForCausalLM, DecoderModel
 from .microbert import MicroBertConfig, MicroBertForMaskedLM, MicroBertModel
 
 
@@ -38,6 +43,31 @@ _SHARED_CONFIG_FIELDS = (
     "tie_word_embeddings",
 )
 
+# DecoderConfig fields that LlamaConfig has under the same name and meaning. `rope_parameters` is copied separately
+# (deep, since transformers fills RoPE dicts in place); `residual_dropout` has no Llama counterpart and is dropped,
+# which changes nothing at inference. LlamaConfig's other fields (pretraining_tp=1, ...) keep their defaults.
+_SHARED_DECODER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "head_dim",
+)
+
 
 def to_bert_config(config: MicroBertConfig) -> BertConfig:
     """The `BertConfig` describing the same network as `config`."""
@@ -47,28 +77,61 @@ def to_bert_config(config: MicroBertConfig) -> BertConfig:
     )
 
 
-def to_native(model: MicroBertForMaskedLM) -> BertForMaskedLM:
-    """A `transformers.BertForMaskedLM` computing the same function as `model`.
+def to_llama_config(config: DecoderConfig) -> LlamaConfig:
+    """The `LlamaConfig` describing the same network as `config` (same RoPE parameters, tying and token ids)."""
+    if config.hidden_size % config.num_attention_heads != 0:
+        # LlamaConfig's validation insists on it even when head_dim is explicit.
+        raise ValueError(
+            f"The native (Llama) format needs `hidden_size` ({config.hidden_size}) divisible by "
+            f"`num_attention_heads` ({config.num_attention_heads}); save this model with format='custom'."
+        )
+    return LlamaConfig(
+        **{name: copy.deepcopy(getattr(config, name)) for name in _SHARED_DECODER_FIELDS},
+        rope_parameters=copy.deepcopy(config.rope_parameters),
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+# Project class -> (stock class, config translation, bare-model class advertised as AutoModel in the custom format,
+# Auto class of the head model).
+_FAMILIES = {
+    MicroBertForMaskedLM: (BertForMaskedLM, to_bert_config, MicroBertModel, "AutoModelForMaskedLM"),
+    DecoderForCausalLM: (LlamaForCausalLM, to_llama_config, DecoderModel, "AutoModelForCausalLM"),
+}
+
+
+def _family(model: PreTrainedModel, caller: str):
+    for project_class, family in _FAMILIES.items():
+        if isinstance(model, project_class):
+            return project_class, family
+    expected = " or ".join(cls.__name__ for cls in _FAMILIES)
+    raise TypeError(f"{caller} expects a {expected}, got {type(model).__name__}.")
+
+
+def to_native(model: MicroBertForMaskedLM | DecoderForCausalLM) -> BertForMaskedLM | LlamaForCausalLM:
+    """A stock `transformers.BertForMaskedLM` / `LlamaForCausalLM` computing the same function as `model`.
 
     The weights are copied (not shared) with a strict `load_state_dict`: any key or shape difference between the two
     architectures raises rather than silently leaving weights random. The result has the dtype, device and
-    train/eval mode of `model`.
+    train/eval mode of `model`; a causal LM also gets a copy of its generation config.
     """
-    if not isinstance(model, MicroBertForMaskedLM):
-        raise TypeError(f"to_native expects a MicroBertForMaskedLM, got {type(model).__name__}.")
-    native = BertForMaskedLM(to_bert_config(model.config))
+    _, (native_class, translate, _, _) = _family(model, "to_native")
+    native = native_class(translate(model.config))
     native.to(device=model.device, dtype=model.dtype)
     native.load_state_dict(model.state_dict(), strict=True)
     native.train(model.training)
+    if model.can_generate():
+        native.generation_config = copy.deepcopy(model.generation_config)
     return native
 
 
-def save_model(model: MicroBertForMaskedLM, output_dir: str | os.PathLike, format: str = "native") -> Path:
+def save_model(
+    model: MicroBertForMaskedLM | DecoderForCausalLM, output_dir: str | os.PathLike, format: str = "native"
+) -> Path:
     """Save `model` to `output_dir` in `format` (``"native"`` or ``"custom"``) and return the directory."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"Unknown export format {format!r}; valid formats are {list(EXPORT_FORMATS)}.")
-    if not isinstance(model, MicroBertForMaskedLM):
-        raise TypeError(f"save_model expects a MicroBertForMaskedLM, got {type(model).__name__}.")
+    project_class, (_, _, base_class, auto_class) = _family(model, "save_model")
     output_dir = Path(output_dir)
 
     if format == "native":
@@ -77,15 +140,15 @@ def save_model(model: MicroBertForMaskedLM, output_dir: str | os.PathLike, forma
         return output_dir
 
     # Importing hf_streamlm.models already registered these; repeated here so that saving does not depend on it.
-    MicroBertConfig.register_for_auto_class("AutoConfig")
-    MicroBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
-    # save_pretrained adds the AutoConfig and AutoModelForMaskedLM entries; AutoModel (the bare encoder) lives in the
-    # same copied file, so advertising it lets `AutoModel.from_pretrained(..., trust_remote_code=True)` work too.
+    project_class.config_class.register_for_auto_class("AutoConfig")
+    project_class.register_for_auto_class(auto_class)
+    # save_pretrained adds the AutoConfig and head-model entries; the bare model lives in the same copied file, so
+    # advertising it lets `AutoModel.from_pretrained(..., trust_remote_code=True)` work too.
     auto_map = dict(getattr(model.config, "auto_map", None) or {})
-    auto_map["AutoModel"] = f"{MicroBertModel.__module__.rsplit('.', 1)[-1]}.{MicroBertModel.__name__}"
+    auto_map["AutoModel"] = f"{base_class.__module__.rsplit('.', 1)[-1]}.{base_class.__name__}"
     model.config.auto_map = auto_map
     model.save_pretrained(output_dir)
     return output_dir
 
 
-__all__ = ["EXPORT_FORMATS", "save_model", "to_bert_config", "to_native"]
+__all__ = ["EXPORT_FORMATS", "save_model", "to_bert_config", "to_llama_config", "to_native"]

@@ -10,7 +10,7 @@ from transformers.optimization import (
     get_linear_schedule_with_warmup,
 )
 
-from hf_streamlm.config import Config, ConfigError
+from hf_streamlm.config import Config, ConfigError, ModelConfig
 
 
 def resolve_vocab_size(config: Config, tokenizer) -> int:
@@ -24,15 +24,13 @@ def resolve_vocab_size(config: Config, tokenizer) -> int:
     return size
 
 
-def build_model(config: Config, tokenizer) -> PreTrainedModel:
-    m = config.model
-    vocab_size = resolve_vocab_size(config, tokenizer)
+def hf_model_config(m: ModelConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None):
+    """The transformers config of the ``model`` section (MicroBertConfig or DecoderConfig)."""
+    ids = special_ids or {}
     if m.type == "microbert":
-        from hf_streamlm.models.microbert import MicroBertConfig, MicroBertForMaskedLM
+        from hf_streamlm.models.microbert import MicroBertConfig
 
-        if m.pretrained:
-            return MicroBertForMaskedLM.from_pretrained(m.pretrained)
-        model_config = MicroBertConfig(
+        return MicroBertConfig(
             vocab_size=vocab_size,
             hidden_size=m.hidden_size,
             num_hidden_layers=m.num_layers,
@@ -43,10 +41,60 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
             attention_probs_dropout_prob=0.1 if m.attn_dropout is None else m.attn_dropout,
             initializer_range=m.initializer_range,
             tie_word_embeddings=m.tie_word_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=ids.get("pad_token_id") or 0,
         )
-        return MicroBertForMaskedLM(model_config)
-    raise ConfigError(f"model.type={m.type} is not available in this version; use model.type=microbert")
+    from hf_streamlm.models.decoder import DecoderConfig
+
+    rope = {"rope_type": m.rope_mode or "default", "rope_theta": m.rope_theta or 10000.0}
+    if m.rope_factor is not None:
+        rope["factor"] = m.rope_factor
+    return DecoderConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        attention_dropout=m.attn_dropout or 0.0,
+        residual_dropout=m.residual_dropout or 0.0,
+        rope_parameters=rope,
+        initializer_range=m.initializer_range,
+        tie_word_embeddings=m.tie_word_embeddings,
+        pad_token_id=ids.get("pad_token_id"),
+        bos_token_id=ids.get("bos_token_id"),
+        eos_token_id=ids.get("eos_token_id"),
+    )
+
+
+def build_model(config: Config, tokenizer) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    m = config.model
+    auto = AutoModelForMaskedLM if m.type == "microbert" else AutoModelForCausalLM
+    if m.pretrained:
+        model = auto.from_pretrained(m.pretrained)
+        if model.config.vocab_size != len(tokenizer):
+            raise ConfigError(
+                f"'model.pretrained' {m.pretrained!r} has a vocabulary of {model.config.vocab_size} but the tokenizer "
+                f"has {len(tokenizer)} tokens"
+            )
+    else:
+        ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model = auto.from_config(hf_model_config(m, resolve_vocab_size(config, tokenizer), ids))
+    if m.gradient_checkpointing:  # renamed in recent transformers; the old name warns
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    return model
+
+
+def count_parameters(m: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the model a ``model`` section describes, counted on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForMaskedLM if m.type == "microbert" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(hf_model_config(m, vocab_size))
+    return model.num_parameters()
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -69,3 +117,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
     if s.strategy == "linear":
         return get_linear_schedule_with_warmup(optimizer, s.warmup_steps, total_steps)
     return get_constant_schedule_with_warmup(optimizer, s.warmup_steps)
+
+
+def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: int) -> dict:
+    """Size, compute and training memory of a ``model`` section, without allocating it."""
+    config = hf_model_config(m, vocab_size)
+    n = count_parameters(m, vocab_size)
+    layers, d, heads = m.num_layers, m.hidden_size, m.num_attention_heads
+    # Kaplan et al. (2020): 6N FLOPs per token for forward + backward, plus 12·L·d·T for attention scores.
+    flops = 6 * n + 12 * layers * d * sequence_length
+    # Korthikanti et al. (2022), eq. 2: activation bytes per layer = T·b·d·(34 + 5·a·T/d) in 16-bit.
+    activations = layers * sequence_length * batch_size * d * (34 + 5 * heads * sequence_length / d)
+    return {
+        "type": m.type,
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": m.num_key_value_heads or heads,
+        "hidden": d,
+        "intermediate": config.intermediate_size,
+        "vocab": vocab_size,
+        "params": n,
+        "flops_per_token": flops,
+        "train_memory_gib": (16 * n + activations) / 2**30,
+    }

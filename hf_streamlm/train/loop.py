@@ -131,6 +131,8 @@ def train(config: Config) -> Path:
     tokenizer = prepare_tokenizer(config, accelerator, out)
     model = build_model(config, tokenizer)
     optimizer = build_optimizer(model, config)
+    if r.compile:
+        model = torch.compile(model, backend=r.compile_backend)
     blocks = build_train_blocks(config, tokenizer, accelerator.process_index, accelerator.num_processes)
     collator = make_collator(config, tokenizer, seed=r.seed + 1000 * accelerator.process_index)
     loader = DataLoader(blocks, batch_size=d.batch_size, collate_fn=collator, num_workers=d.num_workers)
@@ -210,11 +212,12 @@ def train(config: Config) -> Path:
     bar.close()
 
     if accelerator.is_main_process:
-        export_dir = export_run(accelerator.unwrap_model(model), tokenizer, config, out / "export", r.export_format)
+        export_dir = export_run(accelerator.unwrap_model(model, keep_torch_compile=False), tokenizer, config, out / "export", r.export_format)
         plot_history(out / "history.jsonl", out / "history.png")
         accelerator.print(f"Run directory: {out}\nExport (Hub format): {export_dir}")
-        if config.model.type == "microbert" and r.demo_sentences:
-            print_fill_mask(export_dir, r.demo_sentences)
+        if r.demo_sentences:
+            demo = print_fill_mask if config.model.type == "microbert" else print_generation
+            demo(export_dir, r.demo_sentences)
         if config.hub.push:
             from hf_streamlm.export import push_export
 
@@ -245,6 +248,17 @@ def print_fill_mask(export_dir: Path, sentences: list[str]) -> None:
         print(f"{i}. Original: {sentence}")
         for pred in fill(text, top_k=5):
             print(f"     {pred['token_str']}: prob={pred['score']:.6f}")
+
+
+def print_generation(export_dir: Path, prompts: list[str], max_new_tokens: int = 30) -> None:
+    """Greedy continuations of a few prompts by the exported decoder."""
+    from transformers import pipeline
+
+    generate = pipeline("text-generation", model=str(export_dir), device="cpu")
+    print("=== Testing the decoder ===")
+    for i, prompt in enumerate(prompts, 1):
+        out = generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=True)
+        print(f"{i}. {out[0]['generated_text']!r}")
 
 
 __all__ = ["list_checkpoints", "train"]

@@ -1,0 +1,680 @@
+"""PyTorch decoder: the Llama architecture as a causal LM, written for pretraining runs.
+
+The module tree, and therefore every parameter name, is the one of `transformers.LlamaForCausalLM`:
+`model.embed_tokens.weight`, `model.layers.0.input_layernorm.weight`, `model.layers.0.self_attn.q_proj.weight`
+(`k_proj`, `v_proj`, `o_proj`), `model.layers.0.post_attention_layernorm.weight`, `model.layers.0.mlp.gate_proj.weight`
+(`up_proj`, `down_proj`), `model.norm.weight`, `lm_head.weight`. No buffers are registered (the rotary frequencies are
+recomputed per call), so the state dict loads into a stock `LlamaForCausalLM` unchanged and the native export is a
+pure config translation.
+
+What this file adds to (or does differently from) the stock implementation, for pretraining:
+
+- Packed sequences: `document_ids` (batch, keys) restricts attention to earlier tokens of the same document
+  (causal AND block-diagonal), in both attention paths; `position_ids` restarting at each document are honoured by
+  RoPE. Without `document_ids`, the document boundaries are read off restarting `position_ids` the way
+  transformers 5.23's `create_causal_mask` does (no attention mask, nothing cached), so the two models agree.
+- `residual_dropout` on the embeddings and on each sublayer output (Llama has no dropout there).
+- Attention chosen by `config._attn_implementation`, "eager" (softmax in float32) or "sdpa"; a boolean mask
+  shared by both; no mask at all when the plain causal pattern suffices, so SDPA can use its fastest kernels.
+- A float32 shifted cross-entropy that honours the `num_items_in_batch` the Trainer passes under gradient
+  accumulation.
+
+This file is copied next to the weights by the "custom" export and imported with `trust_remote_code=True` in
+processes where `hf_streamlm` is not installed: it imports only torch, transformers and, relatively, its config.
+"""
+
+import torch
+from torch import nn
+
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_decoder import DecoderConfig
+
+
+class DecoderRMSNorm(nn.Module):
+    """Root-mean-square LayerNorm without centring or bias (Zhang & Sennrich 2019), Llama's normalisation.
+
+    Statistics in float32 and the weight applied after casting back, in that order, as in `LlamaRMSNorm`, so that
+    exported checkpoints reproduce these activations bit for bit.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class DecoderRotaryEmbedding(nn.Module):
+    """cos/sin tables of rotary position embeddings (Su et al. 2021, "RoFormer") for given `position_ids`.
+
+    The inverse frequencies are `theta ** (-2i / head_dim)`, recomputed on every call (head_dim / 2 numbers): no buffer
+    means nothing to initialise after a meta-device `from_pretrained`, nothing to keep in float32 under `.to(bf16)`,
+    and no extra state dict keys. Scaling variants (the `rope_type`s of transformers):
+
+    - "linear" (kaiokendev 2023; Chen et al. 2023, "Extending Context Window ... via Positional Interpolation"):
+      frequencies divided by `factor`, i.e. positions compressed by `factor`.
+    - "dynamic" (NTK-aware, bloc97/emozilla 2023): while the longest position + 1 (`seq_len`) is within
+      `max_position_embeddings` the frequencies are the plain ones; beyond it the base becomes
+      `theta * (factor * seq_len / max_position_embeddings - (factor - 1)) ** (head_dim / (head_dim - 2))`.
+      The same formula and float arithmetic as transformers' `_compute_dynamic_ntk_parameters`, evaluated per call.
+      (transformers keeps the last grown table while later inputs stay longer than `max_position_embeddings`; this
+      module always uses the current input's length, which only differs for inputs shorter than an earlier one.)
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+
+    def inverse_frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        rope = self.config.rope_parameters
+        rope_type = rope.get("rope_type", "default")
+        dim = self.config.head_dim
+        base = rope["rope_theta"]
+        # int64 arange then float, as transformers does, so the exponents (hence the frequencies) are bit-identical.
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float() / dim
+        if rope_type == "dynamic":
+            factor = rope["factor"]
+            max_positions = self.config.max_position_embeddings
+            seq_len = torch.max(position_ids) + 1
+            # Data-dependent branch (a host sync), where transformers' `dynamic_rope_update` has it. Within the
+            # trained length the formula is evaluated in Python floats at seq_len = max_position_embeddings (the
+            # base is then theta, up to rounding when `factor` is not an integer), beyond it in float32 tensors:
+            # the two ways transformers evaluates it, so the frequencies match a stock Llama bit for bit.
+            if not seq_len > max_positions:
+                seq_len = max_positions
+            base = base * ((factor * seq_len / max_positions) - (factor - 1)) ** (dim / (dim - 2))
+        inv_freq = 1.0 / (base**exponents)
+        if rope_type == "linear":
+            inv_freq = inv_freq / rope["factor"]
+        return inv_freq
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(cos, sin)`, each `(batch or 1, seq, head_dim)` in `dtype`; angles are computed in float32."""
+        inv_freq = self.inverse_frequencies(position_ids)
+        freqs = position_ids[..., None].float() * inv_freq
+        # Llama's layout: the two halves of a head (not interleaved pairs) form the rotated pairs.
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate `(batch, heads, seq, head_dim)` queries and keys by the angles whose cos/sin are `(batch, seq, head_dim)`."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`(batch, kv_heads, seq, dim)` -> `(batch, kv_heads * n_rep, seq, dim)`, each key/value head serving `n_rep`
+    consecutive query heads (grouped-query attention)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float,
+    dropout: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax(QK^T * scaling) V; also returns the probabilities.
+
+    `query` is `(batch, heads, q_len, head_dim)`, `key`/`value` `(batch, kv_heads, k_len, head_dim)`.
+    `attention_mask` is boolean (True = may attend) broadcastable to `(batch, heads, q_len, k_len)`, or an additive
+    float mask of that shape; when it is None and `is_causal`, queries are the last `q_len` positions of the keys.
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    key = repeat_kv(key, n_rep)
+    value = repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is None and is_causal:
+        q_len, k_len = scores.shape[-2:]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    # Softmax in float32: under bf16/fp16 a half-precision softmax over long rows loses the small probabilities.
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=dropout > 0.0)
+    return torch.matmul(probs, value), probs
+
+
+def sdpa_attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float,
+    dropout: float,
+) -> tuple[torch.Tensor, None]:
+    """Same contract as `eager_attention_forward`, via `torch.nn.functional.scaled_dot_product_attention`."""
+    n_rep = query.shape[1] // key.shape[1]
+    use_gqa = False
+    if n_rep > 1:
+        # The fused kernels take grouped K/V natively only without a mask; with one, PyTorch would fall back to the
+        # slow math kernel, so the heads are materialised instead (the rule of transformers' `use_gqa_in_sdpa`).
+        if attention_mask is None:
+            use_gqa = True
+        else:
+            key = repeat_kv(key, n_rep)
+            value = repeat_kv(value, n_rep)
+    output = nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        # SDPA's `is_causal` aligns the triangle top-left; callers only ask for it when q_len == k_len.
+        is_causal=is_causal and attention_mask is None and query.shape[-2] > 1,
+        scale=scaling,
+        enable_gqa=use_gqa,
+    )
+    return output, None
+
+
+class DecoderAttention(nn.Module):
+    """Causal multi-head self-attention with grouped-query K/V heads, RoPE on queries and keys, and a KV cache."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        # Position of this layer in the KV cache.
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_length, _ = hidden_states.shape
+        head_shape = (batch_size, seq_length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+
+        if past_key_values is not None:
+            # Rotated keys are cached: a later step only rotates its own new keys.
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        # Read at call time (not cached in __init__) so `model.set_attn_implementation(...)` takes effect at once.
+        # Probabilities only exist on the eager path, so asking for them selects it for this call.
+        if self.config._attn_implementation == "sdpa" and not output_attentions:
+            attention_fn = sdpa_attention_forward
+        else:
+            attention_fn = eager_attention_forward
+        context, probs = attention_fn(
+            query,
+            key,
+            value,
+            attention_mask,
+            is_causal=is_causal,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+        )
+        context = context.transpose(1, 2).reshape(batch_size, seq_length, -1)
+        return self.o_proj(context), probs
+
+
+class DecoderMLP(nn.Module):
+    """Gated MLP, down(act(gate(x)) * up(x)): SwiGLU with the default SiLU (Shazeer 2020)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)), with `residual_dropout` on each branch.
+
+    Subclassing `GradientCheckpointingLayer` is how transformers 5 checkpoints: `activation_checkpointing_enable()`
+    flags every such layer and its `forward` is then re-run in backward. Tensors that need gradients must therefore
+    be passed positionally, and the cache as the keyword `past_key_values` (which the wrapper drops while
+    checkpointing, so that the replay does not append to it twice).
+    """
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = DecoderRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = DecoderAttention(config, layer_idx)
+        self.post_attention_layernorm = DecoderRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = DecoderMLP(config)
+        self.residual_dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_output, probs = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            attention_mask=attention_mask,
+            is_causal=is_causal,
+            past_key_values=past_key_values,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.residual_dropout(attention_output)
+        mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.residual_dropout(mlp_output)
+        return hidden_states, probs
+
+
+class DecoderPreTrainedModel(PreTrainedModel):
+    config_class = DecoderConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    # The cache is created on the first layer's device and grows there (accelerate must not move it).
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers decides whether `set_attn_implementation` may switch a live model by grepping the modeling
+        # source for `ALL_ATTENTION_FUNCTIONS.get_interface(`, and otherwise only warns and keeps the old value.
+        # Switching is safe here: the attention reads `config._attn_implementation` on every call, and the
+        # requested value is still validated against `_supports_sdpa` / eager by `set_attn_implementation`.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama initialisation: N(0, initializer_range) weights and embeddings, zero biases, unit RMSNorm weights.
+
+        No embedding row is zeroed for `pad_token_id` (see `DecoderConfig`). The `transformers.initialization`
+        functions skip tensors flagged as already loaded, so `from_pretrained` only initialises what the checkpoint
+        lacks.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DecoderRMSNorm):
+            init.ones_(module.weight)
+
+
+class DecoderModel(DecoderPreTrainedModel):
+    """The bare decoder: token embeddings, layers and final RMSNorm (Llama's `LlamaModel`)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        # No `padding_idx`: the pad id is often the EOS id in decoder tokenizers, and EOS must get gradients.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.residual_dropout)
+        self.layers = nn.ModuleList([DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
+        self.norm = DecoderRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DecoderRotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @staticmethod
+    def _documents_from_positions(position_ids: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+        """Document index of every token of a packed row whose positions restart per document, or None if no row
+        restarts: a new document starts wherever a position is not its predecessor + 1 (the rule of transformers'
+        `find_packed_sequence_indices`)."""
+        position_ids = position_ids.expand(batch_size, -1)
+        previous = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=-1)
+        document_ids = (position_ids != previous + 1).cumsum(-1)
+        # Data-dependent: skipped while compiling, where the (harmless) block mask is always built.
+        if not torch.compiler.is_compiling() and not bool(document_ids[:, -1].any()):
+            return None
+        return document_ids
+
+    @staticmethod
+    def _build_attention_mask(
+        attention_mask: torch.Tensor | None,
+        document_ids: torch.Tensor | None,
+        batch_size: int,
+        query_length: int,
+        past_length: int,
+        key_length: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor | None, bool]:
+        """Return `(mask, is_causal)` for the attention functions.
+
+        The mask is boolean `(batch, 1, q_len, k_len)`, True where query i (at cache index past_length + i) may
+        attend key j: j <= past_length + i, key j not padding, and, with `document_ids`, both in the same document.
+        Boolean rather than additive: dtype independent, and both attention paths take it. `(None, True)` means the
+        plain causal pattern with queries at the end of the keys (no padding, no documents, and q_len == k_len or a
+        single query), which SDPA computes without a mask tensor.
+        """
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # A prepared mask (e.g. the one `generate` builds for a static cache) is used as given.
+            if document_ids is not None:
+                raise ValueError("`document_ids` cannot be combined with a 4D `attention_mask`.")
+            return attention_mask.to(device), False
+
+        keep = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[-1] != key_length:
+                raise ValueError(
+                    "`attention_mask` must have shape (batch_size, past + current sequence length) = "
+                    f"({batch_size}, {key_length}), got {tuple(attention_mask.shape)}."
+                )
+            keep = attention_mask.to(device=device, dtype=torch.bool)
+            # Without padding there is nothing to mask. The check reads the tensor, so it is skipped while compiling.
+            if not torch.compiler.is_compiling() and bool(keep.all()):
+                keep = None
+
+        if document_ids is not None and (document_ids.dim() != 2 or document_ids.shape[-1] != key_length):
+            raise ValueError(
+                "`document_ids` must have shape (batch_size, past + current sequence length) = "
+                f"({batch_size}, {key_length}), got {tuple(document_ids.shape)}."
+            )
+
+        plain_causal = query_length == key_length or (query_length == 1 and key_length == past_length + 1)
+        if keep is None and document_ids is None and plain_causal:
+            return None, True
+
+        query_index = torch.arange(past_length, past_length + query_length, device=device)
+        key_index = torch.arange(key_length, device=device)
+        mask = (key_index[None, :] <= query_index[:, None])[None, None]  # (1, 1, q, k)
+        if keep is not None:
+            mask = mask & keep[:, None, None, :]
+        if document_ids is not None:
+            document_ids = document_ids.to(device)
+            query_documents = document_ids[:, past_length : past_length + query_length]
+            mask = mask & (query_documents[:, None, :, None] == document_ids[:, None, None, :])
+        mask = mask.expand(batch_size, 1, query_length, key_length)
+        # A query that may attend nothing (a left-padding position) would give NaN in the fused kernels and then in
+        # the gradients; let it attend everywhere instead (its output is padding and nothing real attends to it).
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        return mask, False
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        document_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids. Exactly one of `input_ids` and `inputs_embeds` must be given.
+            attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
+                1 for tokens to attend to, 0 for padding, covering the cached tokens too (as `generate` passes it).
+                A 4D mask `(batch_size, 1, sequence_length, keys)`, boolean or additive, is used as given.
+            position_ids (`torch.LongTensor` of shape `(batch_size or 1, sequence_length)`, *optional*):
+                RoPE positions; `past .. past + sequence_length - 1` when omitted. Positions restarting at 0 for each
+                packed document make every document see the positions it would see alone; when no `attention_mask`
+                and no `document_ids` are given and nothing is cached, such restarts also separate the documents'
+                attention (as in transformers' `LlamaModel`).
+            past_key_values (`Cache`, *optional*):
+                Key/value cache of earlier tokens (a `DynamicCache` is created when `use_cache` and none is given).
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Precomputed token embeddings, used instead of `input_ids`.
+            use_cache (`bool`, *optional*):
+                Return the key/value cache. Defaults to `config.use_cache` in evaluation mode and to False in
+                training mode, where a cache is never read (and is dropped by gradient checkpointing anyway).
+            output_attentions (`bool`, *optional*):
+                Return the attention probabilities of every layer (computed on the eager path for this call).
+            output_hidden_states (`bool`, *optional*):
+                Return the embedding output, the input of every further layer and the final normed output
+                (`num_hidden_layers + 1` tensors, the transformers 4 Llama convention).
+            return_dict (`bool`, *optional*):
+                Return a `BaseModelOutputWithPast` (default) rather than a tuple.
+            document_ids (`torch.LongTensor` of shape `(batch_size, past + sequence_length)`, *optional*):
+                Document index of every token of packed rows: a token attends only to earlier tokens with the same
+                id (causal and block-diagonal). Combine with restarting `position_ids` to make each document compute
+                exactly what it computes alone. Takes precedence over boundaries read off `position_ids` (pass zeros
+                to let documents attend to each other while positions restart).
+            kwargs:
+                Accepted and ignored, so that extra collator, Trainer or `generate` keys do not break the call.
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, query_length = inputs_embeds.shape[:2]
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # Static caches expose their full allocated length as the keys; dynamic ones past + current.
+        key_length = (
+            past_key_values.get_mask_sizes(query_length, 0)[0] if past_key_values is not None else query_length
+        )
+
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0)
+        elif document_ids is None and attention_mask is None and past_length == 0 and query_length > 1:
+            document_ids = self._documents_from_positions(position_ids, batch_size)
+
+        mask, is_causal = self._build_attention_mask(
+            attention_mask,
+            document_ids,
+            batch_size=batch_size,
+            query_length=query_length,
+            past_length=past_length,
+            key_length=key_length,
+            device=inputs_embeds.device,
+        )
+        position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
+
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, probs = layer(
+                hidden_states,
+                position_embeddings,
+                attention_mask=mask,
+                is_causal=is_causal,
+                past_key_values=past_key_values,
+                output_attentions=output_attentions,
+            )
+            if output_attentions:
+                all_attentions += (probs,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
+    """The decoder with a linear LM head (optionally tied to the embeddings); `generate()` works on it.
+
+    transformers 5 `PreTrainedModel` no longer includes `GenerationMixin`: inheriting it directly is what makes
+    `can_generate()` true and gives the model a `generation_config`. Its default `prepare_inputs_for_generation`
+    (slice the new tokens, pass the cache, the 2D mask and the position ids `generate` derives from the mask)
+    fits this forward as is.
+    """
+
+    # transformers 5 format: {target: source}, applied by `post_init`/`tie_weights` when `config.tie_word_embeddings`.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        document_ids: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Target ids aligned with the inputs (usually the inputs themselves), -100 where no loss is wanted;
+                the model shifts them: position t predicts token t + 1. The target after a packed document's last
+                token is the next document's first token, as in GPT-style packing; set it to -100 to drop it.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits only for the last `logits_to_keep` positions (0 = all), or for the given sequence
+                indices; `generate` passes 1 to skip the vocabulary projection of the prompt.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+                Number of target tokens in the whole accumulated batch. The Trainer passes it (this forward takes
+                `**kwargs`, so it treats the model as accepting loss kwargs); the loss is then the sum over this
+                micro-batch divided by it, which keeps gradient accumulation exact. Without it the loss is the mean.
+
+            The other arguments are those of [`DecoderModel.forward`].
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            document_ids=document_ids,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            if labels.shape[-1] != logits.shape[-2]:
+                raise ValueError(
+                    f"`labels` cover {labels.shape[-1]} positions but logits were kept for {logits.shape[-2]} "
+                    "(leave `logits_to_keep` at 0 when computing the loss)."
+                )
+            # Shift the labels, not the logits: padding one -100 on the right avoids copying the (batch, seq, vocab)
+            # logits. float32 cross entropy: the log-sum-exp over the vocabulary is where half precision hurts most.
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+            flat_logits = logits.float().reshape(-1, logits.shape[-1])
+            flat_labels = shift_labels.reshape(-1).to(flat_logits.device)
+            if num_items_in_batch is None:
+                loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+            else:
+                loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+                if torch.is_tensor(num_items_in_batch):
+                    num_items_in_batch = num_items_in_batch.to(loss.device)
+                loss = loss / num_items_in_batch
+
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["DecoderPreTrainedModel", "DecoderModel", "DecoderForCausalLM"]
