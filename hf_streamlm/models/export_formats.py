@@ -125,6 +125,31 @@ def to_native(model: MicroBertForMaskedLM | DecoderForCausalLM) -> BertForMasked
     return native
 
 
+def from_native(native: BertForMaskedLM | LlamaForCausalLM) -> MicroBertForMaskedLM | DecoderForCausalLM:
+    """The inverse of `to_native`: a stock BERT/Llama model (e.g. a native export) as the project's class, with
+    the same weights (strict load), to continue pretraining it here."""
+    if isinstance(native, BertForMaskedLM):
+        project = MicroBertForMaskedLM(
+            MicroBertConfig(**{name: getattr(native.config, name) for name in _SHARED_CONFIG_FIELDS})
+        )
+    elif isinstance(native, LlamaForCausalLM):
+        project = DecoderForCausalLM(
+            DecoderConfig(
+                **{name: copy.deepcopy(getattr(native.config, name)) for name in _SHARED_DECODER_FIELDS},
+                rope_parameters=copy.deepcopy(native.config.rope_parameters),
+            )
+        )
+        project.generation_config = copy.deepcopy(native.generation_config)
+    else:
+        raise TypeError(f"from_native expects a BertForMaskedLM or LlamaForCausalLM, got {type(native).__name__}.")
+    project.to(device=native.device, dtype=native.dtype)
+    # BERT checkpoints may carry a pooler that MicroBERT does not have; everything else must match exactly.
+    state = {k: v for k, v in native.state_dict().items() if not k.startswith("bert.pooler.")}
+    project.load_state_dict(state, strict=True)
+    project.train(native.training)
+    return project
+
+
 def save_model(
     model: MicroBertForMaskedLM | DecoderForCausalLM, output_dir: str | os.PathLike, format: str = "native"
 ) -> Path:
@@ -151,4 +176,4 @@ def save_model(
     return output_dir
 
 
-__all__ = ["EXPORT_FORMATS", "save_model", "to_bert_config", "to_llama_config", "to_native"]
+__all__ = ["EXPORT_FORMATS", "from_native", "save_model", "to_bert_config", "to_llama_config", "to_native"]

@@ -73,7 +73,16 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
     m = config.model
     auto = AutoModelForMaskedLM if m.type == "microbert" else AutoModelForCausalLM
     if m.pretrained:
+        from hf_streamlm.models.export_formats import from_native
+
         model = auto.from_pretrained(m.pretrained)
+        if model.config.model_type in ("bert", "llama"):  # a native export: continue in the project's classes
+            model = from_native(model)
+        expected = "microbert" if m.type == "microbert" else "streamlm_decoder"
+        if model.config.model_type != expected:
+            raise ConfigError(
+                f"'model.pretrained' {m.pretrained!r} holds a {model.config.model_type} model, not model.type={m.type}"
+            )
         if model.config.vocab_size != len(tokenizer):
             raise ConfigError(
                 f"'model.pretrained' {m.pretrained!r} has a vocabulary of {model.config.vocab_size} but the tokenizer "
