@@ -48,6 +48,12 @@ class MLMCollator:
             self.generator = torch.Generator().manual_seed(self.seed + (info.id + 1 if info else 0))
         return self.generator
 
+    def get_rng_state(self) -> torch.Tensor:
+        return self._rng().get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._rng().set_state(state)
+
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         g = self._rng()
         input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)

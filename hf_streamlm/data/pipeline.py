@@ -17,6 +17,7 @@ from datasets.distributed import split_dataset_by_node
 from hf_streamlm.config import Config, SourceConfig
 from hf_streamlm.data.packing import pack
 from hf_streamlm.data.sources import load_source
+from hf_streamlm.data.stream import BlockStream, ResumableLoader, WorkerPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,27 @@ def iter_texts(config: Config, limit: int | None = None) -> Iterator[str]:
         yield row["text"]
 
 
-def _tokenize(ds: datasets.IterableDataset, tokenizer, mlm: bool) -> datasets.IterableDataset:
+class Encoder:
     """Batched tokenization; each document wrapped in its separators: [CLS] x [SEP] or x <eos>."""
-    if mlm:
-        head, tail = [tokenizer.cls_token_id], [tokenizer.sep_token_id]
-    else:
-        head, tail = [], [tokenizer.eos_token_id]
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)
-        return {"input_ids": [head + ids + tail for ids in encoded["input_ids"]]}
+    def __init__(self, tokenizer, mlm: bool):
+        self.tokenizer = tokenizer
+        if mlm:
+            self.head, self.tail = [tokenizer.cls_token_id], [tokenizer.sep_token_id]
+        else:
+            self.head, self.tail = [], [tokenizer.eos_token_id]
 
-    return ds.map(encode, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=["text"])
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return [self.head + ids + self.tail for ids in encoded]
+
+
+def _tokenize(ds: datasets.IterableDataset, tokenizer, mlm: bool) -> datasets.IterableDataset:
+    encode = Encoder(tokenizer, mlm)
+    return ds.map(
+        lambda batch: {"input_ids": encode(batch["text"])}, batched=True, batch_size=TOKENIZE_BATCH,
+        remove_columns=["text"],
+    )
 
 
 class PackedBlocks(torch.utils.data.IterableDataset):
@@ -151,3 +161,61 @@ def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[s
         if len(out) >= max_blocks:
             break
     return out
+
+
+class PipelineFactory:
+    """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers)."""
+
+    def __init__(self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory):
+        self.texts = texts
+        self.encode = Encoder(tokenizer, config.model.type == "microbert")
+        self.config = config
+        self.rank = rank
+        self.collator_factory = collator_factory
+
+    def __call__(self, worker: int) -> WorkerPipeline:
+        d, seed = self.config.data, self.config.runtime.seed
+        # Distinct, reproducible streams per (rank, worker) for the shuffle buffer and the masking.
+        stream_seed = seed * 1_000_003 + self.rank * 1009 + worker
+        return WorkerPipeline(
+            self.texts,
+            self.encode,
+            self.collator_factory(stream_seed),
+            batch_size=d.batch_size,
+            block_size=d.sequence_length,
+            shuffle_buffer_size=d.shuffle_buffer_size,
+            seed=stream_seed,
+            with_documents=d.document_masking,
+        )
+
+
+def usable_workers(n_shards: int, requested: int, rank: int = 0) -> int:
+    """DataLoader workers that will get data: ``datasets`` hands each worker whole shards."""
+    if requested > n_shards:
+        if rank == 0:
+            logger.warning(
+                "data.num_workers=%d but this rank's stream has only %d shard(s): using %d worker(s). Split the data "
+                "into more files (or reshard) to load in parallel.", requested, n_shards, max(n_shards, 0)
+            )
+        return n_shards if n_shards > 1 else 0
+    return requested
+
+
+def build_train_loader(
+    config: Config, tokenizer, collator_factory, rank: int = 0, world_size: int = 1
+) -> ResumableLoader:
+    """The endless, exactly resumable training batches of one rank."""
+    data = config.data
+    ds = _split(config, open_mixture(config), heldout=False)
+    if data.max_samples is not None:
+        ds = ds.take(data.max_samples)
+    if world_size > 1:
+        if ds.num_shards % world_size and rank == 0:
+            logger.warning(
+                "the stream has %d shard(s), not a multiple of %d ranks: every rank reads all of it and keeps 1 "
+                "example in %d (correct, but each rank downloads everything)", ds.num_shards, world_size, world_size
+            )
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    workers = usable_workers(ds.num_shards, data.num_workers, rank)
+    factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory)
+    return ResumableLoader(BlockStream(factory), workers)

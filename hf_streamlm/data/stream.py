@@ -1,0 +1,269 @@
+"""The training stream with exact, cheap resume.
+
+``datasets`` keeps the position of its sources, mixture and ``map``/``filter`` stages
+(``IterableDataset.state_dict``), but its shuffle buffer comes back empty on resume (measured with
+datasets 5.2: a resumed stream repeated and skipped examples). So the stages that hold data live
+here, with their own state: the shuffle buffer (contents and RNG), the packing remainder, the
+collator's RNG. ``datasets`` below them is used without its shuffle.
+
+One :class:`WorkerPipeline` runs per rank and DataLoader worker (``datasets`` gives each worker its
+own shards). A worker attaches a snapshot of its state to every ``snapshot_every``-th batch; the
+:class:`ResumableLoader` in the training process keeps, per worker, the newest snapshot it has
+consumed and how many batches that worker produced since. Resuming loads the snapshot and replays
+at most ``snapshot_every - 1`` batches: the cost does not grow with the position in the stream.
+With ``num_workers=0`` every batch carries its snapshot (cheap: the copies are shallow).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from hf_streamlm.data.packing import document_positions
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY = 16
+"""Batches between state snapshots sent from a DataLoader worker (bounds the replay on resume)."""
+
+
+class WorkerPipeline:
+    """shuffle buffer -> batched tokenization -> packing -> collation, over a ``datasets`` text stream.
+
+    The text stream is cycled forever (one pass = one epoch, reshuffled by ``set_epoch``), so a
+    worker never runs dry while its peers still produce and the round-robin order of the
+    DataLoader stays fixed.
+    """
+
+    def __init__(
+        self,
+        texts: datasets.IterableDataset,
+        encode: Callable[[list[str]], list[list[int]]],
+        collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+        batch_size: int,
+        block_size: int,
+        shuffle_buffer_size: int,
+        seed: int,
+        with_documents: bool = False,
+        tokenize_batch: int = 64,
+    ):
+        # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
+        # the main process; here each worker runs its own passes and must not move its peers' epoch.
+        self.texts = copy.deepcopy(texts)
+        self.encode = encode
+        self.collate = collate
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.with_documents = with_documents
+        self.tokenize_batch = tokenize_batch
+        self.rng = random.Random(seed)
+        self.epoch = 0
+        self.buffer: list[str] = []
+        self.tokens: list[int] = []
+        self.serials: list[int] = []  # document serial of each buffered token (with_documents)
+        self.next_serial = 0
+        self._rows: Iterator[dict] | None = None
+        self._rows_this_epoch = 0
+        self._source_resumed = False  # a pass resumed at its very end yields no rows yet is not empty
+        self._fresh_pass = True
+        self._loaded_source: dict | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly here. Lists are copied (their items are immutable)."""
+        return {
+            "epoch": self.epoch,
+            # Until this pass starts reading, the source is where the loaded state left it.
+            "source": self.texts.state_dict() if self._rows is not None else self._loaded_source,
+            "buffer": list(self.buffer),
+            "rng": self.rng.getstate(),
+            "tokens": list(self.tokens),
+            "serials": list(self.serials),
+            "next_serial": self.next_serial,
+            "collate_rng": self.collate.get_rng_state() if hasattr(self.collate, "get_rng_state") else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        if state["source"] is not None:
+            self.texts.load_state_dict(state["source"])  # applied when the epoch's iteration starts
+            self._source_resumed = True
+        self._loaded_source = state["source"]
+        self.buffer = list(state["buffer"])
+        self.rng.setstate(state["rng"])
+        self.tokens = list(state["tokens"])
+        self.serials = list(state["serials"])
+        self.next_serial = state["next_serial"]
+        if state["collate_rng"] is not None:
+            self.collate.set_rng_state(state["collate_rng"])
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    def _next_text(self) -> str | None:
+        """The next document of the source, moving on to the next epoch at the end of a pass."""
+        while True:
+            if self._rows is None:
+                self.texts.set_epoch(self.epoch)
+                self._rows = iter(self.texts)
+                self._rows_this_epoch = 0
+                self._fresh_pass, self._source_resumed = not self._source_resumed, False
+                self._loaded_source = None
+            row = next(self._rows, None)
+            if row is not None:
+                self._rows_this_epoch += 1
+                return row["text"]
+            if self._rows_this_epoch == 0 and self._fresh_pass:
+                return None  # a whole pass yielded nothing: this worker's share is empty
+            self.epoch += 1
+            self._rows = None
+
+    def _next_document(self) -> str | None:
+        """Seeded shuffle buffer: fill it, then each new document takes the place of a random one."""
+        if self.shuffle_buffer_size <= 0:
+            return self._next_text()
+        while len(self.buffer) < self.shuffle_buffer_size:
+            text = self._next_text()
+            if text is None:
+                break
+            self.buffer.append(text)
+        if not self.buffer:
+            return None
+        i = self.rng.randrange(len(self.buffer))
+        out = self.buffer[i]
+        incoming = self._next_text() if len(self.buffer) == self.shuffle_buffer_size else None
+        if incoming is None:
+            self.buffer[i] = self.buffer[-1]
+            self.buffer.pop()
+        else:
+            self.buffer[i] = incoming
+        return out
+
+    def _fill(self) -> bool:
+        """Tokenize the next few documents into the packing buffer; False when the stream is empty."""
+        docs = []
+        for _ in range(self.tokenize_batch):
+            doc = self._next_document()
+            if doc is None:
+                break
+            docs.append(doc)
+        if not docs:
+            return False
+        for ids in self.encode(docs):
+            self.tokens.extend(ids)
+            if self.with_documents:
+                self.serials.extend([self.next_serial] * len(ids))
+            self.next_serial += 1
+        return True
+
+    def next_block(self) -> dict[str, list[int]] | None:
+        while len(self.tokens) < self.block_size:
+            if not self._fill():
+                return None
+        block = {"input_ids": self.tokens[: self.block_size], "attention_mask": [1] * self.block_size}
+        del self.tokens[: self.block_size]
+        if self.with_documents:
+            block["position_ids"], block["document_ids"] = document_positions(self.serials[: self.block_size])
+            del self.serials[: self.block_size]
+        return block
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        blocks = []
+        for _ in range(self.batch_size):
+            block = self.next_block()
+            if block is None:
+                return None
+            blocks.append(block)
+        batch = self.collate(blocks)
+        batch["_epoch"] = self.epoch
+        return batch
+
+
+class BlockStream(torch.utils.data.IterableDataset):
+    """Batches of one rank: a :class:`WorkerPipeline` per DataLoader worker, resumable from
+    per-worker snapshots (see the module docstring)."""
+
+    def __init__(self, make_pipeline: Callable[[int], WorkerPipeline], snapshot_every: int = SNAPSHOT_EVERY):
+        self.make_pipeline = make_pipeline
+        self.snapshot_every = snapshot_every
+        self.resume: dict[int, dict[str, Any]] = {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        every = self.snapshot_every if info else 1
+        pipeline = self.make_pipeline(worker)
+        start = self.resume.get(worker)
+        if start is not None:
+            pipeline.load_state_dict(start["snapshot"])
+            for _ in range(start["skip"]):  # replay what was consumed after the snapshot
+                pipeline.next_batch()
+        produced = 0
+        while (batch := pipeline.next_batch()) is not None:
+            batch["_worker"] = worker
+            if produced % every == 0:
+                batch["_state"] = pipeline.state_dict()
+            produced += 1
+            yield batch
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+class ResumableLoader:
+    """A DataLoader over a :class:`BlockStream` whose ``state_dict`` marks exactly the batches consumed.
+
+    The DataLoader asks its workers in turn (0, 1, ..., 0, 1, ...); since every worker's stream is
+    endless, batch ``i`` always comes from worker ``i % num_workers``. After a resume the loader
+    starts again at worker 0, so batches are re-ordered here to continue the turn where it stopped.
+    """
+
+    def __init__(self, stream: BlockStream, num_workers: int = 0):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.workers: dict[int, dict[str, Any]] = {}
+        self.next_worker = 0
+        self.epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "next_worker": self.next_worker, "workers": copy.deepcopy(self.workers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_workers"] != self.num_workers:
+            raise ValueError(
+                f"the checkpoint's data state is for data.num_workers={state['num_workers']}, not {self.num_workers}: "
+                "resume with the same number of workers"
+            )
+        self.workers = copy.deepcopy(state["workers"])
+        self.next_worker = state["next_worker"]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.stream.resume = copy.deepcopy(self.workers)
+        # Batches are made by the pipeline; the identity collate keeps the snapshots as they are
+        # (the default conversion would turn the RNG's tuples into lists).
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        turns = max(1, self.num_workers)
+        pending: dict[int, deque] = {w: deque() for w in range(turns)}
+        for batch in loader:
+            pending[batch["_worker"]].append(batch)
+            while pending[self.next_worker]:
+                out = pending[self.next_worker].popleft()
+                worker = out.pop("_worker")
+                snapshot = out.pop("_state", None)
+                if snapshot is not None:
+                    self.workers[worker] = {"snapshot": snapshot, "skip": 0}
+                else:
+                    self.workers[worker]["skip"] += 1
+                self.epoch = out.pop("_epoch")
+                self.next_worker = (self.next_worker + 1) % turns
+                yield out
