@@ -42,10 +42,10 @@ class MLMCollator:
         self.generator: torch.Generator | None = None
 
     def _rng(self) -> torch.Generator:
-        # Created lazily so each DataLoader worker gets its own stream (seed + worker id).
+        # Created on first use, in the process (DataLoader worker) that masks; each worker's
+        # collator is built with its own seed by the training stream.
         if self.generator is None:
-            info = torch.utils.data.get_worker_info()
-            self.generator = torch.Generator().manual_seed(self.seed + (info.id + 1 if info else 0))
+            self.generator = torch.Generator().manual_seed(self.seed)
         return self.generator
 
     def get_rng_state(self) -> torch.Tensor:

@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
-from hf_streamlm.config import Config
+from hf_streamlm.config import Config, ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -25,16 +26,33 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def data_state_file(path: Path, rank: int) -> Path:
+    return path / f"data_state_{rank}.pt"
+
+
 def save_checkpoint(
-    accelerator: Accelerator, config: Config, tokenizer, directory: Path, state: dict[str, Any], max_keep: int
+    accelerator: Accelerator,
+    config: Config,
+    tokenizer,
+    directory: Path,
+    state: dict[str, Any],
+    max_keep: int,
+    loader=None,
 ) -> Path:
-    """Save everything needed to resume, and to export (config and tokenizer travel with it)."""
+    """Save everything needed to resume, and to export (config and tokenizer travel with it).
+
+    Every rank writes its own data-stream state (shuffle buffer, packing remainder, RNGs, source
+    positions); the main process marks the folder complete and renames it once all ranks are done.
+    """
     final = directory / f"step-{state['step']}"
     tmp = directory / f".tmp-step-{state['step']}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states, scaler; per rank
+    if loader is not None:
+        torch.save(loader.state_dict(), data_state_file(tmp, accelerator.process_index))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         config.save(tmp / "config.yaml")
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -58,6 +76,13 @@ def resolve_resume(config: Config, directory: Path) -> Path | None:
     return Path(mode)
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[str, Any]:
     accelerator.load_state(str(path))
+    if loader is not None:
+        data_state = data_state_file(path, accelerator.process_index)
+        if not data_state.is_file():
+            raise ConfigError(f"checkpoint {path} has no data state for rank {accelerator.process_index} ({data_state.name}):"
+                              " it was written by a run with fewer processes; resume with the same number")
+        # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
+        loader.load_state_dict(torch.load(data_state, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

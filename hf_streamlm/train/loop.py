@@ -3,23 +3,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, build_train_blocks
-from hf_streamlm.data.pipeline import PackedBlocks
+from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader
 from hf_streamlm.export import export_run
 from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler
@@ -63,22 +62,6 @@ def count_steps_per_epoch(blocks: PackedBlocks, config: Config) -> int:
     """One pass over the stream to size an epoch-based schedule (streams have no length)."""
     n_blocks = sum(1 for _ in blocks)
     return max(1, n_blocks // (config.data.batch_size * config.data.gradient_accumulation_steps))
-
-
-def iterate_batches(loader: DataLoader, blocks: PackedBlocks, epoch: int) -> Iterator[tuple[int, dict]]:
-    """Yield ``(epoch, batch)`` forever, reshuffling at each pass over the stream."""
-    while True:
-        blocks.set_epoch(epoch)
-        produced = 0
-        for batch in loader:
-            produced += 1
-            yield epoch, batch
-        if produced == 0:
-            raise ConfigError(
-                "the training stream produced no full block: the sources are empty, everything was filtered "
-                "out, or data.sequence_length is longer than the corpus"
-            )
-        epoch += 1
 
 
 @torch.no_grad()
@@ -133,10 +116,11 @@ def train(config: Config) -> Path:
     optimizer = build_optimizer(model, config)
     if r.compile:
         model = torch.compile(model, backend=r.compile_backend)
-    blocks = build_train_blocks(config, tokenizer, accelerator.process_index, accelerator.num_processes)
-    collator = make_collator(config, tokenizer, seed=r.seed + 1000 * accelerator.process_index)
-    loader = DataLoader(blocks, batch_size=d.batch_size, collate_fn=collator, num_workers=d.num_workers)
-    total_steps = config.scheduler.total_steps or config.scheduler.total_epochs * count_steps_per_epoch(blocks, config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = build_train_loader(config, tokenizer, functools.partial(make_collator, config, tokenizer), rank, world)
+    total_steps = config.scheduler.total_steps or config.scheduler.total_epochs * count_steps_per_epoch(
+        build_train_blocks(config, tokenizer, rank, world), config
+    )
     scheduler = build_scheduler(optimizer, config, total_steps)
     # The loader is not prepared: ranks already read disjoint shards (split_dataset_by_node), and the
     # scheduler steps once per optimizer step (a prepared one would step num_processes times).
@@ -149,13 +133,11 @@ def train(config: Config) -> Path:
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0}
     resume_from = resolve_resume(config, ckpt_dir)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        state = load_checkpoint(accelerator, resume_from, loader)
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
     history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
 
-    batches = iterate_batches(loader, blocks, epoch=0)
-    for _ in range(state["micro_batches"]):  # fast-forward the stream to where the checkpoint was taken
-        next(batches)
+    batches = iter(loader)  # endless; continues exactly where the checkpoint's data state says
 
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (accelerator.is_main_process and r.logging.progress_bar),
                desc="train", dynamic_ncols=True)
@@ -164,7 +146,13 @@ def train(config: Config) -> Path:
     while state["step"] < total_steps:
         for _ in range(d.gradient_accumulation_steps):
             t_wait = time.perf_counter()
-            state["epoch"], batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                raise ConfigError(
+                    "the training stream produced no full batch: the sources are empty, everything was filtered out, "
+                    "or data.sequence_length x data.batch_size is more than the corpus holds"
+                )
+            state["epoch"] = loader.epoch
             window["wait"] += time.perf_counter() - t_wait
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
@@ -208,7 +196,7 @@ def train(config: Config) -> Path:
 
         every = r.checkpoint.every_n_steps
         if (every and state["step"] % every == 0) or state["step"] == total_steps:
-            save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep)
+            save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
     bar.close()
 
     if accelerator.is_main_process:
