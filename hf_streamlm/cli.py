@@ -18,6 +18,7 @@ COMMANDS = {
     "config": "print the resolved config of recipe=NAME [key=value ...] as YAML (--reference: all keys)",
     "recipes": "list the shipped recipes",
     "tokenizer": "train the recipe's tokenizer from its stream: tokenizer recipe=NAME [key=value ...] [--output DIR]",
+    "stats": "measure the recipe's data pipeline: stats recipe=NAME [key=value ...] [--json] [--plot FILE]",
     "models": "list the named model shapes (model.preset=NAME) with parameter counts",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
     "push": "upload an export folder to the Hub: push DIR --repo-id USER/NAME [--private] [--revision BRANCH]",
@@ -87,6 +88,78 @@ def tokenizer_command(args: list[str]) -> int:
     return 0
 
 
+def stats_command(args: list[str]) -> int:
+    """Seed 002's sample_stats: docs, tokens, blocks and speed of the recipe's pipeline (data.max_samples docs)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from hf_streamlm.data.stats import DEFAULT_MAX_DOCS, pipeline_stats, plot_token_histogram
+    from hf_streamlm.tokenizer import build_tokenizer
+
+    as_json, plot, overrides = False, None, []
+    rest = iter(args)
+    for arg in rest:
+        if arg in ("-h", "--help"):
+            print(f"usage: hf-streamlm {COMMANDS['stats']}")
+            return 0
+        if arg == "--json":
+            as_json = True
+        elif arg == "--plot":
+            plot = next(rest, None)
+            if plot is None or plot.startswith("-"):
+                fail("--plot needs a file name (e.g. --plot tokens.png)")
+        elif arg.startswith("-"):
+            fail(f"unknown option '{arg}' for stats; options: --json, --plot FILE")
+        else:
+            overrides.append(arg)
+    config = load_config(overrides)
+    max_docs = config.data.max_samples or DEFAULT_MAX_DOCS
+
+    start = time.perf_counter()
+    saved = config.output_dir / "tokenizer"
+    t = config.tokenizer
+    if not (t.path or t.name or t.tokenizer_json or t.vocab) and (saved / "tokenizer.json").is_file():
+        # What `train` would use: the tokenizer saved in the run (e.g. by `hf-streamlm tokenizer`).
+        config.tokenizer.path = str(saved)
+    tokenizer = build_tokenizer(config)
+    tokenizer_s = time.perf_counter() - start
+
+    stats = pipeline_stats(config, tokenizer, max_docs)
+    doc_tokens = stats.pop("doc_tokens")
+    stats = {"recipe": config.recipe, "max_docs_default": config.data.max_samples is None, **stats,
+             "vocab_size": len(tokenizer), "tokenizer_s": tokenizer_s}
+    if plot:
+        plot_token_histogram(doc_tokens, plot, f"tokens per document: {config.recipe or 'config'}, {len(doc_tokens)} docs")
+        stats["plot"] = str(Path(plot))
+    if as_json:
+        print(json.dumps(stats))
+        return 0
+    where = ("data.max_samples is null: the first 1000 documents (default; set data.max_samples to change)"
+             if stats["max_docs_default"] else f"data.max_samples={max_docs}")
+    print(f"recipe {config.recipe}: {where}")
+    rows = [
+        ("docs", f"{stats['docs']:,}"),
+        ("tokens", f"{stats['tokens']:,}"),
+        ("blocks", f"{stats['blocks']:,} x {stats['sequence_length']} tokens ({stats['block_tokens']:,} not padding)"),
+        ("batches", f"{stats['batches']:,} x {stats['batch_size']} blocks"),
+        ("avg tokens/doc", f"{stats['avg_tokens']:.1f}"),
+        ("median tokens/doc", f"{stats['median_tokens']:g} (min {stats['min_tokens']}, max {stats['max_tokens']})"),
+        ("bytes/token", f"{stats['bytes_per_token']:.2f}"),
+        ("docs/s", f"{stats['docs_per_s']:,.0f}"),
+        ("tokens/s", f"{stats['tokens_per_s']:,.0f}"),
+        ("pipeline time", f"{stats['seconds']:.2f} s (tokenizer {tokenizer_s:.2f} s, not counted)"),
+        ("vocab", f"{stats['vocab_size']:,}"),
+    ]
+    rows += [("docs per source", "")] + [(f"  {label}", f"{n:,}") for label, n in stats["sources"].items()]
+    if plot:
+        rows.append(("histogram", stats["plot"]))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    return 0
+
+
 def _write_vocab_and_merges(folder) -> None:
     """Seed 004 lists vocab.json and merges.txt beside tokenizer.json; write them from the BPE model."""
     import json
@@ -143,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "tokenizer":
             setup_logging()
             return tokenizer_command(rest)
+        if command == "stats":
+            setup_logging()
+            return stats_command(rest)
         if command == "models":
             return models_command(rest)
         if command == "config":

@@ -34,9 +34,8 @@ def is_heldout(text: str, share: float) -> bool:
 def open_mixture(config: Config, sources: list[SourceConfig] | None = None) -> datasets.IterableDataset:
     """All sources of ``config.data`` as one stream of ``{"text"}`` rows, mixed by weight."""
     data = config.data
-    sources = list(sources if sources is not None else data.sources)
-    if sources is data.sources and data.train_shards:
-        sources.append(_shard_source(data.train_shards))
+    if sources is None:
+        sources = list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
     streams = [load_source(s, data.cache_dir) for s in sources]
     if len(streams) == 1:
         ds = streams[0]

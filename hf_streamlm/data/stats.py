@@ -1,0 +1,177 @@
+"""Pipeline statistics (seed 002's ``sample_stats``): what a recipe's stream holds and how fast it flows.
+
+:func:`pipeline_stats` runs the recipe's whole data path, sources to collated tensor batches, over
+its first ``max_docs`` training documents and counts documents, tokens, blocks and batches, with
+timings of that pipeline part alone. Per-document token counts come from a separate, untimed pass
+(:func:`~hf_streamlm.data.pipeline.iter_texts` + the tokenizer), since packed blocks no longer
+know where their documents ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from hf_streamlm.config import Config, ConfigError, SourceConfig
+from hf_streamlm.data import build_train_blocks
+from hf_streamlm.data.pipeline import iter_texts
+
+DEFAULT_MAX_DOCS = 1000
+"""Documents measured when the recipe leaves ``data.max_samples`` null (a stream may be endless)."""
+
+ENCODE_BATCH = 1000
+"""Documents per tokenizer call in the counting pass (lets the Rust tokenizer run in parallel)."""
+
+
+def separator_count(config: Config) -> int:
+    """Special tokens the pipeline wraps around each document: [CLS] x [SEP] (MicroBERT), x <eos> (decoder)."""
+    return 2 if config.model.type == "microbert" else 1
+
+
+def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(texts)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def count_tokens(config: Config, tokenizer, max_docs: int) -> tuple[list[int], list[int], list[str]]:
+    """Per-document (tokens with separators, UTF-8 bytes) of the first ``max_docs`` documents, and the texts."""
+    extra = separator_count(config)
+    tokens: list[int] = []
+    sizes: list[int] = []
+    texts: list[str] = []
+    for batch in _batches(iter_texts(config, limit=max_docs), ENCODE_BATCH):
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        tokens.extend(len(ids) + extra for ids in encoded)
+        sizes.extend(len(text.encode("utf-8")) for text in batch)
+        texts.extend(batch)
+    return tokens, sizes, texts
+
+
+def source_label(source: SourceConfig) -> str:
+    where = source.name if source.path == "builtin" else source.data_files or source.name
+    if isinstance(where, list):
+        where = where[0] if len(where) == 1 else f"{where[0]} +{len(where) - 1}"
+    return f"{source.path}:{where}" if where else source.path
+
+
+def source_counts(config: Config, texts: list[str]) -> dict[str, int]:
+    """Documents per source among ``texts`` (the head of the mixed stream).
+
+    A mixture keeps each source's order, so the first ``len(texts)`` documents of each source alone
+    cover everything it contributed; texts found in two sources count for the first.
+    """
+    sources = config.data.sources
+    labels = [source_label(s) for s in sources]
+    labels = [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+    if len(sources) == 1 and not config.data.train_shards:
+        return {labels[0]: len(texts)}
+    wanted = Counter(texts)
+    counts: dict[str, int] = {}
+    for label, source in zip(labels, sources):
+        alone = dataclasses.replace(config, data=dataclasses.replace(config.data, sources=[source], train_shards=[]))
+        found = 0
+        for text in iter_texts(alone, limit=len(texts)):
+            if wanted[text]:
+                found += wanted.pop(text)
+        counts[label] = found
+    if leftover := sum(wanted.values()):  # data.train_shards (read as one more source) or a changed order
+        counts["train_shards" if config.data.train_shards else "other"] = leftover
+    return counts
+
+
+class _Head(torch.utils.data.IterableDataset):
+    """The first ``n`` items of an iterable: we stop the stream ourselves, it may never end."""
+
+    def __init__(self, items: Iterable, n: int):
+        self.items, self.n = items, n
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.items), self.n)
+
+
+def pipeline_stats(config: Config, tokenizer, max_docs: int) -> dict[str, Any]:
+    """Run ``config``'s stream over its first ``max_docs`` training documents and measure it.
+
+    ``tokens`` counts document tokens with their separators (what packing consumes); ``block_tokens``
+    the non-padding tokens in the emitted blocks (fewer by the last partial block with
+    ``data.drop_last``). Speeds cover sources -> collated batches, not the counting pass. The result
+    also holds ``doc_tokens``, the per-document counts (for a histogram).
+    """
+    if max_docs <= 0:
+        raise ConfigError(f"the number of documents to measure must be > 0, got {max_docs}")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_samples=max_docs))
+    doc_tokens, doc_bytes, texts = count_tokens(config, tokenizer, max_docs)
+    if not doc_tokens:
+        raise ConfigError("the training stream yielded no documents: check data.sources, min_words and eval_holdout")
+    tokens, length, batch_size = sum(doc_tokens), config.data.sequence_length, config.data.batch_size
+    expected_blocks = tokens // length if config.data.drop_last else math.ceil(tokens / length)
+
+    from hf_streamlm.train.loop import make_collator
+
+    start = time.perf_counter()
+    blocks = build_train_blocks(config, tokenizer)
+    # Single process: worker processes would each read the whole stream through this wrapper.
+    loader = DataLoader(_Head(blocks, expected_blocks), batch_size=batch_size,
+                        collate_fn=make_collator(config, tokenizer, config.runtime.seed))
+    n_blocks = n_batches = block_tokens = 0
+    for batch in loader:
+        n_batches += 1
+        n_blocks += batch["input_ids"].shape[0]
+        block_tokens += int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - start
+
+    total_bytes = sum(doc_bytes)
+    return {
+        "docs": len(doc_tokens),
+        "tokens": tokens,
+        "blocks": n_blocks,
+        "batches": n_batches,
+        "block_tokens": block_tokens,
+        "avg_tokens": tokens / len(doc_tokens),
+        "median_tokens": statistics.median(doc_tokens),
+        "min_tokens": min(doc_tokens),
+        "max_tokens": max(doc_tokens),
+        "bytes": total_bytes,
+        "bytes_per_token": total_bytes / tokens,
+        "seconds": seconds,
+        "docs_per_s": len(doc_tokens) / seconds,
+        "tokens_per_s": tokens / seconds,
+        "sequence_length": length,
+        "batch_size": batch_size,
+        "max_docs": max_docs,
+        "sources": source_counts(config, texts),
+        "doc_tokens": doc_tokens,
+    }
+
+
+def plot_token_histogram(doc_tokens: list[int], path: str | Path, title: str = "") -> None:
+    """Histogram of tokens per document, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: stats runs on machines without a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(doc_tokens, bins=min(50, max(1, len(set(doc_tokens)))), color="tab:blue")
+    ax.axvline(statistics.median(doc_tokens), color="tab:red", linestyle="--",
+               label=f"median {statistics.median(doc_tokens):g}")
+    ax.set_xlabel("tokens per document (with separators)")
+    ax.set_ylabel("documents")
+    ax.set_title(title or f"{len(doc_tokens)} documents")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
