@@ -22,6 +22,7 @@ COMMANDS = {
     "models": "list the named model shapes (model.preset=NAME) with parameter counts",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
     "push": "upload an export folder to the Hub: push DIR --repo-id USER/NAME [--private] [--revision BRANCH]",
+    "cache": "the processed-data cache: cache info|clear|usage [--cache-dir DIR | recipe=NAME] [--key KEY] [--json]",
 }
 
 
@@ -160,6 +161,56 @@ def stats_command(args: list[str]) -> int:
     return 0
 
 
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cache_command(args: list[str]) -> int:
+    """Seed 003's cache_manager.py: list, measure or clear ``<cache_dir>/processed``."""
+    import json
+
+    from hf_streamlm.data.cache import DEFAULT_CACHE_DIR, cache_entries, cache_root, cache_usage, clear_cache
+
+    parser = argparse.ArgumentParser(prog="hf-streamlm cache", description=COMMANDS["cache"])
+    parser.add_argument("action", choices=("info", "clear", "usage"))
+    parser.add_argument("config", nargs="*", metavar="recipe=NAME",
+                        help="take data.cache_dir from this recipe (and key=value overrides)")
+    parser.add_argument("--cache-dir", default=None, help=f"cache folder (default: {DEFAULT_CACHE_DIR} here)")
+    parser.add_argument("--key", default=None, help="clear: only the entry with this key (or a unique prefix)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    ns = parser.parse_intermixed_args(args)  # recipe=NAME may come before or after the flags
+    if ns.config and ns.cache_dir:
+        raise ConfigError("give --cache-dir or recipe=NAME, not both")
+    cache_dir = load_config(ns.config).data.cache_dir if ns.config else ns.cache_dir
+    root = cache_root(cache_dir)
+
+    if ns.action == "info":
+        entries = cache_entries(cache_dir)
+        if ns.json:
+            print(json.dumps(entries))
+            return 0
+        if not entries:
+            print(f"cache is empty ({root})")
+        for e in entries:
+            print(f"{e['key'][:12]}  {e.get('label') or e['source'].get('path')}  {e['docs']:,} docs  "
+                  f"{_human_bytes(e['size'])}  {e['created']}")
+    elif ns.action == "clear":
+        removed = clear_cache(cache_dir, ns.key)
+        if ns.key is not None and not removed:
+            raise ConfigError(f"no cache entry with key '{ns.key}' in {root} (see: hf-streamlm cache info)")
+        noun = "entry" if removed == 1 else "entries"
+        print(json.dumps({"removed": removed}) if ns.json else f"removed {removed} cache {noun} from {root}")
+    else:
+        total = cache_usage(cache_dir)
+        usage = {"bytes": total, "size": _human_bytes(total), "path": str(root)}
+        print(json.dumps(usage) if ns.json else f"{usage['size']}  {root}")
+    return 0
+
+
 def _write_vocab_and_merges(folder) -> None:
     """Seed 004 lists vocab.json and merges.txt beside tokenizer.json; write them from the BPE model."""
     import json
@@ -229,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(load_config(rest).to_yaml(), end="")
             return 0
+        if command == "cache":
+            return cache_command(rest)
         if command in ("export", "push"):
             setup_logging()
             return (export_command if command == "export" else push_command)(rest)

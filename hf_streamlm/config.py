@@ -131,6 +131,12 @@ class SourceConfig:
     """Take at most this many documents from the source (after filtering)."""
     min_words: int = 0
     """Skip documents with fewer whitespace-separated words."""
+    cache: bool = False
+    """Write this source's processed documents once (Arrow, under ``data.cache_dir``) and read them
+    from there on later runs; implied by ``streaming: false``."""
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    """Sources (same keys) tried in order when this one cannot be opened (seed 000's chain); the one
+    in use is logged, with why the others failed."""
 
 
 @dataclass
@@ -150,7 +156,9 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     cache_dir: str | None = None
-    """Cache for downloaded and processed data; ``null`` uses the ``datasets`` default."""
+    """Cache folder: ``datasets`` downloads go here, and processed sources (``cache: true``) go to
+    ``<cache_dir>/processed``; ``null``: the ``datasets`` default for downloads and
+    ``.dataset_cache/processed`` (seed 000) for processed sources."""
     sequence_length: int = 128
     """Tokens per packed block."""
     max_samples: int | None = None
@@ -404,6 +412,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"'{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
@@ -586,6 +598,18 @@ def _positive(key: str, value: int | float | None, allow_none: bool = True, allo
         raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _validate_source(s: SourceConfig, where: str) -> None:
+    if s.path == "builtin":
+        from hf_streamlm.data.corpus import BUILTIN_CORPORA
+
+        if s.name not in BUILTIN_CORPORA:
+            raise ConfigError(f"'{where}.name' must name a builtin corpus: {', '.join(BUILTIN_CORPORA)}; got {s.name!r}")
+    elif s.path in ("json", "parquet", "text", "csv", "arrow") and not s.data_files:
+        raise ConfigError(f"'{where}.data_files' is required for path: {s.path}")
+    if s.max_samples is not None and s.max_samples <= 0:
+        raise ConfigError(f"'{where}.max_samples' must be > 0, got {s.max_samples}")
+
+
 def validate(c: Config) -> None:
     """Refuse impossible combinations before anything is built."""
     m = c.model
@@ -627,17 +651,12 @@ def validate(c: Config) -> None:
     if not d.sources and not d.train_shards:
         raise ConfigError("'data.sources' is empty: give at least one source (or data.train_shards)")
     for i, s in enumerate(d.sources):
+        for j, fallback in enumerate(s.fallbacks):
+            _validate_source(build(SourceConfig, fallback, f"data.sources[{i}].fallbacks[{j}]."),
+                             f"data.sources[{i}].fallbacks[{j}]")
         if s.weight <= 0:
             raise ConfigError(f"'data.sources[{i}].weight' must be > 0, got {s.weight}")
-        if s.path == "builtin":
-            from hf_streamlm.data.corpus import BUILTIN_CORPORA
-
-            if s.name not in BUILTIN_CORPORA:
-                raise ConfigError(
-                    f"'data.sources[{i}].name' must name a builtin corpus: {', '.join(BUILTIN_CORPORA)}; got {s.name!r}"
-                )
-        elif s.path in ("json", "parquet", "text", "csv", "arrow") and not s.data_files:
-            raise ConfigError(f"'data.sources[{i}].data_files' is required for path: {s.path}")
+        _validate_source(s, f"data.sources[{i}]")
     if d.document_masking and m.type != "decoder":
         raise ConfigError("'data.document_masking' applies to model.type=decoder (MicroBERT blocks are [CLS]..[SEP])")
     if not 0 < d.mlm_probability < 1:

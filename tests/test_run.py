@@ -66,6 +66,9 @@ def test_history_rows_and_loss_goes_down(quickstart_run):
     for row in train:
         assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= row.keys()
         assert row["tokens_per_s"] > 0
+        # per-source accounting: everything packed so far came from the one source, and covers the
+        # tokens trained on (packing reads ahead by at most a tokenization batch)
+        assert list(row["source_tokens"]) == ["pydocs"] and row["source_tokens"]["pydocs"] >= row["tokens"]
     tokens = [r["tokens"] for r in train]
     assert tokens == sorted(tokens) and tokens[0] == 5 * 16 * 128  # 5 steps x batch 16 x 128 tokens
     assert train[-1]["loss"] < train[0]["loss"] - 0.5

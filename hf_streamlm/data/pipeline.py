@@ -6,6 +6,7 @@ sources -> mixture (weights) -> hold-out split -> shuffle buffer -> rank shard -
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ def open_mixture(config: Config, sources: list[SourceConfig] | None = None) -> d
     data = config.data
     if sources is None:
         sources = list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
-    streams = [load_source(s, data.cache_dir) for s in sources]
+    streams = [load_source(s, data.cache_dir, index=i) for i, s in enumerate(sources)]
     if len(streams) == 1:
         ds = streams[0]
     else:
@@ -65,13 +66,27 @@ def _split(config: Config, ds: datasets.IterableDataset, heldout: bool) -> datas
     return ds.filter(lambda batch: [is_heldout(t, share) == heldout for t in batch["text"]], batched=True)
 
 
-def iter_texts(config: Config, limit: int | None = None) -> Iterator[str]:
-    """The training documents in stream order (no shuffle): what tokenizers are trained on."""
+def iter_rows(config: Config, limit: int | None = None) -> Iterator[tuple[str, int]]:
+    """``(text, source index)`` of the training documents in stream order (no shuffle)."""
     ds = _split(config, open_mixture(config), heldout=False)
     if limit is not None:
         ds = ds.take(limit)
     for row in ds:
-        yield row["text"]
+        yield row["text"], row["source"]
+
+
+def iter_texts(config: Config, limit: int | None = None) -> Iterator[str]:
+    """The training documents in stream order (no shuffle): what tokenizers are trained on."""
+    return (text for text, _ in iter_rows(config, limit))
+
+
+def source_names(config: Config) -> list[str]:
+    """Report names of ``data.sources`` (plus ``train_shards``), by source index."""
+    from hf_streamlm.data.sources import describe_source
+
+    sources = list(config.data.sources) + ([_shard_source(config.data.train_shards)] if config.data.train_shards else [])
+    names = [describe_source(s) for s in sources]
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 class Encoder:
@@ -79,13 +94,24 @@ class Encoder:
 
     def __init__(self, tokenizer, mlm: bool):
         self.tokenizer = tokenizer
+        # The Rust tokenizer directly: the transformers wrapper converts every encoding to a Python
+        # dict first, which costs about as much as the rest of the pipeline. Padding and truncation
+        # are switched off on a private copy, as the wrapper does.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = copy.deepcopy(backend) if backend is not None else None
+        if self.backend is not None:
+            self.backend.no_padding()
+            self.backend.no_truncation()
         if mlm:
             self.head, self.tail = [tokenizer.cls_token_id], [tokenizer.sep_token_id]
         else:
             self.head, self.tail = [], [tokenizer.eos_token_id]
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if self.backend is not None:
+            encoded = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return [self.head + ids + self.tail for ids in encoded]
 
 

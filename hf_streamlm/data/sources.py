@@ -1,45 +1,62 @@
-"""Sources: one ``datasets.IterableDataset`` per configured source, reduced to a ``text`` column."""
+"""Sources: one ``datasets.IterableDataset`` per configured source, reduced to a ``text`` column
+and a ``source`` column (the source's index in ``data.sources``, for per-source counts).
+
+A source may list ``fallbacks`` (seed 000's chain: wikitext, wikipedia, openwebtext, c4, pile-cc,
+then IMDB): they are tried in order, and the one in use is logged with why the others failed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import datasets
 
-from hf_streamlm.config import ConfigError, SourceConfig
+from hf_streamlm.config import ConfigError, SourceConfig, build
 from hf_streamlm.data.corpus import BUILTIN_CORPORA
 
 logger = logging.getLogger(__name__)
 
+_reported: set[str] = set()  # fallback choices already logged in this process (the stream is opened several times)
+
 FILE_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
 
 
-def load_source(source: SourceConfig, cache_dir: str | None = None) -> datasets.IterableDataset:
-    """Open ``source`` as a stream with a single ``text`` column, filtered and capped."""
+def describe_source(source: SourceConfig) -> str:
+    """A short human name: ``pydocs``, ``wikitext/wikitext-103-raw-v1``, ``json:corpus.jsonl``."""
     if source.path == "builtin":
-        ds = datasets.load_dataset(
+        return str(source.name)
+    if source.path in FILE_BUILDERS:
+        files = source.data_files if isinstance(source.data_files, str) else ",".join(source.data_files or [])
+        return f"{source.path}:{files}"
+    return f"{source.path}/{source.name}" if source.name else source.path
+
+
+def _open(source: SourceConfig, cache_dir: str | None) -> datasets.IterableDataset:
+    if source.path == "builtin":
+        return datasets.load_dataset(
             "json", data_files=str(BUILTIN_CORPORA[source.name]), split="train", streaming=True, cache_dir=cache_dir
         )
-    else:
-        kwargs = {"split": source.split, "cache_dir": cache_dir}
-        if source.name:
-            kwargs["name"] = source.name
-        if source.data_files:
-            kwargs["data_files"] = source.data_files
-        if source.revision:
-            kwargs["revision"] = source.revision
-        try:
-            ds = datasets.load_dataset(source.path, **kwargs, streaming=source.streaming)
-        except FileNotFoundError as err:
-            raise ConfigError(f"data source '{source.path}' ({source.data_files or source.name}): {err}") from None
-        if not source.streaming:
-            ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds))))
+    kwargs = {"split": source.split, "cache_dir": cache_dir}
+    if source.name:
+        kwargs["name"] = source.name
+    if source.data_files:
+        kwargs["data_files"] = source.data_files
+    if source.revision:
+        kwargs["revision"] = source.revision
+    ds = datasets.load_dataset(source.path, **kwargs, streaming=source.streaming)
+    if not source.streaming:
+        ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds))))
+    return ds
+
+
+def _text_only(ds: datasets.IterableDataset, source: SourceConfig) -> datasets.IterableDataset:
     columns = ds.column_names
     if columns is None:  # features unknown until the first example is read
         columns = list(next(iter(ds.take(1))).keys())
     if source.text_column not in columns:
         raise ConfigError(
-            f"data source '{source.path}' has no column '{source.text_column}'; its columns are: "
+            f"data source '{describe_source(source)}' has no column '{source.text_column}'; its columns are: "
             f"{', '.join(columns)} (set text_column)"
         )
     ds = ds.select_columns([source.text_column])
@@ -51,3 +68,39 @@ def load_source(source: SourceConfig, cache_dir: str | None = None) -> datasets.
     if source.max_samples is not None:
         ds = ds.take(source.max_samples)
     return ds
+
+
+def _processed(source: SourceConfig, cache_dir: str | None) -> datasets.IterableDataset:
+    """The source's ``text`` rows after its filters and cap; read from / written to the processed-data
+    cache when ``cache: true`` or ``streaming: false`` (seed 000: download and process once)."""
+    if not (source.cache or not source.streaming):
+        return _text_only(_open(source, cache_dir), source)
+    from hf_streamlm.data.cache import cached_source
+
+    streamed = dataclasses.replace(source, streaming=True)  # read once as a stream, keep the processed rows
+    return cached_source(source, lambda: _text_only(_open(streamed, cache_dir), streamed), cache_dir, extra={})
+
+
+def load_source(source: SourceConfig, cache_dir: str | None = None, index: int = 0) -> datasets.IterableDataset:
+    """Open ``source`` (or the first of its fallbacks that opens) as ``{"text", "source"}`` rows."""
+    chain = [source] + [build(SourceConfig, f) for f in source.fallbacks]
+    failures = []
+    for candidate in chain:
+        try:
+            ds = _processed(candidate, cache_dir)
+        except Exception as err:  # noqa: BLE001 - any reason to skip a source is reported, not raised
+            if len(chain) == 1 and isinstance(err, ConfigError):
+                raise
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            failures.append(f"{describe_source(candidate)}: {type(err).__name__}: {reason}")
+            continue
+        message = f"data source {index}: using {describe_source(candidate)}"
+        if failures:
+            message += "; tried before it: " + "; ".join(failures)
+        if len(chain) > 1 and message not in _reported:
+            _reported.add(message)
+            (logger.warning if failures else logger.info)(message)
+        return ds.map(lambda batch: {"source": [index] * len(batch["text"])}, batched=True)
+    if len(chain) == 1:
+        raise ConfigError(f"data source {failures[0]}")
+    raise ConfigError(f"no source of data.sources[{index}] could be opened: " + "; ".join(failures))

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hf_streamlm.config import Config, ConfigError, SourceConfig
+from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import build_train_blocks
-from hf_streamlm.data.pipeline import iter_texts
+from hf_streamlm.data.pipeline import iter_rows, source_names
 
 DEFAULT_MAX_DOCS = 1000
 """Documents measured when the recipe leaves ``data.max_samples`` null (a stream may be endless)."""
@@ -44,50 +44,26 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def count_tokens(config: Config, tokenizer, max_docs: int) -> tuple[list[int], list[int], list[str]]:
-    """Per-document (tokens with separators, UTF-8 bytes) of the first ``max_docs`` documents, and the texts."""
+def count_tokens(config: Config, tokenizer, max_docs: int) -> tuple[list[int], list[int], Counter]:
+    """Per-document (tokens with separators, UTF-8 bytes) of the first ``max_docs`` documents, and the
+    documents per source name."""
     extra = separator_count(config)
     tokens: list[int] = []
     sizes: list[int] = []
-    texts: list[str] = []
-    for batch in _batches(iter_texts(config, limit=max_docs), ENCODE_BATCH):
+    per_source: Counter = Counter()
+    names = source_names(config)
+    rows = iter_rows(config, limit=max_docs)
+
+    def texts_counting_sources() -> Iterator[str]:
+        for text, source in rows:
+            per_source[names[source]] += 1
+            yield text
+
+    for batch in _batches(texts_counting_sources(), ENCODE_BATCH):
         encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         tokens.extend(len(ids) + extra for ids in encoded)
         sizes.extend(len(text.encode("utf-8")) for text in batch)
-        texts.extend(batch)
-    return tokens, sizes, texts
-
-
-def source_label(source: SourceConfig) -> str:
-    where = source.name if source.path == "builtin" else source.data_files or source.name
-    if isinstance(where, list):
-        where = where[0] if len(where) == 1 else f"{where[0]} +{len(where) - 1}"
-    return f"{source.path}:{where}" if where else source.path
-
-
-def source_counts(config: Config, texts: list[str]) -> dict[str, int]:
-    """Documents per source among ``texts`` (the head of the mixed stream).
-
-    A mixture keeps each source's order, so the first ``len(texts)`` documents of each source alone
-    cover everything it contributed; texts found in two sources count for the first.
-    """
-    sources = config.data.sources
-    labels = [source_label(s) for s in sources]
-    labels = [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
-    if len(sources) == 1 and not config.data.train_shards:
-        return {labels[0]: len(texts)}
-    wanted = Counter(texts)
-    counts: dict[str, int] = {}
-    for label, source in zip(labels, sources):
-        alone = dataclasses.replace(config, data=dataclasses.replace(config.data, sources=[source], train_shards=[]))
-        found = 0
-        for text in iter_texts(alone, limit=len(texts)):
-            if wanted[text]:
-                found += wanted.pop(text)
-        counts[label] = found
-    if leftover := sum(wanted.values()):  # data.train_shards (read as one more source) or a changed order
-        counts["train_shards" if config.data.train_shards else "other"] = leftover
-    return counts
+    return tokens, sizes, per_source
 
 
 class _Head(torch.utils.data.IterableDataset):
@@ -111,7 +87,7 @@ def pipeline_stats(config: Config, tokenizer, max_docs: int) -> dict[str, Any]:
     if max_docs <= 0:
         raise ConfigError(f"the number of documents to measure must be > 0, got {max_docs}")
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_samples=max_docs))
-    doc_tokens, doc_bytes, texts = count_tokens(config, tokenizer, max_docs)
+    doc_tokens, doc_bytes, per_source = count_tokens(config, tokenizer, max_docs)
     if not doc_tokens:
         raise ConfigError("the training stream yielded no documents: check data.sources, min_words and eval_holdout")
     tokens, length, batch_size = sum(doc_tokens), config.data.sequence_length, config.data.batch_size
@@ -150,7 +126,7 @@ def pipeline_stats(config: Config, tokenizer, max_docs: int) -> dict[str, Any]:
         "sequence_length": length,
         "batch_size": batch_size,
         "max_docs": max_docs,
-        "sources": source_counts(config, texts),
+        "sources": dict(per_source),
         "doc_tokens": doc_tokens,
     }
 

@@ -67,7 +67,9 @@ class WorkerPipeline:
         self.tokenize_batch = tokenize_batch
         self.rng = random.Random(seed)
         self.epoch = 0
-        self.buffer: list[str] = []
+        self.buffer: list[tuple[str, int]] = []  # (text, source index)
+        self.source_docs: dict[int, int] = {}  # documents and tokens tokenized so far, per source
+        self.source_tokens: dict[int, int] = {}
         self.tokens: list[int] = []
         self.serials: list[int] = []  # document serial of each buffered token (with_documents)
         self.next_serial = 0
@@ -91,6 +93,8 @@ class WorkerPipeline:
             "serials": list(self.serials),
             "next_serial": self.next_serial,
             "collate_rng": self.collate.get_rng_state() if hasattr(self.collate, "get_rng_state") else None,
+            "source_docs": dict(self.source_docs),
+            "source_tokens": dict(self.source_tokens),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -106,10 +110,12 @@ class WorkerPipeline:
         self.next_serial = state["next_serial"]
         if state["collate_rng"] is not None:
             self.collate.set_rng_state(state["collate_rng"])
+        self.source_docs = dict(state["source_docs"])
+        self.source_tokens = dict(state["source_tokens"])
 
     # -- stages -----------------------------------------------------------------------------------
 
-    def _next_text(self) -> str | None:
+    def _next_text(self) -> tuple[str, int] | None:
         """The next document of the source, moving on to the next epoch at the end of a pass."""
         while True:
             if self._rows is None:
@@ -121,13 +127,13 @@ class WorkerPipeline:
             row = next(self._rows, None)
             if row is not None:
                 self._rows_this_epoch += 1
-                return row["text"]
+                return row["text"], row.get("source", 0)
             if self._rows_this_epoch == 0 and self._fresh_pass:
                 return None  # a whole pass yielded nothing: this worker's share is empty
             self.epoch += 1
             self._rows = None
 
-    def _next_document(self) -> str | None:
+    def _next_document(self) -> tuple[str, int] | None:
         """Seeded shuffle buffer: fill it, then each new document takes the place of a random one."""
         if self.shuffle_buffer_size <= 0:
             return self._next_text()
@@ -158,7 +164,9 @@ class WorkerPipeline:
             docs.append(doc)
         if not docs:
             return False
-        for ids in self.encode(docs):
+        for (_, source), ids in zip(docs, self.encode([text for text, _ in docs])):
+            self.source_docs[source] = self.source_docs.get(source, 0) + 1
+            self.source_tokens[source] = self.source_tokens.get(source, 0) + len(ids)
             self.tokens.extend(ids)
             if self.with_documents:
                 self.serials.extend([self.next_serial] * len(ids))
@@ -185,6 +193,7 @@ class WorkerPipeline:
             blocks.append(block)
         batch = self.collate(blocks)
         batch["_epoch"] = self.epoch
+        batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens))
         return batch
 
 
@@ -234,9 +243,15 @@ class ResumableLoader:
         self.workers: dict[int, dict[str, Any]] = {}
         self.next_worker = 0
         self.epoch = 0
+        self.sources: dict[int, tuple[dict, dict]] = {}  # per worker: cumulative (docs, tokens) by source
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "next_worker": self.next_worker, "workers": copy.deepcopy(self.workers)}
+        return {
+            "num_workers": self.num_workers,
+            "next_worker": self.next_worker,
+            "workers": copy.deepcopy(self.workers),
+            "sources": copy.deepcopy(self.sources),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_workers"] != self.num_workers:
@@ -246,6 +261,18 @@ class ResumableLoader:
             )
         self.workers = copy.deepcopy(state["workers"])
         self.next_worker = state["next_worker"]
+        self.sources = copy.deepcopy(state["sources"])
+
+    def source_counts(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Documents and tokens tokenized so far, per source index, summed over this rank's workers."""
+        docs: dict[int, int] = {}
+        tokens: dict[int, int] = {}
+        for worker_docs, worker_tokens in self.sources.values():
+            for source, n in worker_docs.items():
+                docs[source] = docs.get(source, 0) + n
+            for source, n in worker_tokens.items():
+                tokens[source] = tokens.get(source, 0) + n
+        return docs, tokens
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.stream.resume = copy.deepcopy(self.workers)
@@ -265,5 +292,6 @@ class ResumableLoader:
                 else:
                     self.workers[worker]["skip"] += 1
                 self.epoch = out.pop("_epoch")
+                self.sources[worker] = out.pop("_sources")
                 self.next_worker = (self.next_worker + 1) % turns
                 yield out

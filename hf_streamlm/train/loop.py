@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, build_train_blocks
-from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader
+from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_names
 from hf_streamlm.export import export_run
 from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler
@@ -138,6 +138,7 @@ def train(config: Config) -> Path:
     history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
 
     batches = iter(loader)  # endless; continues exactly where the checkpoint's data state says
+    names = source_names(config)
 
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (accelerator.is_main_process and r.logging.progress_bar),
                desc="train", dynamic_ncols=True)
@@ -185,6 +186,7 @@ def train(config: Config) -> Path:
                 "tokens_per_s": float(stats[1]) / elapsed,
                 "data_wait_pct": 100.0 * window["wait"] / elapsed,
             }
+            row.update(source_counts(loader, names, accelerator))
             log_row(row, accelerator, history, bar, r.logging.enable_stdout)
             window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
 
@@ -215,14 +217,27 @@ def train(config: Config) -> Path:
     return out
 
 
+def source_counts(loader, names: list[str], accelerator: Accelerator) -> dict[str, dict[str, int]]:
+    """Documents and tokens read so far from each source, summed over ranks (mixture accounting)."""
+    docs, tokens = loader.source_counts()
+    local = torch.tensor([docs.get(i, 0) for i in range(len(names))] + [tokens.get(i, 0) for i in range(len(names))],
+                         dtype=torch.long, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    return {"source_docs": dict(zip(names, total[: len(names)])), "source_tokens": dict(zip(names, total[len(names) :]))}
+
+
 def log_row(row: dict[str, Any], accelerator: Accelerator, history: History | None, bar, stdout: bool) -> None:
     if accelerator.is_main_process:
         history.write(row)
         if stdout:
-            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                            if not isinstance(v, dict))
             bar.write(text)
             sys.stdout.flush()  # visible at once when stdout is a file (pod logs)
-    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+    scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    for name, n in row.get("source_tokens", {}).items():
+        scalars[f"source_tokens/{name}"] = n
+    accelerator.log(scalars, step=row["step"])
 
 
 def print_fill_mask(export_dir: Path, sentences: list[str]) -> None:
