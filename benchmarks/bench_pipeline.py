@@ -3,7 +3,7 @@
     python benchmarks/bench_pipeline.py [--docs 100000] [--repeats 2] [--rss-at 10000 200000] [--profile] [--json out.json]
 
 - throughput: local jsonl files -> collated tensor batches through the project's pipeline
-  (``build_train_blocks`` + ``DataLoader(collate_fn=make_collator(...))``) vs the bare Rust call
+  (the training stream: ``build_train_loader`` -> shuffle, tokenize, pack, collate) vs the bare Rust call
   ``tokenizer._tokenizer.encode_batch`` on the same documents already in memory, batches of 1000,
   same tokenizer. The two alternate ``--repeats`` times; the best pass of each gives docs/s and
   the ratio pipeline / raw (goal >= 0.90).
@@ -22,6 +22,7 @@ masking) pointed at those files, with no hold-out.
 from __future__ import annotations
 
 import argparse
+import functools
 import cProfile
 import gc
 import gzip
@@ -36,10 +37,9 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch.utils.data import DataLoader
 
 from hf_streamlm.config import Config, load_config
-from hf_streamlm.data import build_train_blocks
+from hf_streamlm.data.pipeline import build_train_loader
 from hf_streamlm.data.corpus import BUILTIN_CORPORA
 from hf_streamlm.tokenizer import train_tokenizer
 from hf_streamlm.train.loop import make_collator
@@ -79,12 +79,12 @@ def doc_token_counts(tokenizer, n_docs: int, base: list[str]) -> list[int]:
     return [prefix_counts[i] + base_counts[i % len(base)] + SEPARATORS for i in range(n_docs)]
 
 
-def bench_config(files: list[str], max_docs: int) -> Config:
+def bench_config(files: list[str], max_docs: int | None) -> Config:
     return load_config([
         "recipe=quickstart",
         f"data.sources=[{{path: json, data_files: {json.dumps(files)}}}]",
         "data.eval_holdout=0",
-        f"data.max_samples={max_docs}",
+        f"data.max_samples={'null' if max_docs is None else max_docs}",
     ])
 
 
@@ -92,11 +92,15 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def train_loader(config: Config, tokenizer):
+    """The training path: the resumable stream (shuffle buffer, tokenize, pack, collate)."""
+    return build_train_loader(config, tokenizer, functools.partial(make_collator, config, tokenizer))
+
+
 def run_pipeline(config: Config, tokenizer, n_blocks: int, on_block=None) -> tuple[int, float]:
     """Sources -> collated batches until ``n_blocks`` blocks came out (we stop the stream ourselves)."""
     start = time.perf_counter()
-    blocks = build_train_blocks(config, tokenizer)
-    loader = DataLoader(blocks, batch_size=config.data.batch_size, collate_fn=make_collator(config, tokenizer, 0))
+    loader = train_loader(config, tokenizer)
     seen = 0
     for batch in loader:
         seen += batch["input_ids"].shape[0]
@@ -115,6 +119,28 @@ def run_raw(tokenizer, texts: list[str]) -> tuple[int, float]:
     for i in range(0, len(texts), RAW_BATCH):
         tokens += sum(len(e.ids) + SEPARATORS for e in encode(texts[i : i + RAW_BATCH], add_special_tokens=False))
     return tokens, time.perf_counter() - start
+
+
+def measure_resume(files, tokenizer, early: int, late: int) -> dict:
+    """Time from a fresh process state to the first batch after resuming at batch ``early`` vs ``late``."""
+    config = bench_config(files, None)
+    out = {}
+    for name, at in (("early", early), ("late", late)):
+        loader = train_loader(config, tokenizer)
+        it = iter(loader)
+        for _ in range(at):
+            next(it)
+        state = loader.state_dict()
+        expected = next(it)
+        start = time.perf_counter()
+        resumed = train_loader(config, tokenizer)
+        resumed.load_state_dict(state)
+        first = next(iter(resumed))
+        out[f"resume_{name}_s"] = round(time.perf_counter() - start, 3)
+        assert all(torch.equal(first[k], expected[k]) for k in expected), "resumed stream differs"
+    out["resume_batches"] = [early, late]
+    out["resume_ratio_late_over_early"] = round(out["resume_late_s"] / out["resume_early_s"], 3)
+    return out
 
 
 def measure_memory(files, tokenizer, cum_tokens, low: int, high: int) -> dict:
@@ -165,6 +191,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4, help="jsonl files the corpus is split into")
     parser.add_argument("--profile", action="store_true", help="cProfile a pipeline pass; print the top 15")
     parser.add_argument("--profile-docs", type=int, default=20_000)
+    parser.add_argument("--resume-at", type=int, nargs=2, default=[10, 3000], metavar=("EARLY", "LATE"),
+                        help="batches consumed before the early and the late resume")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     low, high = args.rss_at
@@ -210,6 +238,11 @@ def main() -> None:
               f"(all: {', '.join(f'{t:.1f}' for t in raw_times)} s)")
         print(f"  ratio pipeline/raw {pipe_rate / raw_rate:.3f} (goal >= 0.90)")
 
+        resume = measure_resume(files, tokenizer, args.resume_at[0], args.resume_at[1])
+        print(f"resume: first batch {resume['resume_early_s']:.3f} s after resuming at batch {args.resume_at[0]:,}, "
+              f"{resume['resume_late_s']:.3f} s at batch {args.resume_at[1]:,}: ratio "
+              f"{resume['resume_ratio_late_over_early']:.3f} (goal <= 2)")
+
         profile = profile_pipeline(files, tokenizer, cum_tokens, min(args.profile_docs, n_corpus)) if args.profile else None
         if profile:
             print(f"\nprofile of a pipeline pass over {min(args.profile_docs, n_corpus):,} docs (top 15, cumulative):")
@@ -225,6 +258,7 @@ def main() -> None:
         "pipeline_s": [round(t, 2) for t in pipe_times],
         "raw_s": [round(t, 2) for t in raw_times],
         **memory,
+        **resume,
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),

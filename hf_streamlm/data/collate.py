@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def stack(examples: list[dict[str, list[int]]], key: str) -> torch.Tensor:
+    """``[B, T]`` int64 tensor of one field (through numpy: ~3x faster than torch.tensor on lists)."""
+    return torch.from_numpy(np.array([e[key] for e in examples], dtype=np.int64))
 
 
 class CausalCollator:
     """Stack blocks; labels are the inputs (the model shifts), padding ignored with -100."""
 
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
-        attention_mask = torch.tensor([e["attention_mask"] for e in examples], dtype=torch.long)
+        input_ids = stack(examples, "input_ids")
+        attention_mask = stack(examples, "attention_mask")
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         for key in ("position_ids", "document_ids"):  # packed-document inputs (data.document_masking)
             if key in examples[0]:
-                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+                batch[key] = stack(examples, key)
         return batch
 
 
@@ -56,8 +62,8 @@ class MLMCollator:
 
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         g = self._rng()
-        input_ids = torch.tensor([e["input_ids"] for e in examples], dtype=torch.long)
-        attention_mask = torch.tensor([e["attention_mask"] for e in examples], dtype=torch.long)
+        input_ids = stack(examples, "input_ids")
+        attention_mask = stack(examples, "attention_mask")
         maskable = (attention_mask == 1) & ~torch.isin(input_ids, self.special_ids)
         chosen = (torch.rand(input_ids.shape, generator=g) < self.mlm_probability) & maskable
         labels = input_ids.masked_fill(~chosen, -100)

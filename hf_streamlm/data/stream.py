@@ -11,7 +11,8 @@ own shards). A worker attaches a snapshot of its state to every ``snapshot_every
 :class:`ResumableLoader` in the training process keeps, per worker, the newest snapshot it has
 consumed and how many batches that worker produced since. Resuming loads the snapshot and replays
 at most ``snapshot_every - 1`` batches: the cost does not grow with the position in the stream.
-With ``num_workers=0`` every batch carries its snapshot (cheap: the copies are shallow).
+With ``num_workers=0`` the pipeline runs in the training process and its state is read directly
+when a checkpoint is written: no snapshots at all.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class WorkerPipeline:
         shuffle_buffer_size: int,
         seed: int,
         with_documents: bool = False,
-        tokenize_batch: int = 64,
+        tokenize_batch: int = 256,
     ):
         # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
         # the main process; here each worker runs its own passes and must not move its peers' epoch.
@@ -205,12 +206,17 @@ class BlockStream(torch.utils.data.IterableDataset):
         self.make_pipeline = make_pipeline
         self.snapshot_every = snapshot_every
         self.resume: dict[int, dict[str, Any]] = {}
+        self.live: WorkerPipeline | None = None  # the pipeline, when it runs in this process
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
-        every = self.snapshot_every if info else 1
+        # In this process the loader reads the state from the live pipeline when asked; only worker
+        # processes need to send snapshots along with their batches.
+        every = self.snapshot_every if info else None
         pipeline = self.make_pipeline(worker)
+        if info is None:
+            self.live = pipeline
         start = self.resume.get(worker)
         if start is not None:
             pipeline.load_state_dict(start["snapshot"])
@@ -219,7 +225,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         produced = 0
         while (batch := pipeline.next_batch()) is not None:
             batch["_worker"] = worker
-            if produced % every == 0:
+            if every is not None and produced % every == 0:
                 batch["_state"] = pipeline.state_dict()
             produced += 1
             yield batch
@@ -246,6 +252,9 @@ class ResumableLoader:
         self.sources: dict[int, tuple[dict, dict]] = {}  # per worker: cumulative (docs, tokens) by source
 
     def state_dict(self) -> dict[str, Any]:
+        if self.num_workers == 0 and self.stream.live is not None:
+            # No prefetching without workers: the live pipeline has produced exactly the batches consumed.
+            self.workers[0] = {"snapshot": self.stream.live.state_dict(), "skip": 0}
         return {
             "num_workers": self.num_workers,
             "next_worker": self.next_worker,
@@ -276,6 +285,7 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.stream.resume = copy.deepcopy(self.workers)
+        self.stream.live = None
         # Batches are made by the pipeline; the identity collate keeps the snapshots as they are
         # (the default conversion would turn the RNG's tuples into lists).
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
@@ -289,7 +299,7 @@ class ResumableLoader:
                 snapshot = out.pop("_state", None)
                 if snapshot is not None:
                     self.workers[worker] = {"snapshot": snapshot, "skip": 0}
-                else:
+                elif self.num_workers:
                     self.workers[worker]["skip"] += 1
                 self.epoch = out.pop("_epoch")
                 self.sources[worker] = out.pop("_sources")
