@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import weakref
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -79,6 +81,8 @@ class WorkerPipeline:
         self._source_resumed = False  # a pass resumed at its very end yields no rows yet is not empty
         self._fresh_pass = True
         self._loaded_source: dict | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: tuple[list[tuple[str, int]], Future] | None = None
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -96,6 +100,7 @@ class WorkerPipeline:
             "collate_rng": self.collate.get_rng_state() if hasattr(self.collate, "get_rng_state") else None,
             "source_docs": dict(self.source_docs),
             "source_tokens": dict(self.source_tokens),
+            "pending": list(self._inflight[0]) if self._inflight is not None else [],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -113,6 +118,8 @@ class WorkerPipeline:
             self.collate.set_rng_state(state["collate_rng"])
         self.source_docs = dict(state["source_docs"])
         self.source_tokens = dict(state["source_tokens"])
+        if state["pending"]:
+            self._submit(list(state["pending"]))
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -155,17 +162,40 @@ class WorkerPipeline:
             self.buffer[i] = incoming
         return out
 
-    def _fill(self) -> bool:
-        """Tokenize the next few documents into the packing buffer; False when the stream is empty."""
+    def _take_documents(self) -> list[tuple[str, int]]:
         docs = []
         for _ in range(self.tokenize_batch):
             doc = self._next_document()
             if doc is None:
                 break
             docs.append(doc)
-        if not docs:
-            return False
-        for (_, source), ids in zip(docs, self.encode([text for text, _ in docs])):
+        return docs
+
+    def _submit(self, docs: list[tuple[str, int]]) -> None:
+        """Start tokenizing ``docs`` on the helper thread. The Rust tokenizer releases the GIL, so
+        reading, shuffling, packing and masking go on meanwhile in this thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_streamlm-tokenize")
+            weakref.finalize(self, self._executor.shutdown, wait=False)
+        self._inflight = (docs, self._executor.submit(self.encode, [text for text, _ in docs]))
+
+    def _fill(self) -> bool:
+        """Move the next tokenized chunk into the packing buffer and start tokenizing the one after it;
+        False when the stream is empty. The chunk in flight is part of the state (``pending``): its
+        documents have left the shuffle buffer and come first after a resume."""
+        if self._inflight is None:
+            docs = self._take_documents()
+            if not docs:
+                return False
+            self._submit(docs)
+        docs, future = self._inflight
+        encoded = future.result()
+        following = self._take_documents()
+        if following:
+            self._submit(following)
+        else:
+            self._inflight = None
+        for (_, source), ids in zip(docs, encoded):
             self.source_docs[source] = self.source_docs.get(source, 0) + 1
             self.source_tokens[source] = self.source_tokens.get(source, 0) + len(ids)
             self.tokens.extend(ids)
