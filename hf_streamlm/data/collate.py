@@ -11,12 +11,19 @@ def stack(examples: list[dict[str, list[int]]], key: str) -> torch.Tensor:
     return torch.from_numpy(np.array([e[key] for e in examples], dtype=np.int64))
 
 
+def inputs_and_mask(examples: list[dict[str, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask; blocks without a mask are full (the training stream never pads)."""
+    input_ids = stack(examples, "input_ids")
+    if "attention_mask" in examples[0]:
+        return input_ids, stack(examples, "attention_mask")
+    return input_ids, torch.ones_like(input_ids)
+
+
 class CausalCollator:
     """Stack blocks; labels are the inputs (the model shifts), padding ignored with -100."""
 
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        input_ids = stack(examples, "input_ids")
-        attention_mask = stack(examples, "attention_mask")
+        input_ids, attention_mask = inputs_and_mask(examples)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         for key in ("position_ids", "document_ids"):  # packed-document inputs (data.document_masking)
@@ -62,8 +69,7 @@ class MLMCollator:
 
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         g = self._rng()
-        input_ids = stack(examples, "input_ids")
-        attention_mask = stack(examples, "attention_mask")
+        input_ids, attention_mask = inputs_and_mask(examples)
         maskable = (attention_mask == 1) & ~torch.isin(input_ids, self.special_ids)
         chosen = (torch.rand(input_ids.shape, generator=g) < self.mlm_probability) & maskable
         labels = input_ids.masked_fill(~chosen, -100)

@@ -7,6 +7,7 @@ sources -> mixture (weights) -> hold-out split -> shuffle buffer -> rank shard -
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -107,12 +108,15 @@ class Encoder:
         else:
             self.head, self.tail = [], [tokenizer.eos_token_id]
 
-    def __call__(self, texts: list[str]) -> list[list[int]]:
+    def __call__(self, texts: list[str], wrap: bool = True) -> list[list[int]]:
         if self.backend is not None:
-            encoded = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use: the same
+            # ids, about 20% less work.
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            encoded = [e.ids for e in encode(texts, add_special_tokens=False)]
         else:
             encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return [self.head + ids + self.tail for ids in encoded]
+        return [self.head + ids + self.tail for ids in encoded] if wrap else encoded
 
 
 def _tokenize(ds: datasets.IterableDataset, tokenizer, mlm: bool) -> datasets.IterableDataset:
@@ -204,13 +208,16 @@ class PipelineFactory:
         stream_seed = seed * 1_000_003 + self.rank * 1009 + worker
         return WorkerPipeline(
             self.texts,
-            self.encode,
+            # Separators are added while packing, in the reading thread: the tokenizing thread is the
+            # busier one.
+            functools.partial(self.encode, wrap=False),
             self.collator_factory(stream_seed),
             batch_size=d.batch_size,
             block_size=d.sequence_length,
             shuffle_buffer_size=d.shuffle_buffer_size,
             seed=stream_seed,
             with_documents=d.document_masking,
+            separators=(self.encode.head, self.encode.tail),
         )
 
 

@@ -57,6 +57,7 @@ class WorkerPipeline:
         seed: int,
         with_documents: bool = False,
         tokenize_batch: int = 256,
+        separators: tuple[list[int], list[int]] = ([], []),
     ):
         # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
         # the main process; here each worker runs its own passes and must not move its peers' epoch.
@@ -68,6 +69,7 @@ class WorkerPipeline:
         self.shuffle_buffer_size = shuffle_buffer_size
         self.with_documents = with_documents
         self.tokenize_batch = tokenize_batch
+        self.head, self.tail = separators  # wrapped around each document: [CLS] x [SEP] or x <eos>
         self.rng = random.Random(seed)
         self.epoch = 0
         self.buffer: list[tuple[str, int]] = []  # (text, source index)
@@ -195,12 +197,16 @@ class WorkerPipeline:
             self._submit(following)
         else:
             self._inflight = None
+        head, tail, tokens = self.head, self.tail, self.tokens
+        extra = len(head) + len(tail)
         for (_, source), ids in zip(docs, encoded):
             self.source_docs[source] = self.source_docs.get(source, 0) + 1
-            self.source_tokens[source] = self.source_tokens.get(source, 0) + len(ids)
-            self.tokens.extend(ids)
+            self.source_tokens[source] = self.source_tokens.get(source, 0) + len(ids) + extra
+            tokens.extend(head)
+            tokens.extend(ids)
+            tokens.extend(tail)
             if self.with_documents:
-                self.serials.extend([self.next_serial] * len(ids))
+                self.serials.extend([self.next_serial] * (len(ids) + extra))
             self.next_serial += 1
         return True
 
@@ -208,7 +214,7 @@ class WorkerPipeline:
         while len(self.tokens) < self.block_size:
             if not self._fill():
                 return None
-        block = {"input_ids": self.tokens[: self.block_size], "attention_mask": [1] * self.block_size}
+        block = {"input_ids": self.tokens[: self.block_size]}  # full blocks: the collator adds the all-ones mask
         del self.tokens[: self.block_size]
         if self.with_documents:
             block["position_ids"], block["document_ids"] = document_positions(self.serials[: self.block_size])
