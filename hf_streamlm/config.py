@@ -174,6 +174,11 @@ class DataConfig:
     from crossing documents."""
     mlm_probability: float = 0.15
     """Share of tokens masked for MicroBERT (80% [MASK], 10% random, 10% kept)."""
+    retries: int = 20
+    """Times a remote read or open is retried after a dropped connection, 429 or 503/504 before the
+    run stops with an error (``datasets`` streaming retries)."""
+    retry_backoff: float = 5.0
+    """Seconds between those retries (429 and 503/504 wait four times as long)."""
     eval_holdout: float = 0.02
     """Share of documents held out for evaluation (by a hash of the text) when no
     validation data is given."""
@@ -659,6 +664,8 @@ def validate(c: Config) -> None:
         _validate_source(s, f"data.sources[{i}]")
     if d.document_masking and m.type != "decoder":
         raise ConfigError("'data.document_masking' applies to model.type=decoder (MicroBERT blocks are [CLS]..[SEP])")
+    _positive("data.retries", d.retries, allow_zero=True)
+    _positive("data.retry_backoff", d.retry_backoff, allow_zero=True)
     if not 0 < d.mlm_probability < 1:
         raise ConfigError(f"'data.mlm_probability' must be in (0, 1), got {d.mlm_probability}")
     if not 0 <= d.eval_holdout < 1:

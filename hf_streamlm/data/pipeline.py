@@ -18,7 +18,7 @@ from datasets.distributed import split_dataset_by_node
 
 from hf_streamlm.config import Config, SourceConfig
 from hf_streamlm.data.packing import pack
-from hf_streamlm.data.sources import load_source
+from hf_streamlm.data.sources import apply_network_settings, load_source
 from hf_streamlm.data.stream import BlockStream, ResumableLoader, WorkerPipeline
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def is_heldout(text: str, share: float) -> bool:
 def open_mixture(config: Config, sources: list[SourceConfig] | None = None) -> datasets.IterableDataset:
     """All sources of ``config.data`` as one stream of ``{"text"}`` rows, mixed by weight."""
     data = config.data
+    apply_network_settings(data.retries, data.retry_backoff)
     if sources is None:
         sources = list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
     streams = [load_source(s, data.cache_dir, index=i) for i, s in enumerate(sources)]

@@ -22,6 +22,16 @@ _reported: set[str] = set()  # fallback choices already logged in this process (
 FILE_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
 
 
+def apply_network_settings(retries: int, backoff: float) -> None:
+    """Retry count and backoff of ``datasets``' remote reads and opens (module settings: DataLoader
+    workers started after this inherit them)."""
+    cfg = datasets.config
+    cfg.STREAMING_READ_MAX_RETRIES = cfg.STREAMING_OPEN_MAX_RETRIES = max(1, retries)
+    cfg.STREAMING_READ_RETRY_INTERVAL = cfg.STREAMING_OPEN_RETRY_INTERVAL = backoff
+    # datasets waits longer on "server unavailable" and "rate limited" (20 s and 60 s by default).
+    cfg.STREAMING_READ_SERVER_UNAVAILABLE_RETRY_INTERVAL = cfg.STREAMING_READ_RATE_LIMIT_RETRY_INTERVAL = 4 * backoff
+
+
 def describe_source(source: SourceConfig) -> str:
     """A short human name: ``pydocs``, ``wikitext/wikitext-103-raw-v1``, ``json:corpus.jsonl``."""
     if source.path == "builtin":
