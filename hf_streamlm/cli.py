@@ -153,6 +153,8 @@ def stats_command(args: list[str]) -> int:
         ("vocab", f"{stats['vocab_size']:,}"),
     ]
     rows += [("docs per source", "")] + [(f"  {label}", f"{n:,}") for label, n in stats["sources"].items()]
+    rows += [("docs skipped", f"{sum(stats['skipped'].values()):,}")]
+    rows += [(f"  {kind}", f"{n:,}") for kind, n in stats["skipped"].items()]
     if plot:
         rows.append(("histogram", stats["plot"]))
     width = max(len(name) for name, _ in rows)

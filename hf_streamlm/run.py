@@ -21,6 +21,8 @@ Precedence: command line > recipe > defaults. Keys:
 
 
 def fail(message: str) -> None:
+    if "Original Traceback" in message:  # raised in a DataLoader worker: torch appended its traceback
+        message = message.strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
     print(f"hf-streamlm: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

@@ -10,14 +10,16 @@ import copy
 import functools
 import hashlib
 import logging
+import uuid
 from collections.abc import Iterator
 
 import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from hf_streamlm.config import Config, SourceConfig
+from hf_streamlm.config import Config, ConfigError, SourceConfig
 from hf_streamlm.data.packing import pack
+from hf_streamlm.data.quality import TextFilter
 from hf_streamlm.data.sources import apply_network_settings, load_source
 from hf_streamlm.data.stream import BlockStream, ResumableLoader, WorkerPipeline
 
@@ -33,13 +35,16 @@ def is_heldout(text: str, share: float) -> bool:
     return int.from_bytes(digest, "little") < share * 2**64
 
 
-def open_mixture(config: Config, sources: list[SourceConfig] | None = None) -> datasets.IterableDataset:
-    """All sources of ``config.data`` as one stream of ``{"text"}`` rows, mixed by weight."""
+def open_mixture(
+    config: Config, sources: list[SourceConfig] | None = None, skips_key: str = "default"
+) -> datasets.IterableDataset:
+    """All sources of ``config.data`` as one stream of ``{"text", "source"}`` rows, mixed by weight.
+    Skipped documents are counted under ``skips_key`` (see :mod:`hf_streamlm.data.quality`)."""
     data = config.data
     apply_network_settings(data.retries, data.retry_backoff)
     if sources is None:
         sources = list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
-    streams = [load_source(s, data.cache_dir, index=i) for i, s in enumerate(sources)]
+    streams = [load_source(s, data.cache_dir, index=i, skips_key=skips_key) for i, s in enumerate(sources)]
     if len(streams) == 1:
         ds = streams[0]
     else:
@@ -51,8 +56,7 @@ def open_mixture(config: Config, sources: list[SourceConfig] | None = None) -> d
             stopping_strategy=data.stopping_strategy,
         )
     if data.min_words:
-        min_words = data.min_words
-        ds = ds.filter(lambda batch: [len(t.split()) >= min_words for t in batch["text"]], batched=True)
+        ds = ds.filter(TextFilter(skips_key, data.min_words), batched=True)
     return ds
 
 
@@ -68,13 +72,28 @@ def _split(config: Config, ds: datasets.IterableDataset, heldout: bool) -> datas
     return ds.filter(lambda batch: [is_heldout(t, share) == heldout for t in batch["text"]], batched=True)
 
 
-def iter_rows(config: Config, limit: int | None = None) -> Iterator[tuple[str, int]]:
+def iter_rows(config: Config, limit: int | None = None, skips_key: str = "default") -> Iterator[tuple[str, int]]:
     """``(text, source index)`` of the training documents in stream order (no shuffle)."""
-    ds = _split(config, open_mixture(config), heldout=False)
+    ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
     if limit is not None:
         ds = ds.take(limit)
-    for row in ds:
+    for row in guarded(ds, config):
         yield row["text"], row["source"]
+
+
+def guarded(rows, config: Config) -> Iterator:
+    """Iterate ``rows``; a file that cannot be read becomes one line naming it (ConfigError)."""
+    it = iter(rows)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported as one line, with the file when it is local
+            raise ConfigError(describe_read_failure(config, err)) from err
+        yield row
 
 
 def iter_texts(config: Config, limit: int | None = None) -> Iterator[str]:
@@ -186,7 +205,7 @@ def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[s
         _tokenize(ds, tokenizer, mlm), data.sequence_length, False, tokenizer.pad_token_id, data.document_masking
     )
     out = []
-    for block in blocks:
+    for block in guarded(blocks, config):
         out.append(block)
         if len(out) >= max_blocks:
             break
@@ -196,8 +215,11 @@ def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[s
 class PipelineFactory:
     """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers)."""
 
-    def __init__(self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory):
+    def __init__(
+        self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str
+    ):
         self.texts = texts
+        self.skips_key = skips_key
         self.encode = Encoder(tokenizer, config.model.type == "microbert")
         self.config = config
         self.rank = rank
@@ -219,7 +241,24 @@ class PipelineFactory:
             seed=stream_seed,
             with_documents=d.document_masking,
             separators=(self.encode.head, self.encode.tail),
+            skips_key=self.skips_key,
+            describe_failure=functools.partial(describe_read_failure, self.config),
         )
+
+
+def describe_read_failure(config: Config, err: Exception) -> str:
+    """One line for a file that could not be read: the file and line when it is local."""
+    from hf_streamlm.data.quality import locate_bad_file
+    from hf_streamlm.data.sources import describe_source
+
+    sources = list(config.data.sources) + ([_shard_source(config.data.train_shards)] if config.data.train_shards else [])
+    for source in sources:
+        where = locate_bad_file(source.data_files, source.path)
+        if where:
+            return f"data source '{describe_source(source)}': {where}"
+    first = str(err).splitlines()[0] if str(err) else ""
+    names = ", ".join(describe_source(s) for s in sources)
+    return f"could not read data source(s) {names}: {type(err).__name__}: {first}"
 
 
 def usable_workers(n_shards: int, requested: int, rank: int = 0) -> int:
@@ -239,7 +278,8 @@ def build_train_loader(
 ) -> ResumableLoader:
     """The endless, exactly resumable training batches of one rank."""
     data = config.data
-    ds = _split(config, open_mixture(config), heldout=False)
+    skips_key = f"train-{uuid.uuid4().hex}"
+    ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
     if data.max_samples is not None:
         ds = ds.take(data.max_samples)
     if world_size > 1:
@@ -250,5 +290,5 @@ def build_train_loader(
             )
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     workers = usable_workers(ds.num_shards, data.num_workers, rank)
-    factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory)
+    factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key)
     return ResumableLoader(BlockStream(factory), workers)

@@ -14,6 +14,7 @@ import datasets
 
 from hf_streamlm.config import ConfigError, SourceConfig, build
 from hf_streamlm.data.corpus import BUILTIN_CORPORA
+from hf_streamlm.data.quality import TextFilter
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _open(source: SourceConfig, cache_dir: str | None) -> datasets.IterableDatas
     return ds
 
 
-def _text_only(ds: datasets.IterableDataset, source: SourceConfig) -> datasets.IterableDataset:
+def _text_only(ds: datasets.IterableDataset, source: SourceConfig, skips_key: str) -> datasets.IterableDataset:
     columns = ds.column_names
     if columns is None:  # features unknown until the first example is read
         columns = list(next(iter(ds.take(1))).keys())
@@ -69,35 +70,45 @@ def _text_only(ds: datasets.IterableDataset, source: SourceConfig) -> datasets.I
             f"data source '{describe_source(source)}' has no column '{source.text_column}'; its columns are: "
             f"{', '.join(columns)} (set text_column)"
         )
+    features = ds.features
+    if features is not None and source.text_column in features:
+        dtype = getattr(features[source.text_column], "dtype", None)
+        if dtype is not None and dtype not in ("string", "large_string"):
+            raise ConfigError(
+                f"data source '{describe_source(source)}': column '{source.text_column}' holds {dtype}, not text "
+                "(set text_column to the column with the documents)"
+            )
     ds = ds.select_columns([source.text_column])
     if source.text_column != "text":
         ds = ds.rename_column(source.text_column, "text")
-    if source.min_words:
-        min_words = source.min_words
-        ds = ds.filter(lambda batch: [len(t.split()) >= min_words for t in batch["text"]], batched=True)
+    # Always: null, non-text and empty documents are skipped and counted, never passed on.
+    ds = ds.filter(TextFilter(skips_key, source.min_words), batched=True)
     if source.max_samples is not None:
         ds = ds.take(source.max_samples)
     return ds
 
 
-def _processed(source: SourceConfig, cache_dir: str | None) -> datasets.IterableDataset:
+def _processed(source: SourceConfig, cache_dir: str | None, skips_key: str) -> datasets.IterableDataset:
     """The source's ``text`` rows after its filters and cap; read from / written to the processed-data
     cache when ``cache: true`` or ``streaming: false`` (seed 000: download and process once)."""
     if not (source.cache or not source.streaming):
-        return _text_only(_open(source, cache_dir), source)
+        return _text_only(_open(source, cache_dir), source, skips_key)
     from hf_streamlm.data.cache import cached_source
 
     streamed = dataclasses.replace(source, streaming=True)  # read once as a stream, keep the processed rows
-    return cached_source(source, lambda: _text_only(_open(streamed, cache_dir), streamed), cache_dir, extra={})
+    return cached_source(source, lambda: _text_only(_open(streamed, cache_dir), streamed, skips_key), cache_dir,
+                         extra={})
 
 
-def load_source(source: SourceConfig, cache_dir: str | None = None, index: int = 0) -> datasets.IterableDataset:
+def load_source(
+    source: SourceConfig, cache_dir: str | None = None, index: int = 0, skips_key: str = "default"
+) -> datasets.IterableDataset:
     """Open ``source`` (or the first of its fallbacks that opens) as ``{"text", "source"}`` rows."""
     chain = [source] + [build(SourceConfig, f) for f in source.fallbacks]
     failures = []
     for candidate in chain:
         try:
-            ds = _processed(candidate, cache_dir)
+            ds = _processed(candidate, cache_dir, skips_key)
         except Exception as err:  # noqa: BLE001 - any reason to skip a source is reported, not raised
             if len(chain) == 1 and isinstance(err, ConfigError):
                 raise

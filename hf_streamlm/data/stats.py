@@ -14,6 +14,7 @@ import itertools
 import math
 import statistics
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import build_train_blocks
 from hf_streamlm.data.pipeline import iter_rows, source_names
+from hf_streamlm.data.quality import skip_counter
 
 DEFAULT_MAX_DOCS = 1000
 """Documents measured when the recipe leaves ``data.max_samples`` null (a stream may be endless)."""
@@ -44,7 +46,9 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def count_tokens(config: Config, tokenizer, max_docs: int) -> tuple[list[int], list[int], Counter]:
+def count_tokens(
+    config: Config, tokenizer, max_docs: int, skips_key: str = "stats"
+) -> tuple[list[int], list[int], Counter]:
     """Per-document (tokens with separators, UTF-8 bytes) of the first ``max_docs`` documents, and the
     documents per source name."""
     extra = separator_count(config)
@@ -52,7 +56,7 @@ def count_tokens(config: Config, tokenizer, max_docs: int) -> tuple[list[int], l
     sizes: list[int] = []
     per_source: Counter = Counter()
     names = source_names(config)
-    rows = iter_rows(config, limit=max_docs)
+    rows = iter_rows(config, limit=max_docs, skips_key=skips_key)
 
     def texts_counting_sources() -> Iterator[str]:
         for text, source in rows:
@@ -87,7 +91,8 @@ def pipeline_stats(config: Config, tokenizer, max_docs: int) -> dict[str, Any]:
     if max_docs <= 0:
         raise ConfigError(f"the number of documents to measure must be > 0, got {max_docs}")
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_samples=max_docs))
-    doc_tokens, doc_bytes, per_source = count_tokens(config, tokenizer, max_docs)
+    skips_key = f"stats-{uuid.uuid4().hex}"
+    doc_tokens, doc_bytes, per_source = count_tokens(config, tokenizer, max_docs, skips_key)
     if not doc_tokens:
         raise ConfigError("the training stream yielded no documents: check data.sources, min_words and eval_holdout")
     tokens, length, batch_size = sum(doc_tokens), config.data.sequence_length, config.data.batch_size
@@ -127,6 +132,7 @@ def pipeline_stats(config: Config, tokenizer, max_docs: int) -> dict[str, Any]:
         "batch_size": batch_size,
         "max_docs": max_docs,
         "sources": dict(per_source),
+        "skipped": dict(skip_counter(skips_key)),  # documents not trained on, by kind
         "doc_tokens": doc_tokens,
     }
 

@@ -21,7 +21,7 @@ import copy
 import logging
 import random
 import weakref
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,7 +30,9 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
+from hf_streamlm.config import ConfigError
 from hf_streamlm.data.packing import document_positions
+from hf_streamlm.data.quality import skip_counter
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class WorkerPipeline:
         with_documents: bool = False,
         tokenize_batch: int = 256,
         separators: tuple[list[int], list[int]] = ([], []),
+        skips_key: str = "default",
+        describe_failure: Callable[[Exception], str] | None = None,
     ):
         # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
         # the main process; here each worker runs its own passes and must not move its peers' epoch.
@@ -70,6 +74,11 @@ class WorkerPipeline:
         self.with_documents = with_documents
         self.tokenize_batch = tokenize_batch
         self.head, self.tail = separators  # wrapped around each document: [CLS] x [SEP] or x <eos>
+        self.describe_failure = describe_failure
+        # Skipped documents: counted by the source filters in this process; carried in the state.
+        self._skips = skip_counter(skips_key)
+        self._skips_at_start = Counter(self._skips)
+        self.skipped_before: dict[str, int] = {}
         self.rng = random.Random(seed)
         self.epoch = 0
         self.buffer: list[tuple[str, int]] = []  # (text, source index)
@@ -103,6 +112,7 @@ class WorkerPipeline:
             "source_docs": dict(self.source_docs),
             "source_tokens": dict(self.source_tokens),
             "pending": list(self._inflight[0]) if self._inflight is not None else [],
+            "skipped": self.skipped(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -122,6 +132,14 @@ class WorkerPipeline:
         self.source_tokens = dict(state["source_tokens"])
         if state["pending"]:
             self._submit(list(state["pending"]))
+        self.skipped_before = dict(state["skipped"])
+        self._skips_at_start = Counter(self._skips)
+
+    def skipped(self) -> dict[str, int]:
+        """Documents skipped so far by kind (none, not_text, empty, short)."""
+        total = Counter(self.skipped_before)
+        total.update(self._skips - self._skips_at_start)
+        return dict(total)
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -134,7 +152,12 @@ class WorkerPipeline:
                 self._rows_this_epoch = 0
                 self._fresh_pass, self._source_resumed = not self._source_resumed, False
                 self._loaded_source = None
-            row = next(self._rows, None)
+            try:
+                row = next(self._rows, None)
+            except Exception as err:  # noqa: BLE001 - a file that cannot be read: one line naming it
+                if self.describe_failure is None:
+                    raise
+                raise ConfigError(self.describe_failure(err)) from err
             if row is not None:
                 self._rows_this_epoch += 1
                 return row["text"], row.get("source", 0)
@@ -230,7 +253,7 @@ class WorkerPipeline:
             blocks.append(block)
         batch = self.collate(blocks)
         batch["_epoch"] = self.epoch
-        batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens))
+        batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens), self.skipped())
         return batch
 
 
@@ -312,12 +335,19 @@ class ResumableLoader:
         """Documents and tokens tokenized so far, per source index, summed over this rank's workers."""
         docs: dict[int, int] = {}
         tokens: dict[int, int] = {}
-        for worker_docs, worker_tokens in self.sources.values():
+        for worker_docs, worker_tokens, _ in self.sources.values():
             for source, n in worker_docs.items():
                 docs[source] = docs.get(source, 0) + n
             for source, n in worker_tokens.items():
                 tokens[source] = tokens.get(source, 0) + n
         return docs, tokens
+
+    def skip_counts(self) -> dict[str, int]:
+        """Documents skipped so far by kind, summed over this rank's workers."""
+        total: Counter = Counter()
+        for _, _, skipped in self.sources.values():
+            total.update(skipped)
+        return dict(total)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.stream.resume = copy.deepcopy(self.workers)

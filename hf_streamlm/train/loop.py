@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, build_train_blocks
 from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_names
+from hf_streamlm.data.quality import SKIP_KINDS
 from hf_streamlm.export import export_run
 from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler
@@ -218,12 +219,20 @@ def train(config: Config) -> Path:
 
 
 def source_counts(loader, names: list[str], accelerator: Accelerator) -> dict[str, dict[str, int]]:
-    """Documents and tokens read so far from each source, summed over ranks (mixture accounting)."""
+    """Documents and tokens read so far from each source, and documents skipped by kind (empty,
+    null, not text, too short), summed over ranks."""
     docs, tokens = loader.source_counts()
     local = torch.tensor([docs.get(i, 0) for i in range(len(names))] + [tokens.get(i, 0) for i in range(len(names))],
                          dtype=torch.long, device=accelerator.device)
+    skipped = loader.skip_counts()
+    local = torch.cat([local, torch.tensor([skipped.get(k, 0) for k in SKIP_KINDS], device=accelerator.device)])
     total = accelerator.reduce(local, reduction="sum").tolist()
-    return {"source_docs": dict(zip(names, total[: len(names)])), "source_tokens": dict(zip(names, total[len(names) :]))}
+    n = len(names)
+    return {
+        "source_docs": dict(zip(names, total[:n])),
+        "source_tokens": dict(zip(names, total[n : 2 * n])),
+        "skipped": {k: v for k, v in zip(SKIP_KINDS, total[2 * n :]) if v},
+    }
 
 
 def log_row(row: dict[str, Any], accelerator: Accelerator, history: History | None, bar, stdout: bool) -> None:
