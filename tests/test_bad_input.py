@@ -106,3 +106,31 @@ def test_history_reports_skipped_documents(tmp_path):
     # counted per pass the reader made over the file (it cycles, and reads ahead of training)
     skipped = row["skipped"]
     assert set(skipped) == {"none", "empty"} and skipped["none"] >= 3 and skipped["none"] * 5 == skipped["empty"] * 3
+
+
+def test_a_source_that_yields_nothing_is_one_line(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("".join(json.dumps({"text": "  "}) + "\n" for _ in range(10)))
+    proc = run_cli("recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
+                   "tokenizer.path=" + str(tmp_path / "none"), f"runtime.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    # the tokenizer folder does not exist: that is reported first, in one line
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
+                   f"runtime.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(errors) == 1 and ("no documents" in errors[0] or "no full batch" in errors[0]), proc.stderr[-1500:]
+
+
+def test_stats_reports_skips_by_kind(tmp_path):
+    from hf_streamlm.data.stats import pipeline_stats
+    from hf_streamlm.tokenizer import train_tokenizer
+
+    rows = [{"text": f"doc {i} has some words"} for i in range(30)] + [{"text": ""}] * 4 + [{"text": None}] * 2
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = config_for(str(path))
+    tok = train_tokenizer([r["text"] for r in rows if r["text"]], "wordpiece", vocab_size=200, min_frequency=1)
+    stats = pipeline_stats(config, tok, max_docs=100)
+    assert stats["docs"] == 30 and stats["skipped"] == {"empty": 4, "none": 2}

@@ -145,62 +145,64 @@ def train(config: Config) -> Path:
                desc="train", dynamic_ncols=True)
     model.train()
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
-    while state["step"] < total_steps:
-        for _ in range(d.gradient_accumulation_steps):
-            t_wait = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                raise ConfigError(
-                    "the training stream produced no full batch: the sources are empty, everything was filtered out, "
-                    "or data.sequence_length x data.batch_size is more than the corpus holds"
-                )
-            state["epoch"] = loader.epoch
-            window["wait"] += time.perf_counter() - t_wait
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.optimizer.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            window["loss"] += loss.detach().float()
-            window["micro"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
-            state["micro_batches"] += 1
-        scheduler.step()
-        state["step"] += 1
-        bar.update(1)
+    try:  # the bar ends its line even when an error stops the run
+        while state["step"] < total_steps:
+            for _ in range(d.gradient_accumulation_steps):
+                t_wait = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    raise ConfigError(
+                        "the training stream produced no full batch: the sources are empty, everything was filtered out, "
+                        "or data.sequence_length x data.batch_size is more than the corpus holds"
+                    )
+                state["epoch"] = loader.epoch
+                window["wait"] += time.perf_counter() - t_wait
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.optimizer.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                window["loss"] += loss.detach().float()
+                window["micro"] += 1
+                window["tokens"] += int(batch["attention_mask"].sum())
+                state["micro_batches"] += 1
+            scheduler.step()
+            state["step"] += 1
+            bar.update(1)
 
-        if state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps:
-            stats = torch.tensor([float(window["loss"]) / window["micro"], window["tokens"]], device=accelerator.device)
-            stats = accelerator.reduce(stats, reduction="sum")
-            elapsed = time.perf_counter() - window["t0"]
-            state["tokens"] += int(stats[1])
-            row = {
-                "step": state["step"],
-                "epoch": state["epoch"],
-                "loss": float(stats[0]) / accelerator.num_processes,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if config.optimizer.max_grad_norm else None,
-                "tokens": state["tokens"],
-                "tokens_per_s": float(stats[1]) / elapsed,
-                "data_wait_pct": 100.0 * window["wait"] / elapsed,
-            }
-            row.update(source_counts(loader, names, accelerator))
-            log_row(row, accelerator, history, bar, r.logging.enable_stdout)
-            window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+            if state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps:
+                stats = torch.tensor([float(window["loss"]) / window["micro"], window["tokens"]], device=accelerator.device)
+                stats = accelerator.reduce(stats, reduction="sum")
+                elapsed = time.perf_counter() - window["t0"]
+                state["tokens"] += int(stats[1])
+                row = {
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": float(stats[0]) / accelerator.num_processes,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if config.optimizer.max_grad_norm else None,
+                    "tokens": state["tokens"],
+                    "tokens_per_s": float(stats[1]) / elapsed,
+                    "data_wait_pct": 100.0 * window["wait"] / elapsed,
+                }
+                row.update(source_counts(loader, names, accelerator))
+                log_row(row, accelerator, history, bar, r.logging.enable_stdout)
+                window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
 
-        every = r.evaluation.every_n_steps
-        if eval_blocks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
-            eval_collator.generator = None
-            metrics = evaluate(model, eval_blocks, eval_collator, d.batch_size, accelerator)
-            log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
+            every = r.evaluation.every_n_steps
+            if eval_blocks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
+                eval_collator.generator = None
+                metrics = evaluate(model, eval_blocks, eval_collator, d.batch_size, accelerator)
+                log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
 
-        every = r.checkpoint.every_n_steps
-        if (every and state["step"] % every == 0) or state["step"] == total_steps:
-            save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
-    bar.close()
+            every = r.checkpoint.every_n_steps
+            if (every and state["step"] % every == 0) or state["step"] == total_steps:
+                save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
+    finally:
+        bar.close()
 
     if accelerator.is_main_process:
         export_dir = export_run(accelerator.unwrap_model(model, keep_torch_compile=False), tokenizer, config, out / "export", r.export_format)
