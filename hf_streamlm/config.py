@@ -175,10 +175,11 @@ class DataConfig:
     mlm_probability: float = 0.15
     """Share of tokens masked for MicroBERT (80% [MASK], 10% random, 10% kept)."""
     retries: int = 20
-    """Times a remote read or open is retried after a dropped connection, 429 or 503/504 before the
-    run stops with an error (``datasets`` streaming retries)."""
+    """Tries of a remote read (``datasets``: dropped connection, 429, 504) and of opening a source
+    (hf_streamlm: 429, 5xx, timeouts) before the run stops with an error. Each try already includes
+    ``huggingface_hub``'s own 5 quick retries of a file request."""
     retry_backoff: float = 5.0
-    """Seconds between those retries (429 and 503/504 wait four times as long)."""
+    """Seconds between those tries (429 and 504 on reads wait four times as long)."""
     eval_holdout: float = 0.02
     """Share of documents held out for evaluation (by a hash of the text) when no
     validation data is given."""

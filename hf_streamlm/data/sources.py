@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import datasets
 
@@ -43,7 +44,39 @@ def describe_source(source: SourceConfig) -> str:
     return f"{source.path}/{source.name}" if source.name else source.path
 
 
+def is_transient(err: BaseException) -> bool:
+    """Worth another try: 429, 5xx, dropped connections and timeouts (also as the cause of another error)."""
+    while err is not None:
+        response = getattr(err, "response", None)
+        status = getattr(response, "status_code", None)
+        if status is not None and (status == 429 or status >= 500):
+            return True
+        if isinstance(err, (ConnectionError, TimeoutError)) or any(
+            word in type(err).__name__ for word in ("Timeout", "Connect", "RemoteProtocol")
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _open(source: SourceConfig, cache_dir: str | None) -> datasets.IterableDataset:
+    """Open with ``data.retries`` tries on transient errors: the repo-info call of ``load_dataset`` is
+    retried by neither ``huggingface_hub`` nor ``datasets``."""
+    tries = max(1, datasets.config.STREAMING_OPEN_MAX_RETRIES)
+    for attempt in range(1, tries + 1):
+        try:
+            return _open_once(source, cache_dir)
+        except Exception as err:
+            if attempt == tries or not is_transient(err):
+                raise
+            logger.warning("opening %s failed (%s: %s); try %d of %d in %.0f s", describe_source(source),
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "", attempt + 1, tries,
+                           datasets.config.STREAMING_OPEN_RETRY_INTERVAL)
+            time.sleep(datasets.config.STREAMING_OPEN_RETRY_INTERVAL)
+    raise AssertionError("unreachable")
+
+
+def _open_once(source: SourceConfig, cache_dir: str | None) -> datasets.IterableDataset:
     if source.path == "builtin":
         return datasets.load_dataset(
             "json", data_files=str(BUILTIN_CORPORA[source.name]), split="train", streaming=True, cache_dir=cache_dir
