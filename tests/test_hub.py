@@ -229,3 +229,41 @@ def test_push_export_uploads_the_folder(hub_server, tmp_path):
     push_export(tmp_path / "export", config)  # again: the repo exists, nothing changed -> no new commit
     assert len(hub_server.commits("me/run")) == 1
     assert hub_server.unhandled == []
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(hub_server, tmp_path):
+    """Two good shards, then one that always answers 429: the run stops with one line naming the
+    source and the cause, after writing complete checkpoints; none is left half-written."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO as ROOT
+
+    for k in range(2):
+        rows = docs(k * 1500, 1500)
+        hub_server.add_file(f"datasets/org/flaky/data/train-{k:05d}-of-00003.jsonl",
+                            "".join(json.dumps(r) + "\n" for r in rows))
+    bad = "data/train-00002-of-00003.jsonl"
+    hub_server.add_file(f"datasets/org/flaky/{bad}", "".join(json.dumps(r) + "\n" for r in docs(3000, 100)))
+    hub_server.fail_with(bad, 429, times=None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hf_streamlm.run", "recipe=quickstart_decoder", "data.sources=[{path: org/flaky}]",
+           "data.retries=1", "data.retry_backoff=0", "data.eval_holdout=0", "data.shuffle_buffer_size=0",
+           "data.sequence_length=32", "data.batch_size=4", "model.hidden_size=64", "model.num_layers=1",
+           "model.intermediate_size=128", "tokenizer.train_samples=200", "tokenizer.vocab_size=300",
+           "scheduler.total_steps=2000", "scheduler.warmup_steps=1", "runtime.checkpoint.every_n_steps=20",
+           "runtime.checkpoint.max_keep=3", "runtime.evaluation.every_n_steps=null", "runtime.log_every_n_steps=20",
+           "runtime.logging.progress_bar=false", f"runtime.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(errors) == 1 and "org/flaky" in errors[0] and "429" in errors[0], proc.stderr[-2000:]
+    assert hub_server.count(bad) >= 2  # retried before giving up
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert checkpoints and all(p.name.startswith("step-") for p in checkpoints)  # no .tmp- folder left
+    newest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["step"] >= 20 and (newest / "model.safetensors").is_file() and (newest / "data_state_0.pt").is_file()

@@ -256,9 +256,13 @@ def describe_read_failure(config: Config, err: Exception) -> str:
         where = locate_bad_file(source.data_files, source.path)
         if where:
             return f"data source '{describe_source(source)}': {where}"
-    first = str(err).splitlines()[0] if str(err) else ""
     names = ", ".join(describe_source(s) for s in sources)
-    return f"could not read data source(s) {names}: {type(err).__name__}: {first}"
+    causes = []  # the chain down to the root cause: "ConnectionError: Server Disconnected <- HfHubHTTPError: 429 ..."
+    while err is not None and len(causes) < 3:
+        first = str(err).splitlines()[0] if str(err) else ""
+        causes.append(f"{type(err).__name__}: {first}")
+        err = err.__cause__
+    return f"could not read data source(s) {names}: " + " <- ".join(causes)
 
 
 def usable_workers(n_shards: int, requested: int, rank: int = 0) -> int:
