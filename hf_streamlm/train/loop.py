@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,38 @@ def has_accelerator() -> bool:
     processes started by ``accelerate launch``/torchrun each train alone instead of together."""
     probe = getattr(torch, "accelerator", None)
     return probe.is_available() if probe is not None else torch.cuda.is_available()
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop checks it at step boundaries, so a
+    signal during eval or a checkpoint write is honoured at the next boundary."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
+        flag = torch.tensor([1 if self.received else 0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        if flag.item() and not self.received:
+            self.received = signal.SIGTERM  # another rank's signal
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def make_collator(config: Config, tokenizer, seed: int):
@@ -138,6 +172,7 @@ def train(config: Config) -> Path:
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
     history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
 
+    stop = StopSignal()  # SIGTERM (RunPod preemption) / SIGINT: checkpoint at the next step boundary, exit 0
     batches = iter(loader)  # endless; continues exactly where the checkpoint's data state says
     names = source_names(config)
 
@@ -199,10 +234,20 @@ def train(config: Config) -> Path:
                 log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
 
             every = r.checkpoint.every_n_steps
-            if (every and state["step"] % every == 0) or state["step"] == total_steps:
+            stopping = stop.agreed(accelerator)
+            if (every and state["step"] % every == 0) or state["step"] == total_steps or stopping:
                 save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
+            if stopping:
+                accelerator.print(f"Stopped by {stop.name} at step {state['step']}; checkpoint saved in {ckpt_dir}. "
+                                  "Run the same command again to resume.")
+                break
     finally:
         bar.close()
+        stop.restore()
+    if stop.received:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return out
 
     if accelerator.is_main_process:
         export_dir = export_run(accelerator.unwrap_model(model, keep_torch_compile=False), tokenizer, config, out / "export", r.export_format)
