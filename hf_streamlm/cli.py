@@ -79,7 +79,9 @@ def tokenizer_command(args: list[str]) -> int:
         output, args = args[i + 1], args[:i] + args[i + 2 :]
     config = load_config(args)
     target = Path(output) if output else config.output_dir / "tokenizer"
-    limit = config.tokenizer.train_samples
+    from hf_streamlm.tokenizer.train import tokenizer_doc_limit
+
+    limit = tokenizer_doc_limit(config)  # tokenizer.train_samples and data.max_samples: the smaller
     texts = tqdm(iter_texts(config, limit=limit), total=limit, desc="tokenizer", unit=" docs")
     tokenizer = build_tokenizer(config, texts)
     tokenizer.save_pretrained(target)

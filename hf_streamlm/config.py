@@ -91,7 +91,8 @@ class TokenizerConfig:
     min_frequency: int = 2
     """Least count a token needs to enter a trained vocabulary."""
     train_samples: int | None = 20000
-    """Documents of the training stream used to train the tokenizer; ``null`` for all."""
+    """Documents of the training stream used to train the tokenizer; ``null`` for all. With
+    ``data.max_samples`` set too, the smaller of the two applies."""
     lowercase: bool = True
     """Lowercase before WordPiece/word-level tokenization (as BERT uncased)."""
     path: str | None = None
