@@ -43,7 +43,7 @@ def open_mixture(
     data = config.data
     apply_network_settings(data.retries, data.retry_backoff)
     if sources is None:
-        sources = list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
+        sources = training_sources(config)
     streams = [load_source(s, data.cache_dir, index=i, skips_key=skips_key) for i, s in enumerate(sources)]
     if len(streams) == 1:
         ds = streams[0]
@@ -58,6 +58,12 @@ def open_mixture(
     if data.min_words:
         ds = ds.filter(TextFilter(skips_key, data.min_words), batched=True)
     return ds
+
+
+def training_sources(config: Config) -> list[SourceConfig]:
+    """``data.sources``, plus seed 004's ``data.train_shards`` as one more source (index order)."""
+    data = config.data
+    return list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
 
 
 def _shard_source(files: list[str]) -> SourceConfig:
@@ -105,7 +111,7 @@ def source_names(config: Config) -> list[str]:
     """Report names of ``data.sources`` (plus ``train_shards``), by source index."""
     from hf_streamlm.data.sources import describe_source
 
-    sources = list(config.data.sources) + ([_shard_source(config.data.train_shards)] if config.data.train_shards else [])
+    sources = training_sources(config)
     names = [describe_source(s) for s in sources]
     return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
@@ -251,7 +257,7 @@ def describe_read_failure(config: Config, err: Exception) -> str:
     from hf_streamlm.data.quality import locate_bad_file
     from hf_streamlm.data.sources import describe_source
 
-    sources = list(config.data.sources) + ([_shard_source(config.data.train_shards)] if config.data.train_shards else [])
+    sources = training_sources(config)
     for source in sources:
         where = locate_bad_file(source.data_files, source.path)
         if where:
