@@ -9,10 +9,7 @@ installed), which is the situation of anyone downloading a published checkpoint.
 import copy
 import importlib
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ import hf_streamlm.models
 from hf_streamlm.models import DecoderConfig, DecoderForCausalLM, DecoderModel
 from hf_streamlm.models.decoder.configuration_decoder import swiglu_intermediate_size
 from hf_streamlm.models.export_formats import save_model, to_llama_config, to_native
+from tests.models.isolated import run_isolated
 
 
 VOCAB = 64
@@ -496,19 +494,7 @@ def test_save_model_rejects_other_models(tmp_path):
 
 # Runs in `python -I` (no PYTHONPATH, no user site, no cwd on sys.path) from a temporary directory. The meta-path
 # blocker also covers an installed (e.g. editable) hf_streamlm: any attempt to import it fails loudly.
-_LOADER = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class _BlockHfStreamlm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_streamlm" or name.startswith("hf_streamlm."):
-                raise ModuleNotFoundError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, _BlockHfStreamlm())
-    model_dir, inputs_file, outputs_file, trust = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-
+_LOAD_AND_RUN = """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -518,41 +504,14 @@ _LOADER = textwrap.dedent(
         logits = model(**inputs).logits
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     torch.save({"logits": logits, "generated": generated}, outputs_file)
-    print(json.dumps({
-        "class": type(model).__module__ + "." + type(model).__name__,
-        "hf_streamlm_imported": any(m.split(".")[0] == "hf_streamlm" for m in sys.modules),
-    }))
-    """
-)
+"""
 
 
 def load_in_clean_process(model_dir: Path, tmp_path: Path, trust_remote_code: bool):
     input_ids, attention_mask = padded_batch(side="left")
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    inputs_file, outputs_file = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
-    torch.save(inputs, inputs_file)
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        # Remote code is copied into this cache and imported from there; keep it out of the user's cache.
-        "HF_MODULES_CACHE": str(tmp_path / "modules_cache"),
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
-    trust_flag = "1" if trust_remote_code else "0"
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", _LOADER, str(model_dir), str(inputs_file), str(outputs_file), trust_flag],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["hf_streamlm_imported"] is False
-    return report, torch.load(outputs_file), inputs
+    report, outputs = run_isolated(_LOAD_AND_RUN, model_dir, tmp_path, inputs, trust_remote_code)
+    return report, outputs, inputs
 
 
 def check_against_model(model: DecoderForCausalLM, outputs: dict, inputs: dict) -> None:

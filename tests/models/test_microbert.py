@@ -7,10 +7,6 @@ installed), which is the situation of anyone downloading a published checkpoint.
 
 import importlib
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, BertForMas
 import hf_streamlm.models
 from hf_streamlm.models import MicroBertConfig, MicroBertForMaskedLM, MicroBertModel
 from hf_streamlm.models.export_formats import EXPORT_FORMATS, save_model, to_native
+from tests.models.isolated import run_isolated
 
 
 VOCAB = 64
@@ -299,21 +296,7 @@ def test_save_model_rejects_unknown_format(tmp_path):
 
 # ------------------------------------------------------------------------ exports loaded without hf_streamlm
 
-# Runs in `python -I` (no PYTHONPATH, no user site, no cwd on sys.path) from a temporary directory. The meta-path
-# blocker also covers an installed (e.g. editable) hf_streamlm: any attempt to import it fails loudly.
-_LOADER = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class _BlockHfStreamlm(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_streamlm" or name.startswith("hf_streamlm."):
-                raise ModuleNotFoundError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, _BlockHfStreamlm())
-    model_dir, inputs_file, logits_file, trust = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-
+_LOAD_AND_RUN = """
     import torch
     from transformers import AutoModelForMaskedLM
 
@@ -321,41 +304,15 @@ _LOADER = textwrap.dedent(
     inputs = torch.load(inputs_file)
     with torch.no_grad():
         logits = model(**inputs).logits
-    torch.save(logits, logits_file)
-    print(json.dumps({
-        "class": type(model).__module__ + "." + type(model).__name__,
-        "hf_streamlm_imported": any(m.split(".")[0] == "hf_streamlm" for m in sys.modules),
-    }))
-    """
-)
+    torch.save(logits, outputs_file)
+"""
 
 
 def load_in_clean_process(model_dir: Path, tmp_path: Path, trust_remote_code: bool):
     input_ids, attention_mask = padded_batch()
-    inputs_file, logits_file = tmp_path / "inputs.pt", tmp_path / "logits.pt"
-    torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, inputs_file)
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        # Remote code is copied into this cache and imported from there; keep it out of the user's cache.
-        "HF_MODULES_CACHE": str(tmp_path / "modules_cache"),
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
-    trust_flag = "1" if trust_remote_code else "0"
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", _LOADER, str(model_dir), str(inputs_file), str(logits_file), trust_flag],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["hf_streamlm_imported"] is False
-    return report, torch.load(logits_file), (input_ids, attention_mask)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    report, logits = run_isolated(_LOAD_AND_RUN, model_dir, tmp_path, inputs, trust_remote_code)
+    return report, logits, (input_ids, attention_mask)
 
 
 def test_native_export_loads_with_stock_transformers(tmp_path):
