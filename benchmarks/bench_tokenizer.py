@@ -13,9 +13,8 @@ Both take ``--files 8`` (jsonl files per corpus; memory: unless ``--docs-per-fil
   trainer settings (vocab, min_frequency, special tokens). The two alternate ``--repeats`` times in
   one process; the best of each gives the ratio stream / in-memory (goal <= 1.2). A third figure,
   the stream read alone (``iter_texts`` without training), shows how much of the stream side is
-  spent reading. ``--stage-batch-size 100`` reruns it with the pipeline's batched ``map``/``filter``
-  stages at 100 documents per batch instead of datasets' 1000 (patched in this process only), to
-  show what the stream costs without datasets' per-document key overhead (see patch_stage_batch_size).
+  spent reading. The pipeline's batched per-document stages run ``ROW_BATCH`` rows per call
+  (hf_streamlm.data.sources): datasets' default 1000 made the stream 2.3-2.6x.
 - memory: for each size, a fresh subprocess trains from the stream and reports its peak RSS
   (``resource.getrusage``: ``ru_maxrss``), the RSS after imports, before training, and the highest
   RSS sampled (every second) in the first and in the second half of the run. The corpus
@@ -108,37 +107,14 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def patch_stage_batch_size(size: int) -> None:
-    """Experiment (this process only): the batched ``map``/``filter`` stages the pipeline builds
-    (text filter, source column, hold-out split) default to 1000 documents per batch; with datasets
-    5.x each batched stage turns the previous stage's per-document key (the list of its batch's
-    indices) into a string, which costs O(batch size) per document."""
-    import functools
-
-    import datasets
-
-    for name in ("map", "filter"):
-        original = getattr(datasets.IterableDataset, name)
-
-        @functools.wraps(original)
-        def patched(self, *args, _original=original, **kwargs):
-            if kwargs.get("batched") and "batch_size" not in kwargs:
-                kwargs["batch_size"] = size
-            return _original(self, *args, **kwargs)
-
-        setattr(datasets.IterableDataset, name, patched)
-
-
 def speed(args) -> dict:
     from hf_streamlm.data import iter_texts
+    from hf_streamlm.data.sources import ROW_BATCH
     from hf_streamlm.tokenizer import build_tokenizer
-
-    if args.stage_batch_size:
-        patch_stage_batch_size(args.stage_batch_size)
 
     pattern = write_corpus(args.workdir, args.docs, args.files)
     results = {"docs_in_files": args.docs, "files": args.files, "cpus": os.cpu_count(),
-               "stage_batch_size": args.stage_batch_size, "kinds": {}}
+               "stage_batch_size": ROW_BATCH, "kinds": {}}
     for kind in args.kinds:
         config = make_config(pattern, kind)
         t = config.tokenizer
@@ -249,8 +225,6 @@ def main() -> None:
     s.add_argument("--kinds", nargs="+", default=["wordpiece", "bpe"], choices=sorted(RECIPES))
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--profile", action="store_true", help="cProfile reading the stream instead of timing")
-    s.add_argument("--stage-batch-size", type=int, default=None,
-                   help="experiment: batch size of the pipeline's batched map/filter stages (datasets default 1000)")
     m = sub.add_parser("memory", parents=[common], help="peak RSS at each size, fresh process per size")
     m.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     m.add_argument("--kind", default="bpe", choices=sorted(RECIPES))

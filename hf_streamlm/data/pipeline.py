@@ -20,7 +20,7 @@ from datasets.distributed import split_dataset_by_node
 from hf_streamlm.config import Config, ConfigError, SourceConfig
 from hf_streamlm.data.packing import pack
 from hf_streamlm.data.quality import TextFilter
-from hf_streamlm.data.sources import apply_network_settings, load_source
+from hf_streamlm.data.sources import ROW_BATCH, apply_network_settings, load_source
 from hf_streamlm.data.stream import BlockStream, ResumableLoader, WorkerPipeline
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def open_mixture(
             stopping_strategy=data.stopping_strategy,
         )
     if data.min_words:
-        ds = ds.filter(TextFilter(skips_key, data.min_words), batched=True)
+        ds = ds.filter(TextFilter(skips_key, data.min_words), batched=True, batch_size=ROW_BATCH)
     return ds
 
 
@@ -75,7 +75,8 @@ def _split(config: Config, ds: datasets.IterableDataset, heldout: bool) -> datas
     share = config.data.eval_holdout
     if share <= 0:
         return ds
-    return ds.filter(lambda batch: [is_heldout(t, share) == heldout for t in batch["text"]], batched=True)
+    return ds.filter(lambda batch: [is_heldout(t, share) == heldout for t in batch["text"]], batched=True,
+                     batch_size=ROW_BATCH)
 
 
 def iter_rows(config: Config, limit: int | None = None, skips_key: str = "default") -> Iterator[tuple[str, int]]:
