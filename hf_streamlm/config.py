@@ -214,6 +214,10 @@ class SchedulerConfig:
     """Optimizer steps to train for; ``null`` runs total_epochs over the stream."""
     total_epochs: int | None = None
     """Passes over the stream when total_steps is ``null``."""
+    total_tokens: int | None = None
+    """Token budget: when set, train for ceil(total_tokens / tokens per optimizer step) steps, where a
+    step is batch_size x sequence_length x gradient_accumulation_steps x processes (overrides
+    total_steps and total_epochs)."""
     min_lr: float = 0.0
     """Floor of the cosine schedule."""
     max_lr: float | None = None
@@ -262,6 +266,9 @@ class LoggingConfig:
     """Flush TensorBoard events every N logged steps."""
     progress_bar: bool = True
     """Show a tqdm progress bar with ETA (main process only)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device at the run's precision, for MFU; ``null`` looks the GPU up in a
+    table of known devices (H100/H200, A100, L40S, ...) and omits MFU when it is unknown (CPU)."""
 
 
 @dataclass
@@ -284,6 +291,11 @@ class RuntimeConfig:
     """``torch.compile`` backend (``inductor``; ``aot_eager`` compiles fast, for debugging)."""
     export_format: Literal["native", "custom"] = "native"
     """Format of the final ``export/``: stock transformers classes or the project's own."""
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """NaN/inf loss or gradient norm: ``skip`` drops that optimizer step (no update; counted in
+    history as ``nonfinite_skips``), ``stop`` saves the last good state and exits with status 3."""
+    max_nonfinite_skips: int = 25
+    """With on_nonfinite=skip: stop as ``stop`` would after this many consecutive skipped steps."""
     demo_sentences: list[str] = field(default_factory=list)
     """Printed at the end: MicroBERT's top-5 guesses for these masked sentences; a decoder's greedy
     continuation of these prompts."""
@@ -691,8 +703,9 @@ def validate(c: Config) -> None:
         raise ConfigError("set 'scheduler.total_steps' or 'scheduler.total_epochs' (both are null)")
     _positive("scheduler.total_steps", s.total_steps)
     _positive("scheduler.total_epochs", s.total_epochs)
+    _positive("scheduler.total_tokens", s.total_tokens)
     _positive("scheduler.warmup_steps", s.warmup_steps, allow_zero=True)
-    if s.total_steps is not None and s.warmup_steps > s.total_steps:
+    if s.total_steps is not None and s.total_tokens is None and s.warmup_steps > s.total_steps:
         raise ConfigError(
             f"'scheduler.warmup_steps' ({s.warmup_steps}) exceeds 'scheduler.total_steps' ({s.total_steps})"
         )
@@ -706,6 +719,9 @@ def validate(c: Config) -> None:
     _positive("runtime.checkpoint.max_keep", r.checkpoint.max_keep)
     _positive("runtime.evaluation.every_n_steps", r.evaluation.every_n_steps)
     _positive("runtime.evaluation.max_batches", r.evaluation.max_batches)
+    _positive("runtime.evaluation.best.max_keep", r.evaluation.best.max_keep, allow_zero=True)
+    _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
+    _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():
         raise ConfigError(f"'runtime.resume' must be auto, never or an existing checkpoint path; got {r.resume!r}")
     if c.hub.push and not c.hub.repo_id:
