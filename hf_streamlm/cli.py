@@ -20,6 +20,7 @@ COMMANDS = {
     "tokenizer": "train the recipe's tokenizer from its stream: tokenizer recipe=NAME [key=value ...] [--output DIR]",
     "stats": "measure the recipe's data pipeline: stats recipe=NAME [key=value ...] [--json] [--plot FILE]",
     "models": "list the named model shapes (model.preset=NAME) with parameter counts",
+    "eval": "score a model on the held-out stream: eval PATH [recipe=NAME] [key=value ...] [--json FILE]",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
     "push": "upload an export folder to the Hub: push DIR --repo-id USER/NAME [--private] [--revision BRANCH]",
     "cache": "the processed-data cache: cache info|clear|usage [--cache-dir DIR | recipe=NAME] [--key KEY] [--json]",
@@ -28,6 +29,52 @@ COMMANDS = {
 
 def usage() -> str:
     return "usage: hf-streamlm COMMAND [args]\n\ncommands:\n" + "\n".join(f"  {k:<9}{v}" for k, v in COMMANDS.items())
+
+
+def eval_command(args: list[str]) -> int:
+    """Eval loss, perplexity and (MicroBERT) masked-token accuracy of an export or a checkpoint on the
+    held-out stream the training loop evaluates on, through the ``evaluate`` modules in hf_streamlm.metrics."""
+    import json
+    from pathlib import Path
+
+    from hf_streamlm.evaluation import evaluate_model
+
+    path, json_file, overrides = None, None, []
+    rest = iter(args)
+    for arg in rest:
+        if arg in ("-h", "--help"):
+            print(f"usage: hf-streamlm {COMMANDS['eval']}\n\n"
+                  "PATH: an export folder (Hub format), a checkpoint (checkpoints/step-N) or a run directory (its\n"
+                  "newest checkpoint). Without recipe=NAME the training config saved with the model is used;\n"
+                  "key=value overrides apply on top (e.g. runtime.evaluation.max_batches=20).")
+            return 0
+        if arg == "--json":
+            json_file = next(rest, None)
+            if json_file is None or json_file.startswith("-"):
+                fail("--json needs a file name (e.g. --json eval.json)")
+        elif arg.startswith("-"):
+            fail(f"unknown option '{arg}' for eval; options: --json FILE")
+        elif "=" in arg:
+            overrides.append(arg)
+        elif path is None:
+            path = arg
+        else:
+            fail(f"eval takes one model folder, got '{path}' and '{arg}' (overrides are key=value)")
+    if path is None:
+        fail("eval needs a model folder: hf-streamlm eval PATH [recipe=NAME] [key=value ...] [--json FILE]")
+    result = evaluate_model(path, overrides)
+    if json_file:
+        Path(json_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_file).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['kind']} {result['model']} ({result['family']}), recipe {result['recipe']}: "
+          f"{result['blocks']} held-out blocks in {result['batches']} batches, {result['eval_tokens']:,} tokens scored")
+    print(f"  held out   {result['held_out']}")
+    for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):
+        if key in result:
+            print(f"  {key.removeprefix('eval_'):<10} {result[key]:.6g}")
+    if json_file:
+        print(f"  written to {json_file}")
+    return 0
 
 
 def export_command(args: list[str]) -> int:
@@ -286,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "cache":
             return cache_command(rest)
+        if command == "eval":
+            setup_logging()
+            return eval_command(rest)
         if command in ("export", "push"):
             setup_logging()
             return (export_command if command == "export" else push_command)(rest)

@@ -1,0 +1,181 @@
+"""``hf-streamlm eval``: score an export or a checkpoint on the held-out stream of a recipe.
+
+The held-out blocks, the collator (MicroBERT's masks seeded by ``runtime.seed``) and the batching are
+the training loop's own (``build_eval_blocks``, ``make_collator``), and the figures go through the
+``evaluate`` modules in :mod:`hf_streamlm.metrics`, so ``eval_loss``, ``eval_perplexity`` and
+``eval_accuracy`` equal the last eval row a run wrote to ``history.jsonl`` for the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from hf_streamlm.config import Config, ConfigError, load_config
+from hf_streamlm.data import CausalCollator
+
+MASKED, CAUSAL = "microbert", "decoder"
+"""The two families, named by their ``model.type``."""
+
+
+@torch.no_grad()
+def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
+          device: torch.device | str = "cpu", precision: str = "fp32") -> dict[str, float]:
+    """Mean loss per predicted token over ``blocks``, its perplexity, and (masked LM) accuracy.
+
+    Each batch adds its loss sum (the model's mean loss x its labelled tokens) to the perplexity
+    metric, so the mean is token-weighted exactly as the training loop's ``evaluate`` computes it.
+    """
+    from hf_streamlm import metrics
+
+    device = torch.device(device)
+    causal = isinstance(collator, CausalCollator)
+    perplexity = metrics.load("perplexity", keep_in_memory=True)
+    accuracy = None if causal else metrics.load("masked_accuracy", keep_in_memory=True)
+    # The loop runs its eval under Accelerate's autocast when runtime.precision is bf16/fp16.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    model.eval()
+    tokens = 0
+    for i in range(0, len(blocks), batch_size):
+        batch = {k: v.to(device) for k, v in collator(blocks[i : i + batch_size]).items()}
+        with autocast:
+            out = model(**batch)
+        labels = batch["labels"][:, 1:] if causal else batch["labels"]  # a causal LM predicts the next token
+        n = int((labels != -100).sum())
+        if n == 0:  # nothing labelled (the loss is NaN): nothing to add
+            continue
+        tokens += n
+        perplexity.add_batch(losses=[float(out.loss) * n], token_counts=[n])
+        if accuracy is not None:
+            accuracy.add_batch(predictions=out.logits.argmax(-1).tolist(), references=labels.tolist())
+    if tokens == 0:
+        return {}
+    ppl = perplexity.compute()
+    result = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"]}
+    if accuracy is not None:
+        result["eval_accuracy"] = accuracy.compute()["accuracy"]
+    return result
+
+
+def _held_out(config: Config) -> str:
+    d = config.data
+    if d.validation_shards:
+        return f"data.validation_shards ({len(d.validation_shards)} file{'s' * (len(d.validation_shards) > 1)})"
+    return f"data.eval_holdout={d.eval_holdout} (documents held out of the training sources by a hash of the text)"
+
+
+def _device() -> torch.device:
+    from hf_streamlm.train.loop import has_accelerator
+
+    if not has_accelerator():
+        return torch.device("cpu")
+    probe = getattr(torch, "accelerator", None)
+    return probe.current_accelerator() if probe is not None else torch.device("cuda")
+
+
+def load_export(path: Path) -> tuple[PreTrainedModel, Any, str]:
+    """The model and tokenizer of a Hub-format folder, and its family (``microbert``/``decoder``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    import hf_streamlm.models  # noqa: F401  (registers model_type microbert/streamlm_decoder: custom exports load)
+    from hf_streamlm.models.export_formats import from_native
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"'{path}/config.json' is not a model config transformers can read: {err}") from None
+    archs = hf_config.architectures or []
+    if any(a.endswith("ForMaskedLM") for a in archs) or (not archs and hf_config.model_type in ("bert", "microbert")):
+        family, auto = MASKED, AutoModelForMaskedLM
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
+        family, auto = CAUSAL, AutoModelForCausalLM
+    else:
+        raise ConfigError(f"'{path}' holds a {', '.join(archs)}: eval scores masked or causal language models")
+    try:
+        model = auto.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the model and tokenizer of '{path}': {str(err).splitlines()[0]}") from None
+    if model.config.model_type in ("bert", "llama"):
+        # A native export: score it as the class that trained it. It computes the same function
+        # (to_native/from_native copy weights strictly), and it honours the packed-document
+        # inputs (data.document_masking) that a stock Llama would ignore.
+        try:
+            model = from_native(model)
+        except (TypeError, RuntimeError, KeyError, AttributeError):
+            pass  # a BERT/Llama from elsewhere: scored as the stock class
+    return model.eval(), tokenizer, family
+
+
+def load_model(path: str | Path) -> tuple[PreTrainedModel, Any, str, Path | None, str]:
+    """Model, tokenizer, family, the training config it carries (or None) and what ``path`` is:
+    ``export`` (Hub format), ``checkpoint`` (``checkpoints/step-N``; a run directory gives its newest)."""
+    from hf_streamlm.export import TRAINING_CONFIG, find_checkpoint, load_checkpoint_model
+    from hf_streamlm.train.checkpoint import STATE_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"'{path}' is not a folder: give an export folder or a checkpoint (checkpoints/step-N)")
+    if (path / STATE_FILE).is_file() or ((path / "config.yaml").is_file() and not (path / "config.json").is_file()):
+        checkpoint = find_checkpoint(path)
+        model, tokenizer, config = load_checkpoint_model(checkpoint)
+        return model, tokenizer, config.model.type, checkpoint / "config.yaml", "checkpoint"
+    if (path / "config.json").is_file():
+        model, tokenizer, family = load_export(path)
+        saved = path / TRAINING_CONFIG
+        return model, tokenizer, family, saved if saved.is_file() else None, "export"
+    raise ConfigError(
+        f"'{path}' is neither an export (config.json and weights) nor a checkpoint "
+        f"(step-N/ with {STATE_FILE}) nor a run directory"
+    )
+
+
+def eval_config(overrides: list[str], saved: Path | None, path: str | Path) -> Config:
+    """The config whose held-out stream is scored: ``recipe=NAME`` and overrides, or else the training
+    config that the export/checkpoint carries, with the overrides on top."""
+    if any(a.startswith("recipe=") for a in overrides):
+        return load_config(overrides)
+    if saved is None:
+        raise ConfigError(f"'{path}' carries no hf_streamlm training config: give recipe=NAME (and the overrides "
+                          "the model was trained with) to choose the held-out stream")
+    return load_config([f"recipe={saved}", "runtime.resume=never", *overrides])
+
+
+def evaluate_model(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """Score the export or checkpoint at ``path`` on the held-out stream; the figures and what was scored."""
+    from hf_streamlm.data import build_eval_blocks
+    from hf_streamlm.train.loop import make_collator
+
+    model, tokenizer, family, saved, kind = load_model(path)
+    config = eval_config(overrides, saved, path)
+    if config.model.type != family:
+        what = "a masked LM (MicroBERT/BERT)" if family == MASKED else "a causal LM (decoder/Llama)"
+        raise ConfigError(f"'{path}' holds {what} but the config has model.type={config.model.type}; "
+                          f"add model.type={family} or give the recipe it was trained with")
+    d, r = config.data, config.runtime
+    if not d.validation_shards and not d.eval_holdout > 0:
+        raise ConfigError("no held-out stream: data.eval_holdout is 0 and data.validation_shards is empty; "
+                          "set one of them (the same as in training, or the score is on training data)")
+    blocks = build_eval_blocks(config, tokenizer, r.evaluation.max_batches * d.batch_size)
+    if not blocks:
+        raise ConfigError(f"the held-out stream ({_held_out(config)}) holds less than one block of "
+                          f"data.sequence_length={d.sequence_length} tokens")
+    device = _device()
+    model.to(device)
+    collator = make_collator(config, tokenizer, seed=r.seed)  # the loop's eval masks: same seed, fresh generator
+    metrics = score(model, blocks, collator, d.batch_size, device, r.precision)
+    return {
+        "model": str(path),
+        "kind": kind,
+        "family": family,
+        "recipe": config.recipe,
+        "held_out": _held_out(config),
+        "blocks": len(blocks),
+        "batches": -(-len(blocks) // d.batch_size),
+        **metrics,
+    }

@@ -1,0 +1,244 @@
+"""``hf-streamlm eval`` and the metrics shipped as ``evaluate`` modules: the modules load by path with
+the network refused, their figures are token-weighted over batches, and the command reproduces the
+eval row a tiny training run logged, from its export and from its checkpoint, for both families."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")  # read when evaluate is imported: before any test imports it
+
+TINY = [
+    "scheduler.total_steps=4",
+    "scheduler.warmup_steps=1",
+    "runtime.log_every_n_steps=2",
+    "runtime.evaluation.every_n_steps=2",
+    "runtime.evaluation.max_batches=3",
+    "runtime.checkpoint.every_n_steps=2",
+    "runtime.logging.progress_bar=false",
+    "runtime.logging.tensorboard=false",
+    "runtime.demo_sentences=[]",
+    "tokenizer.vocab_size=800",
+    "tokenizer.train_samples=300",
+    "data.shuffle_buffer_size=50",
+    "data.batch_size=4",
+    "data.sequence_length=64",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.max_position_embeddings=64",
+]
+MLM = ["recipe=quickstart", *TINY, "optimizer.learning_rate=1e-2"]  # a few right guesses: accuracy > 0
+DECODER = ["recipe=quickstart_decoder", *TINY]  # document_masking: packed-document inputs in the eval batches
+
+# Runs the eval command in a process whose sockets refuse to connect, recording any attempt.
+GUARDED_EVAL = """
+import json, socket, sys
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args))
+    raise OSError("network refused by the test")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+from hf_streamlm.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as exit:
+    rc = exit.code
+print("NETWORK_ATTEMPTS", json.dumps(attempts))
+sys.exit(rc)
+"""
+
+
+def last_eval(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval_loss" in r][-1]
+
+
+def eval_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``hf-streamlm eval ARGS`` in this process (the command's own main); exit status, stdout, stderr."""
+    from hf_streamlm.cli import main
+
+    try:
+        rc = main(["eval", *args])
+    except SystemExit as exit:
+        rc = exit.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def assert_same_figures(result: dict, logged: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        assert result[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def mlm_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "mlm"
+    proc = run_cli(*MLM, f"runtime.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "decoder"
+    proc = run_cli(*DECODER, f"runtime.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_metric_scripts_ship_in_wheels():
+    from hf_streamlm import metrics
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = package_data["hf_streamlm.metrics"]
+    shipped = {Path(p) for pattern in patterns for p in glob.glob(str(metrics.METRICS_DIR / pattern))}
+    for name in metrics.METRICS:
+        assert metrics.path(name) / f"{name}.py" in shipped, name
+    with pytest.raises(ValueError, match="perplexity, masked_accuracy"):
+        metrics.path("bleu")
+
+
+def test_metric_modules_load_with_evaluate_by_path():
+    import evaluate
+
+    from hf_streamlm import metrics
+
+    ppl = evaluate.load(str(metrics.path("perplexity")))
+    assert ppl.compute(losses=[1.0, 3.0]) == {"loss": 2.0, "perplexity": pytest.approx(math.exp(2.0)), "tokens": 2}
+    acc = evaluate.load(str(metrics.path("masked_accuracy")))
+    assert acc.compute(predictions=[1, 2], references=[1, -100]) == {"accuracy": 1.0, "tokens": 1}
+
+
+def test_perplexity_is_token_weighted_and_exact_over_batches():
+    from hf_streamlm import metrics
+
+    rng = random.Random(0)
+    losses = [rng.uniform(0.1, 9.0) for _ in range(500)]
+    expected = math.fsum(losses) / len(losses)
+    # per-token losses in batches of uneven sizes, shuffled order
+    ppl = metrics.load("perplexity", keep_in_memory=True)
+    shuffled, cuts = rng.sample(losses, len(losses)), [0, 3, 120, 121, 377, 500]
+    for a, b in zip(cuts, cuts[1:]):
+        ppl.add_batch(losses=shuffled[a:b])
+    by_token = ppl.compute()
+    # the same tokens as (loss sum, token count) per batch, as the eval command adds them
+    sums = [math.fsum(losses[a:b]) for a, b in zip(cuts, cuts[1:])]
+    ppl.add_batch(losses=sums, token_counts=[b - a for a, b in zip(cuts, cuts[1:])])
+    by_batch = ppl.compute()
+    for result in (by_token, by_batch):
+        assert result["tokens"] == 500
+        assert result["loss"] == pytest.approx(expected, rel=1e-12)
+        assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-12)
+    # a mean of batch means would weigh the 1-token batch like the 256-token one
+    batch_means = [s / (b - a) for s, (a, b) in zip(sums, zip(cuts, cuts[1:]))]
+    assert abs(sum(batch_means) / len(batch_means) - expected) > 1e-3
+    assert ppl.compute(losses=[1000.0])["perplexity"] == math.inf
+
+
+def test_masked_accuracy_ignores_minus_100_in_rows_and_flat():
+    from hf_streamlm import metrics
+
+    acc = metrics.load("masked_accuracy", keep_in_memory=True)
+    predictions, references = [[5, 7, 9, 4], [1, 2, 3, 3]], [[5, -100, 8, 4], [-100, 2, -100, -100]]
+    acc.add_batch(predictions=predictions[:1], references=references[:1])
+    acc.add_batch(predictions=predictions[1:], references=references[1:])
+    assert acc.compute() == {"accuracy": 0.75, "tokens": 4}
+    flat = acc.compute(predictions=sum(predictions, []), references=sum(references, []))
+    assert flat == {"accuracy": 0.75, "tokens": 4}
+    assert acc.compute(predictions=[1, 2], references=[9, 2], ignore_index=9) == {"accuracy": 1.0, "tokens": 1}
+
+
+# ------------------------------------------------------------------------------------------ eval command
+
+
+def test_eval_of_export_and_checkpoint_equals_the_logged_eval_masked_lm(mlm_run, tmp_path, capsys):
+    logged = last_eval(mlm_run)
+    assert logged["step"] == 4 and logged["eval_accuracy"] > 0
+    keys = ("eval_loss", "eval_perplexity", "eval_accuracy")
+
+    rc, out, err = eval_cli(capsys, str(mlm_run / "export"), "--json", str(tmp_path / "export.json"))
+    assert rc == 0, err
+    result = json.loads((tmp_path / "export.json").read_text())
+    assert_same_figures(result, logged, keys)
+    assert result["kind"] == "export" and result["family"] == "microbert"
+    assert result["blocks"] == 12 and result["batches"] == 3  # max_batches x batch_size, as the loop
+    assert f"loss       {result['eval_loss']:.6g}" in out and "accuracy" in out
+
+    rc, _, err = eval_cli(capsys, str(mlm_run / "checkpoints" / "step-4"), "--json", str(tmp_path / "ckpt.json"))
+    assert rc == 0, err
+    assert_same_figures(json.loads((tmp_path / "ckpt.json").read_text()), logged, keys)
+
+    # An export without the training config it carries: the recipe and the run's overrides name the stream.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in (mlm_run / "export").iterdir():
+        if f.name != "hf_streamlm_config.yaml":
+            (bare / f.name).write_bytes(f.read_bytes())
+    rc, _, err = eval_cli(capsys, str(bare), *MLM, "--json", str(tmp_path / "bare.json"))
+    assert rc == 0, err
+    assert_same_figures(json.loads((tmp_path / "bare.json").read_text()), logged, keys)
+
+    rc, _, err = eval_cli(capsys, str(bare))
+    assert rc == 2 and "give recipe=NAME" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_equals_the_logged_eval_decoder_with_the_network_refused(decoder_run, tmp_path, capsys):
+    logged = last_eval(decoder_run)
+    assert "eval_accuracy" not in logged
+    keys = ("eval_loss", "eval_perplexity")
+
+    rc, _, err = eval_cli(capsys, str(decoder_run / "export"), "--json", str(tmp_path / "export.json"))
+    assert rc == 0, err
+    result = json.loads((tmp_path / "export.json").read_text())
+    assert result["family"] == "decoder" and "eval_accuracy" not in result
+    assert_same_figures(result, logged, keys)
+
+    # The checkpoint, in a fresh process whose sockets refuse to connect: loading the metric modules,
+    # the model and the stream fetches nothing.
+    proc = subprocess.run(
+        [sys.executable, "-c", GUARDED_EVAL, "eval", str(decoder_run / "checkpoints" / "step-4"), "--json",
+         str(tmp_path / "ckpt.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NETWORK_ATTEMPTS []" in proc.stdout
+    assert (tmp_path / "m" / "evaluate_modules").is_dir()  # the modules were really loaded in that process
+    assert_same_figures(json.loads((tmp_path / "ckpt.json").read_text()), logged, keys)
+
+
+def test_eval_bad_input_is_one_line_exit_2(mlm_run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(tmp_path / "missing")], "is not a folder"),
+        ([str(empty)], "is neither an export"),
+        ([], "eval needs a model folder"),
+        ([str(mlm_run / "export"), "recipe=no_such_recipe"], "unknown recipe 'no_such_recipe'"),
+        ([str(mlm_run / "export"), "recipe=quickstart_decoder"], "add model.type=microbert"),
+        ([str(mlm_run / "export"), "data.eval_holdout=0"], "no held-out stream"),
+        ([str(mlm_run / "export"), "--json"], "--json needs a file name"),
+        ([str(mlm_run / "export"), "--jsn", "x"], "unknown option '--jsn'"),
+    ]
+    for args, message in cases:
+        rc, _, err = eval_cli(capsys, *args)
+        assert rc == 2, (args, err)
+        assert message in err and err.startswith("hf-streamlm: error:"), (args, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
