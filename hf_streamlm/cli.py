@@ -43,7 +43,8 @@ def eval_command(args: list[str]) -> int:
     rest = iter(args)
     for arg in rest:
         if arg in ("-h", "--help"):
-            print(f"usage: hf-streamlm {COMMANDS['eval']}\n\n"
+            print("usage: hf-streamlm eval PATH [recipe=NAME] [key=value ...] [--json FILE]\n\n"
+                  "Score a model on the held-out stream: eval loss, perplexity, MicroBERT's masked-token accuracy.\n"
                   "PATH: an export folder (Hub format), a checkpoint (checkpoints/step-N) or a run directory (its\n"
                   "newest checkpoint). Without recipe=NAME the training config saved with the model is used;\n"
                   "key=value overrides apply on top (e.g. runtime.evaluation.max_batches=20).")
