@@ -1,5 +1,7 @@
 """Every shipped recipe loads, validates and instantiates its model on the meta device; the named
-model shapes have the sizes the seed documents give."""
+model shapes have the sizes the seed documents give; the recipes carry the seed systems' values,
+name their experiments (outputs in runs/<experiment>/) and say in their header what they reproduce
+and how to launch them. (Their data pipelines run in tests/test_recipe_pipelines.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_streamlm.config import available_recipes, build, load_config, ModelConfig
+from hf_streamlm.config import RECIPES_DIR, available_recipes, build, load_config, ModelConfig
 from hf_streamlm.models.presets import MODEL_PRESETS, PRESET_VOCAB
 from hf_streamlm.train.builders import count_parameters
 
@@ -53,3 +55,92 @@ def test_models_command_lists_presets_with_counts():
     for name in MODEL_PRESETS:
         assert name in proc.stdout
     assert "94,632" in proc.stdout  # microbert-hf-medium
+
+
+# --- the seed systems' values ------------------------------------------------------------------------
+
+def test_runpod_1b_has_seed_004_training_yaml_values():
+    c = load_config(["recipe=runpod_1b"])
+    d, o, s, r = c.data, c.optimizer, c.scheduler, c.runtime
+    assert [src.path for src in d.sources] == ["HuggingFaceFW/fineweb"] and d.sources[0].split == "train"
+    assert (d.batch_size, d.gradient_accumulation_steps, d.shuffle_buffer_size, d.num_workers, d.sequence_length) == (
+        2, 32, 65536, 8, 2048)
+    assert d.max_samples == 1_000_000  # orchestrate --max-samples 1000000
+    assert (c.tokenizer.kind, c.tokenizer.vocab_size, c.tokenizer.train_samples) == ("bpe", 50000, 1_000_000)
+    assert (o.algorithm, o.learning_rate, o.weight_decay, o.beta1, o.beta2, o.epsilon) == (
+        "adam_w", 1.8e-4, 0.01, 0.9, 0.95, 1e-8)
+    assert (s.strategy, s.warmup_steps, s.total_steps, s.min_lr) == ("cosine_with_warmup", 3000, 300000, 1.8e-5)
+    assert (r.precision, r.log_every_n_steps, r.seed) == ("bf16", 50, 42)
+    assert (r.checkpoint.every_n_steps, r.checkpoint.max_keep) == (1500, 10)
+    assert (r.evaluation.every_n_steps, r.evaluation.max_batches, r.evaluation.best.max_keep) == (4500, 32, 2)
+    assert r.logging.tensorboard is True and r.logging.tensorboard_flush_every_n == 100
+
+
+def test_runpod_1b_unlimited_differs_only_in_stream_cap_budget_and_name():
+    base, unlimited = load_config(["recipe=runpod_1b"]).to_dict(), load_config(["recipe=runpod_1b_unlimited"]).to_dict()
+    assert unlimited["data"]["max_samples"] is None
+    assert unlimited["scheduler"]["total_tokens"] == 100_000_000_000
+    assert unlimited["runtime"]["experiment"] == "runpod-1b-unlimited"
+    for section, key in (("data", "max_samples"), ("scheduler", "total_tokens"), ("runtime", "experiment")):
+        base[section].pop(key), unlimited[section].pop(key)
+    base.pop("recipe"), unlimited.pop("recipe")
+    assert base == unlimited
+
+
+def test_microbert_recipes_have_seed_003_values():
+    v1, v2, v3 = (load_config([f"recipe=microbert_v{i}"]) for i in (1, 2, 3))
+    assert [c.model.preset for c in (v1, v2, v3)] == ["microbert-imdb-small", "microbert-hf-medium",
+                                                      "microbert-hf-large"]
+    assert all(c.tokenizer.kind == "wordlevel" and c.tokenizer.vocab_size == 10005 for c in (v1, v2, v3))
+    assert [c.scheduler.total_epochs for c in (v1, v2, v3)] == [3, 5, 5]
+    assert all(c.optimizer.learning_rate == 3e-5 for c in (v1, v2, v3))
+    assert (v1.data.sources[0].path, v1.data.eval_holdout) == ("stanfordnlp/imdb", 0.1)
+    assert (v3.data.batch_size, v3.runtime.precision) == (32, "bf16")
+    for c in (v2, v3):  # seed 000's chain, then IMDB; max_samples 500,000, min_words 5, seed 42
+        chain = [c.data.sources[0].path] + [f["path"] for f in c.data.sources[0].fallbacks]
+        assert chain == ["Salesforce/wikitext", "wikimedia/wikipedia", "Skylion007/openwebtext", "allenai/c4",
+                         "monology/pile-uncopyrighted", "stanfordnlp/imdb"]
+        assert c.data.sources[0].name == "wikitext-103-raw-v1"
+        assert (c.data.max_samples, c.data.min_words, c.runtime.seed) == (500_000, 5, 42)
+
+
+def test_gpt2_wikitext_has_seed_002_values():
+    c = load_config(["recipe=gpt2_wikitext"])
+    source = c.data.sources[0]
+    assert (source.path, source.name, source.split, source.streaming) == (
+        "Salesforce/wikitext", "wikitext-103-v1", "train", True)
+    assert (c.tokenizer.name, c.data.sequence_length, c.data.batch_size, c.model.type) == (
+        "openai-community/gpt2", 256, 8, "decoder")
+
+
+def test_mixture_example_mixes_weighted_offline_sources():
+    sources = load_config(["recipe=mixture_example"]).data.sources
+    assert len(sources) >= 2 and len({s.weight for s in sources}) > 1
+    assert all(s.path in ("builtin", "text", "json", "parquet") for s in sources)  # runnable offline
+
+
+# --- experiments, output directories, headers ---------------------------------------------------------
+
+EXPERIMENTS = {"quickstart": "quickstart", "quickstart_decoder": "quickstart_decoder",
+               "microbert_v1": "microbert-v1-imdb", "microbert_v2": "microbert-v2", "microbert_v3": "microbert-v3-h200",
+               "gpt2_wikitext": "gpt2-wikitext", "runpod_1b": "runpod-1b-streaming",
+               "runpod_1b_unlimited": "runpod-1b-unlimited", "mixture_example": "mixture-example"}
+
+
+def test_every_recipe_names_its_experiment_and_outputs_land_in_runs_experiment():
+    assert set(available_recipes()) == set(EXPERIMENTS)  # a new recipe gets an experiment name here
+    for name, experiment in EXPERIMENTS.items():
+        config = load_config([f"recipe={name}"])
+        assert config.runtime.experiment == experiment and config.runtime.output_dir is None
+        assert config.output_dir == Path("runs") / experiment  # seed 004: runs/runpod-1b-streaming/
+    assert load_config(["recipe=runpod_1b", "runtime.output_dir=/x/y"]).output_dir == Path("/x/y")
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_recipe_header_says_what_it_reproduces_and_how_to_launch_it(name):
+    text = (RECIPES_DIR / f"{name}.yaml").read_text()
+    header = text[: text.index("\n\n")]
+    assert all(line.startswith("#") for line in header.splitlines()), "the file opens with a comment block"
+    assert f"hf_streamlm.run recipe={name}" in header
+    if not name.startswith("quickstart") and name != "mixture_example":
+        assert "Seed 00" in header or "seed 00" in header
