@@ -22,7 +22,8 @@ COMMANDS = {
     "models": "list the named model shapes (model.preset=NAME) with parameter counts",
     "eval": "score a model on the held-out stream: eval PATH [recipe=NAME] [key=value ...] [--json FILE]",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
-    "push": "upload an export folder to the Hub: push DIR --repo-id USER/NAME [--private] [--revision BRANCH]",
+    "push": "upload an export folder (or a run's export/) to the Hub: push DIR --repo-id USER/NAME [--private] "
+            "[--revision BRANCH]",
     "cache": "the processed-data cache: cache info|clear|usage [--cache-dir DIR | recipe=NAME] [--key KEY] [--json]",
 }
 
@@ -94,19 +95,23 @@ def export_command(args: list[str]) -> int:
 
 
 def push_command(args: list[str]) -> int:
-    from huggingface_hub import HfApi
+    """``push_export`` with flags: the token is HF_TOKEN or the stored login (``hf auth login``)."""
+    from hf_streamlm.config import Config, HubConfig
+    from hf_streamlm.export import export_to_push, push_export
 
     parser = argparse.ArgumentParser(prog="hf-streamlm push", description=COMMANDS["push"])
-    parser.add_argument("path", help="an export folder")
+    parser.add_argument("path", help="an export folder, or a run directory (its export/); training state "
+                                     "(optimizer, scheduler, RNG, pickles) is never uploaded")
     parser.add_argument("--repo-id", required=True)
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--commit-message", default="Upload model trained with hf_streamlm")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    parser.add_argument("--commit-message", default=HubConfig.commit_message)
     ns = parser.parse_args(args)
-    api = HfApi()
-    api.create_repo(ns.repo_id, private=ns.private, exist_ok=True)
-    api.upload_folder(repo_id=ns.repo_id, folder_path=ns.path, revision=ns.revision, commit_message=ns.commit_message)
-    print(f"Pushed {ns.path} to {ns.repo_id}")
+    hub = HubConfig(push=True, repo_id=ns.repo_id, private=ns.private, revision=ns.revision,
+                    commit_message=ns.commit_message)
+    folder = export_to_push(ns.path)
+    url = push_export(folder, Config(hub=hub))
+    print(f"Pushed {folder} to {ns.repo_id}" + (f" (branch {ns.revision})" if ns.revision else "") + f": {url}")
     return 0
 
 

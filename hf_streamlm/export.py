@@ -15,6 +15,11 @@ logger = logging.getLogger(__name__)
 TRAINING_CONFIG = "hf_streamlm_config.yaml"
 """The resolved training config travels with every export (nanoGPT/litgpt practice)."""
 
+NEVER_PUSHED = ["*.pt", "*.pth", "*.bin", "*.pkl", "*.pickle", "*.ckpt", "optimizer*", "*/optimizer*", "scheduler*",
+                "*/scheduler*", "random_states*", "*/random_states*", "rng_state*", "*/rng_state*"]
+"""Left out of every push (``upload_folder`` ignore patterns): optimizer, scheduler and RNG states and
+anything pickled -- a checkpoint's training state. An export is safetensors, JSON, YAML and text."""
+
 
 def model_card(model: PreTrainedModel, config: Config, fmt: str) -> str:
     n_params = sum(p.numel() for p in model.parameters())
@@ -65,18 +70,42 @@ def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Pa
     return output_dir
 
 
+def export_to_push(path: str | Path) -> Path:
+    """The export folder to push for ``path``: the folder itself when it holds a model (``config.json``),
+    else the ``export/`` of a run directory."""
+    from hf_streamlm.config import ConfigError
+
+    path = Path(path)
+    for folder in (path, path / "export"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise ConfigError(f"'{path}' is neither an export folder (with config.json) nor a run directory with an export/; "
+                      "make one with: hf-streamlm export CHECKPOINT --output DIR")
+
+
 def push_export(export_dir: Path, config: Config) -> str:
-    """Upload the export folder to ``hub.repo_id`` (creating the repository if needed)."""
+    """Upload the export folder (or a run directory's ``export/``) to ``hub.repo_id`` on the branch
+    ``hub.revision``, creating the repository (``hub.private``) and the branch if needed; returns the
+    commit URL. The token is huggingface_hub's: ``HF_TOKEN`` or the stored login. Training state
+    (:data:`NEVER_PUSHED`) is never uploaded, and a folder that did not change makes no new commit."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
+    from hf_streamlm.config import ConfigError
+
     hub = config.hub
+    if not hub.repo_id:
+        raise ConfigError("'hub.repo_id' is not set: the repository to push to (user/name)")
+    export_dir = export_to_push(export_dir)
+    api = HfApi()
     api.create_repo(hub.repo_id, private=hub.private, exist_ok=True)
+    if hub.revision and hub.revision != "main":  # upload_folder needs the branch to exist
+        api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
     info = api.upload_folder(
-        repo_id=hub.repo_id, folder_path=str(export_dir), revision=hub.revision, commit_message=hub.commit_message
+        repo_id=hub.repo_id, folder_path=str(export_dir), revision=hub.revision, commit_message=hub.commit_message,
+        ignore_patterns=NEVER_PUSHED,
     )
-    logger.info("pushed %s to %s", export_dir, hub.repo_id)
-    return str(info)
+    logger.info("pushed %s to %s (branch %s): %s", export_dir, hub.repo_id, hub.revision or "main", info.commit_url)
+    return str(info.commit_url)
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -12,13 +12,14 @@ rest of the suite stays offline, as ``tests/conftest.py`` wants):
   is not enough once they are imported): ``huggingface_hub.constants.ENDPOINT``,
   ``HUGGINGFACE_CO_URL_TEMPLATE``, ``HF_HUB_OFFLINE``, cache paths, timeouts; ``datasets.config.HF_ENDPOINT``,
   ``HUB_DATASETS_URL``, ``HF_HUB_OFFLINE``, cache paths, ``HF_UPDATE_DOWNLOAD_COUNTS`` (off: it would
-  call an S3 bucket);
+  call an S3 bucket); transformers' shared ``HfApi`` (``transformers.utils.hub._hf_api``) is dropped;
 - ``datasets.config.STREAMING_*`` retry settings are snapshot and restored, since
   ``hf_streamlm.data.sources.apply_network_settings`` changes them process-wide.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,11 @@ def point_clients_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path,
             monkeypatch.setattr(dcfg, name, value)
     for name in STREAMING_SETTINGS:  # restored at teardown whatever the test (or hf_streamlm) sets
         monkeypatch.setattr(dcfg, name, getattr(dcfg, name))
+    # transformers keeps one HfApi per process, with the endpoint of the moment it was made: a new one
+    # for this endpoint (else from_pretrained lists a stopped server's files, retrying for ~45 s)
+    hub = sys.modules.get("transformers.utils.hub")
+    if hub is not None and hasattr(hub, "_hf_api"):
+        monkeypatch.setattr(hub, "_hf_api", None)
 
 
 def set_read_timeout(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:

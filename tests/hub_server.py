@@ -6,8 +6,11 @@ Repositories are folders on disk::
     <root>/datasets/<org>/<name>/<files>      dataset repos   (hf://datasets/org/name, load_dataset("org/name"))
     <root>/models/<org>/<name>/<files>        model repos     (HfApi().upload_folder, hf_hub_download)
 
-Each repository has one branch, ``main``; its commit sha is a hash of the files' contents, so it stays
-the same while the files do and changes with every commit. Routes (those ``huggingface_hub`` 2.x and
+Each repository has the branch ``main`` (the folder above) and the branches made with
+``HfApi.create_branch`` (copies under ``<root>/.branches/<type>s/<repo_id>/<quoted branch>/``); a
+commit to ``revision=<branch>`` changes that branch only, and reads with that revision serve its files.
+A branch's commit sha is a hash of its files' contents, so it stays the same while the files do and
+changes with every commit. Routes (those ``huggingface_hub`` 2.x and
 ``datasets`` 5.x call; anything else is answered 404 and recorded in :attr:`HubServer.unhandled`):
 
 - ``GET  /api/{models,datasets}/{org}/{name}[/revision/{rev}]`` repo info (``sha``, ``siblings``)
@@ -17,6 +20,12 @@ the same while the files do and changes with every commit. Routes (those ``huggi
 - ``POST /api/repos/create``, ``POST /api/{type}s/{org}/{name}/preupload/{rev}``,
   ``POST /api/{type}s/{org}/{name}/commit/{rev}`` (NDJSON, files sent base64 as "regular" blobs),
   ``POST /api/validate-yaml``
+- ``POST|DELETE /api/{type}s/{org}/{name}/branch/{branch}`` (JSON ``startingPoint``; 409 when it exists),
+  ``GET /api/{type}s/{org}/{name}/refs``
+
+Every request records its ``Authorization`` header (:attr:`RequestRecord.authorization`); with
+:attr:`HubServer.required_token` set, writes without ``Bearer <that token>`` are answered 401, and so
+are reads of private repos (the visibility ``create_repo`` asked for: :meth:`HubServer.is_private`).
 
 Errors carry the ``X-Error-Code`` header ``huggingface_hub`` maps to its exception types
 (``RepoNotFound`` -> ``RepositoryNotFoundError``, ``RevisionNotFound``, ``EntryNotFound``).
@@ -41,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 TYPE_DIRS = {v: k for k, v in REPO_TYPES.items()}
@@ -85,6 +94,7 @@ class RequestRecord:
     status: int | None = None
     fault: str | None = None  # kind of fault injected into this request, if any
     time: float = field(default_factory=time.monotonic)
+    authorization: str | None = None  # the Authorization header sent, if any
 
 
 class _Repo:
@@ -93,9 +103,27 @@ class _Repo:
         self.type = repo_type
         self.id = repo_id
         self.dir = server.root / TYPE_DIRS[repo_type] / repo_id
+        self.main_dir = self.dir
+        self.branch = "main"  # the branch that dir holds (see select)
 
     def exists(self) -> bool:
-        return self.dir.is_dir()
+        return self.main_dir.is_dir()
+
+    def branch_dir(self, branch: str) -> Path:
+        if branch == "main":
+            return self.main_dir
+        return self.server.root / ".branches" / TYPE_DIRS[self.type] / self.id / quote(branch, safe="")
+
+    def branches(self) -> list[str]:
+        """``main`` first, then the other branches in name order."""
+        folder = self.server.root / ".branches" / TYPE_DIRS[self.type] / self.id
+        others = sorted(unquote(p.name) for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        return ["main", *others]
+
+    def select(self, branch: str) -> _Repo:
+        """Point this view (``dir``, ``files``, ``sha`` ...) at ``branch``."""
+        self.branch, self.dir = branch, self.branch_dir(branch)
+        return self
 
     def files(self) -> list[str]:
         out = []
@@ -167,6 +195,9 @@ class HubServer:
         self._faults: dict[str, list[Fault]] = {}
         self._records: list[RequestRecord] = []
         self._commits: dict[tuple[str, str], list[dict]] = {}
+        self._visibility: dict[tuple[str, str], str] = {}
+        self.required_token: str | None = None
+        """When set: writes (and reads of private repos) need ``Authorization: Bearer <required_token>``."""
         self.unhandled: list[str] = []
         self._stopping = threading.Event()
         self._sockets: set[socket.socket] = set()
@@ -216,10 +247,29 @@ class HubServer:
         target.write_bytes(data.encode() if isinstance(data, str) else data)
         return target
 
-    def commits(self, repo_id: str, repo_type: str = "model") -> list[dict]:
-        """Commits received for a repo: ``{"oid", "summary", "files", "deleted"}``."""
+    def commits(self, repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[dict]:
+        """Commits received for a repo: ``{"oid", "summary", "files", "deleted", "revision"}``; with
+        ``revision``, those made to that branch only."""
         with self._lock:
-            return list(self._commits.get((repo_type, repo_id), []))
+            commits = list(self._commits.get((repo_type, repo_id), []))
+        return [c for c in commits if revision is None or c["revision"] == revision]
+
+    def branches(self, repo_id: str, repo_type: str = "model") -> list[str]:
+        """The repo's branches, ``main`` first."""
+        return _Repo(self, repo_type, repo_id).branches()
+
+    def files(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> list[str]:
+        """Paths of the files of one branch of a repo (``.gitattributes`` included)."""
+        return _Repo(self, repo_type, repo_id).select(revision).files()
+
+    def branch_dir(self, repo_id: str, revision: str, repo_type: str = "model") -> Path:
+        """The folder holding the files of one branch (``repo_dir`` for ``main``)."""
+        return _Repo(self, repo_type, repo_id).branch_dir(revision)
+
+    def is_private(self, repo_id: str, repo_type: str = "model") -> bool:
+        """Whether ``create_repo`` made the repo private (repos written to disk directly are public)."""
+        with self._lock:
+            return self._visibility.get((repo_type, repo_id)) == "private"
 
     # ------------------------------------------------------------------ faults
 
@@ -372,7 +422,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         self.query = parse_qs(split.query)
-        self.record = RequestRecord(method, split.path, range=self.headers.get("Range"))
+        self.record = RequestRecord(method, split.path, range=self.headers.get("Range"),
+                                    authorization=self.headers.get("Authorization"))
         self.hub._record(self.record)  # recorded now, completed below (a stalled request stays pending)
         body = self._body() if method in ("POST", "PUT") else b""
         try:
@@ -414,6 +465,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str, path: str, body: bytes) -> None:
         parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
+        write = method in ("PUT", "DELETE") or (method == "POST" and (
+            parts == ["api", "repos", "create"] or (len(parts) >= 5 and parts[4] in ("preupload", "commit", "branch"))))
+        if write and not self._authorized():
+            raise _error(401, "Invalid credentials in Authorization header")
         if method == "POST" and parts == ["api", "repos", "create"]:
             return self._create_repo(json.loads(body or b"{}"))
         if method == "POST" and parts == ["api", "validate-yaml"]:
@@ -445,10 +500,23 @@ class _Handler(BaseHTTPRequestHandler):
         """The repo's sha, or the errors the Hub answers for a missing repo / revision."""
         if not repo.exists():
             raise _error(404, "Repository not found", "RepoNotFound")
-        sha = repo.sha()
-        if rev is not None and rev not in ("main", sha):
-            raise _error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-        return sha
+        if self.hub.is_private(repo.id, repo.type) and not self._authorized():
+            raise _error(401, "Repository not found", "RepoNotFound")
+        rev = rev.removeprefix("refs/heads/") if rev is not None else None
+        if rev is None or rev == "main":
+            return repo.select("main").sha()
+        branches = repo.branches()
+        if rev in branches:
+            return repo.select(rev).sha()
+        for branch in branches:  # a commit sha: the branch whose files it is
+            if SHA_RE.match(rev) and repo.select(branch).sha() == rev:
+                return rev
+        repo.select("main")
+        raise _error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+
+    def _authorized(self) -> bool:
+        token = self.hub.required_token
+        return token is None or self.headers.get("Authorization") == f"Bearer {token}"
 
     def _api(self, method: str, repo: _Repo, rest: list[str], body: bytes) -> None:
         if method == "GET" and (not rest or (len(rest) == 2 and rest[0] == "revision")):
@@ -475,6 +543,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Response(200, {"files": out, "commitOid": repo.sha()})
         if method == "POST" and rest and rest[0] == "commit" and len(rest) == 2:
             return self._commit(repo, rest[1], body)
+        if method in ("POST", "DELETE") and rest and rest[0] == "branch" and len(rest) == 2:
+            return (self._create_branch if method == "POST" else self._delete_branch)(repo, rest[1], body)
+        if method == "GET" and rest == ["refs"]:
+            self._check(repo)
+            branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": _Repo(self.hub, repo.type, repo.id)
+                         .select(b).sha()} for b in repo.branches()]
+            out = {"branches": branches, "converts": [], "tags": []}
+            if self.query.get("include_prs"):
+                out["pullRequests"] = []
+            raise _Response(200, out)
         self._check(repo)
         self.hub.unhandled.append(f"{method} {self.path}")
         raise _error(404, f"Not found: {method} {self.path}", "EntryNotFound")
@@ -487,7 +565,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": repo.id,
             "author": repo.id.split("/")[0],
             "sha": sha,
-            "private": False,
+            "private": self.hub.is_private(repo.id, repo.type),
             "disabled": False,
             "gated": False,
             "downloads": 0,
@@ -505,7 +583,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _tree(self, repo: _Repo, sha: str, subdir: str) -> None:
         base = repo.dir / subdir if subdir else repo.dir
         if not base.exists():
-            raise _error(404, f"{subdir} does not exist on main", "EntryNotFound")
+            raise _error(404, f"{subdir} does not exist on {repo.branch}", "EntryNotFound")
         recursive = self.query.get("recursive", ["false"])[0].lower() in ("true", "1")
         expand = self.query.get("expand", ["false"])[0].lower() in ("true", "1")
         if base.is_file():
@@ -604,6 +682,9 @@ class _Handler(BaseHTTPRequestHandler):
                             {"X-Error-Message": f"You already created this {repo_type} repo"})
         repo.dir.mkdir(parents=True)
         (repo.dir / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+        visibility = payload.get("visibility") or ("private" if payload.get("private") else "public")
+        with self.hub._lock:
+            self.hub._visibility[(repo.type, repo.id)] = visibility
         raise _Response(200, {"url": repo.url(), "name": repo.id, "id": repo.id})
 
     def _commit(self, repo: _Repo, rev: str, body: bytes) -> None:
@@ -639,7 +720,8 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _error(400, f"Unsupported commit operation {key!r}")
             oid = repo.sha()
             self.hub._commits.setdefault((repo.type, repo.id), []).append(
-                {"oid": oid, "summary": header.get("summary"), "files": written, "deleted": deleted})
+                {"oid": oid, "summary": header.get("summary"), "files": written, "deleted": deleted,
+                 "revision": repo.branch})
         raise _Response(200, {
             "success": True,
             "commitOid": oid,
@@ -648,6 +730,31 @@ class _Handler(BaseHTTPRequestHandler):
             "hookOutput": "",
             "pullRequestUrl": None,
         })
+
+    def _create_branch(self, repo: _Repo, branch: str, body: bytes) -> None:
+        """``HfApi.create_branch``: a copy of ``startingPoint`` (default ``main``); 409 when it exists."""
+        self._check(repo)
+        if not branch or branch.startswith("refs/") or ".." in branch or SHA_RE.match(branch):
+            raise _error(400, f"Invalid reference for a branch: {branch}")
+        source = _Repo(self.hub, repo.type, repo.id)
+        self._check(source, (json.loads(body or b"{}") or {}).get("startingPoint"))
+        with self.hub._lock:
+            if branch in repo.branches():
+                raise _error(409, "Reference already exists")
+            target = repo.branch_dir(branch)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source.dir, target, ignore=shutil.ignore_patterns(".git"))
+        raise _Response(200, {})
+
+    def _delete_branch(self, repo: _Repo, branch: str, body: bytes) -> None:
+        self._check(repo)
+        if branch == "main":
+            raise _error(403, "Cannot delete the default branch")
+        with self.hub._lock:
+            if branch not in repo.branches():
+                raise _error(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            shutil.rmtree(repo.branch_dir(branch))
+        raise _Response(200, {})
 
 
 __all__ = ["Fault", "HubServer", "RequestRecord", "git_blob_sha1"]
