@@ -131,13 +131,16 @@ def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Co
 
     from hf_streamlm.config import load_config
     from hf_streamlm.train.builders import build_model
+    from hf_streamlm.train.zero import is_zero_checkpoint, zero_checkpoint_weights
 
     ckpt = find_checkpoint(path)
     config = load_config([f"recipe={ckpt / 'config.yaml'}", "runtime.resume=never"])
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     model = build_model(config, tokenizer)
     # A run with runtime.compile=true saves the compiled wrapper's keys ("_orig_mod." prefix).
-    state = {k.removeprefix("_orig_mod."): v for k, v in load_file(ckpt / "model.safetensors").items()}
+    # DeepSpeed checkpoints hold ZeRO shards instead of model.safetensors (hf_streamlm.train.zero).
+    weights = zero_checkpoint_weights(ckpt) if is_zero_checkpoint(ckpt) else load_file(ckpt / "model.safetensors")
+    state = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Accelerate drops tied copies (e.g. the MLM decoder that shares the embedding) when saving.
     tied = set(getattr(model, "all_tied_weights_keys", None) or model._tied_weights_keys or {})

@@ -74,10 +74,13 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
     auto = AutoModelForMaskedLM if m.type == "microbert" else AutoModelForCausalLM
     if m.pretrained:
         from hf_streamlm.models.export_formats import from_native
+        from hf_streamlm.train.zero import without_zero3_init
 
-        model = auto.from_pretrained(m.pretrained)
-        if model.config.model_type in ("bert", "llama"):  # a native export: continue in the project's classes
-            model = from_native(model)
+        # Whole, even under ZeRO-3: from_native copies full tensors; DeepSpeed partitions the model in prepare.
+        with without_zero3_init():
+            model = auto.from_pretrained(m.pretrained)
+            if model.config.model_type in ("bert", "llama"):  # a native export: continue in the project's classes
+                model = from_native(model)
         expected = "microbert" if m.type == "microbert" else "streamlm_decoder"
         if model.config.model_type != expected:
             raise ConfigError(
@@ -109,8 +112,10 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> int:
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D tensors), as in GPT-2/BERT practice."""
     o = config.optimizer
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    # Under DeepSpeed ZeRO-3 a model built in zero.Init holds empty partitions; ds_shape is the real shape.
+    ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
+    decay = [p for p in model.parameters() if p.requires_grad and ndim[id(p)] >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and ndim[id(p)] < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     peak = config.scheduler.max_lr if config.scheduler.max_lr is not None else o.learning_rate
     fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())

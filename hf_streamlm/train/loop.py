@@ -27,6 +27,7 @@ from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler
 from hf_streamlm.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from hf_streamlm.train.history import History, plot_history
+from hf_streamlm.train.zero import accelerator_placement, configure_deepspeed, trained_model
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def train(config: Config) -> Path:
     out = config.output_dir
     tensorboard = r.logging.tensorboard
     accelerator = Accelerator(
-        cpu=not has_accelerator(),  # a torchrun/accelerate-launched CPU job then uses gloo (MULTI_CPU)
+        **accelerator_placement(has_accelerator()),  # CPU jobs use gloo; DeepSpeed its own CPU accelerator
         mixed_precision="no" if r.precision == "fp32" else r.precision,
         gradient_accumulation_steps=d.gradient_accumulation_steps,
         log_with="tensorboard" if tensorboard else None,
@@ -159,6 +160,7 @@ def train(config: Config) -> Path:
     scheduler = build_scheduler(optimizer, config, total_steps)
     # The loader is not prepared: ranks already read disjoint shards (split_dataset_by_node), and the
     # scheduler steps once per optimizer step (a prepared one would step num_processes times).
+    configure_deepspeed(accelerator, config)  # DeepSpeed's batch values from the recipe (no prepared loader)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     eval_blocks = build_eval_blocks(config, tokenizer, r.evaluation.max_batches * d.batch_size)
@@ -250,7 +252,7 @@ def train(config: Config) -> Path:
         return out
 
     if accelerator.is_main_process:
-        export_dir = export_run(accelerator.unwrap_model(model, keep_torch_compile=False), tokenizer, config, out / "export", r.export_format)
+        export_dir = export_run(trained_model(accelerator, model, ckpt_dir, state["step"]), tokenizer, config, out / "export", r.export_format)
         plot_history(out / "history.jsonl", out / "history.png")
         accelerator.print(f"Run directory: {out}\nExport (Hub format): {export_dir}")
         if r.demo_sentences:
