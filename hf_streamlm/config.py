@@ -699,8 +699,8 @@ def validate(c: Config) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(o, key) < 1:
             raise ConfigError(f"'optimizer.{key}' must be in [0, 1), got {getattr(o, key)}")
-    if s.total_steps is None and s.total_epochs is None:
-        raise ConfigError("set 'scheduler.total_steps' or 'scheduler.total_epochs' (both are null)")
+    if s.total_steps is None and s.total_epochs is None and s.total_tokens is None:
+        raise ConfigError("set 'scheduler.total_steps', 'scheduler.total_epochs' or 'scheduler.total_tokens' (all are null)")
     _positive("scheduler.total_steps", s.total_steps)
     _positive("scheduler.total_epochs", s.total_epochs)
     _positive("scheduler.total_tokens", s.total_tokens)

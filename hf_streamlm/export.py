@@ -21,13 +21,27 @@ NEVER_PUSHED = ["*.pt", "*.pth", "*.bin", "*.pkl", "*.pickle", "*.ckpt", "optimi
 anything pickled -- a checkpoint's training state. An export is safetensors, JSON, YAML and text."""
 
 
-def model_card(model: PreTrainedModel, config: Config, fmt: str) -> str:
+def model_card(model: PreTrainedModel, config: Config, fmt: str, summary: dict | None = None) -> str:
+    """The export's ``README.md``: model, data mixture, training length and tokens seen, the final
+    eval figures, and the command that trained it (``summary``: the loop's step/tokens/eval/command)."""
+    from hf_streamlm.data.sources import describe_source
+    from hf_streamlm.data.pipeline import training_sources
+
+    summary = summary or {}
     n_params = sum(p.numel() for p in model.parameters())
     task = "fill-mask" if config.model.type == "microbert" else "text-generation"
     auto = "AutoModelForMaskedLM" if task == "fill-mask" else "AutoModelForCausalLM"
     remote = ", trust_remote_code=True" if fmt == "custom" else ""
-    sources = ", ".join(s.name if s.path == "builtin" else (s.name and f"{s.path}/{s.name}") or s.path
-                        for s in config.data.sources)
+    sources = training_sources(config)
+    total = sum(s.weight for s in sources)
+    mixture = "\n".join(f"  - {describe_source(s)}" + (f": weight {s.weight / total:.3g}" if len(sources) > 1 else "")
+                         for s in sources)
+    steps = summary.get("step", config.scheduler.total_steps)
+    tokens = f"{summary['tokens']:,} tokens seen" if summary.get("tokens") else "tokens seen: not recorded"
+    figures = summary.get("eval") or {}
+    results = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in figures.items())
+    results = f"| metric | value |\n|---|---|\n{results}" if results else "No evaluation was recorded."
+    command = summary.get("command") or f"accelerate launch -m hf_streamlm.run recipe={config.recipe}"
     return f"""---
 library_name: transformers
 pipeline_tag: {task}
@@ -40,9 +54,11 @@ tags:
 A {config.model.type} model ({n_params:,} parameters) pretrained with
 hf_streamlm from the recipe `{config.recipe}`.
 
-- Data: {sources}; sequence length {config.data.sequence_length}
-- Training: {config.scheduler.total_steps} optimizer steps, batch {config.data.batch_size} x
-  accumulation {config.data.gradient_accumulation_steps}, peak learning rate {config.optimizer.learning_rate}
+- Data mixture (streamed; sequence length {config.data.sequence_length}):
+{mixture}
+- Training: {steps} optimizer steps, {tokens}, batch {config.data.batch_size} x
+  accumulation {config.data.gradient_accumulation_steps}, peak learning rate {config.optimizer.learning_rate},
+  precision {config.runtime.precision}
 - Format: `{fmt}` ({"stock transformers classes" if fmt == "native" else "hf_streamlm classes with remote code"})
 
 ```python
@@ -53,11 +69,22 @@ tokenizer = AutoTokenizer.from_pretrained("path/or/repo")
 pipe = pipeline("{task}", model="path/or/repo"{remote})
 ```
 
+## Evaluation (held-out stream, last evaluation of the run)
+
+{results}
+
+## Training command
+
+```bash
+{command}
+```
+
 The full training configuration is in `{TRAINING_CONFIG}`.
 """
 
 
-def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Path, fmt: str = "native") -> Path:
+def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Path, fmt: str = "native",
+               summary: dict | None = None) -> Path:
     """Write ``output_dir`` so that ``AutoModel*.from_pretrained(output_dir)`` and ``pipeline`` work."""
     from hf_streamlm.models.export_formats import save_model
 
@@ -66,7 +93,7 @@ def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Pa
     save_model(model, output_dir, format=fmt)
     tokenizer.save_pretrained(output_dir)
     config.save(output_dir / TRAINING_CONFIG)
-    (output_dir / "README.md").write_text(model_card(model, config, fmt))
+    (output_dir / "README.md").write_text(model_card(model, config, fmt, summary))
     return output_dir
 
 
@@ -151,5 +178,10 @@ def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Co
 
 
 def export_checkpoint(path: str | Path, output_dir: str | Path, fmt: str = "native") -> Path:
+    import json
+
+    from hf_streamlm.train.checkpoint import STATE_FILE
+
     model, tokenizer, config = load_checkpoint_model(path)
-    return export_run(model, tokenizer, config, Path(output_dir), fmt)
+    summary = json.loads((find_checkpoint(path) / STATE_FILE).read_text())
+    return export_run(model, tokenizer, config, Path(output_dir), fmt, summary)

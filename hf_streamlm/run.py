@@ -52,12 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))
     setup_logging()
     from hf_streamlm.train.loop import train
+    from hf_streamlm.train.monitor import NonFiniteError
 
     try:
-        train(config)
+        train(config, command=command_line(argv))
     except ConfigError as err:  # bad input discovered while building (empty stream, vocab mismatch ...)
         fail(str(err))
+    except NonFiniteError as err:  # diverged; the last good state is saved
+        print(f"hf-streamlm: error: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
     return 0
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that started this run, for the model card (``accelerate launch`` when launched by it)."""
+    import shlex
+
+    launcher = "accelerate launch -m hf_streamlm.run" if "LOCAL_RANK" in os.environ else "python -m hf_streamlm.run"
+    return " ".join([launcher, *map(shlex.quote, argv)])
 
 
 if __name__ == "__main__":

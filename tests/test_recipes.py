@@ -81,7 +81,9 @@ def test_runpod_1b_unlimited_differs_only_in_stream_cap_budget_and_name():
     assert unlimited["data"]["max_samples"] is None
     assert unlimited["scheduler"]["total_tokens"] == 100_000_000_000
     assert unlimited["runtime"]["experiment"] == "runpod-1b-unlimited"
-    for section, key in (("data", "max_samples"), ("scheduler", "total_tokens"), ("runtime", "experiment")):
+    assert unlimited["scheduler"]["total_steps"] is None
+    for section, key in (("data", "max_samples"), ("scheduler", "total_tokens"), ("scheduler", "total_steps"),
+                         ("runtime", "experiment")):
         base[section].pop(key), unlimited[section].pop(key)
     base.pop("recipe"), unlimited.pop("recipe")
     assert base == unlimited

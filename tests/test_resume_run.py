@@ -1,21 +1,29 @@
-"""Exact resume of a real training run: a run resumed from an earlier checkpoint logs the same
-per-step losses as the uninterrupted run (max |delta| = 0, CPU fp32), for MicroBERT and the decoder,
-with 0 and 2 DataLoader workers, and with two processes under ``accelerate launch``."""
+"""Exact resume of a real training run killed with SIGKILL: the whole process group is killed at
+random steps (and once while a checkpoint is being written), the same command is run again, and the
+finished run logs the same per-step losses, eval losses and token counts as an uninterrupted run
+(max |delta| = 0, CPU fp32), for MicroBERT and the decoder, with 0 and 2 DataLoader workers, and
+with two processes under ``accelerate launch``. Kill points are drawn from a seeded generator
+(``KILL_SEED``, printed on failure) so a failure can be replayed."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import shutil
+import os
+import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from hf_streamlm.data.corpus import BUILTIN_CORPORA
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 
-
+KILL_SEED = int(os.environ.get("KILL_SEED", "20261123"))
+TOTAL_STEPS = 14
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """The shipped corpus split into 4 files, so that 2 workers (or 2 ranks) each get shards."""
@@ -29,18 +37,51 @@ def shards(tmp_path_factory):
 def common(recipe: str, shards, workers: int) -> list[str]:
     return [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
             f"data.num_workers={workers}", "data.shuffle_buffer_size=300", "data.batch_size=8",
-            "scheduler.total_steps=10", "scheduler.warmup_steps=2", "runtime.log_every_n_steps=1",
-            "runtime.checkpoint.every_n_steps=4", "runtime.checkpoint.max_keep=5", "runtime.evaluation.every_n_steps=5",
+            f"scheduler.total_steps={TOTAL_STEPS}", "scheduler.warmup_steps=2", "runtime.log_every_n_steps=1",
+            "runtime.checkpoint.every_n_steps=3", "runtime.checkpoint.max_keep=2", "runtime.evaluation.every_n_steps=5",
             "runtime.evaluation.max_batches=1", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]"]
 
 
-def launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(args: list[str], processes: int) -> list[str]:
     if processes == 1:
-        return run_cli(*args)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           "-m", "hf_streamlm.run", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        return [sys.executable, "-m", "hf_streamlm.run", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "hf_streamlm.run", *args]
+
+
+def launch(args: list[str], processes: int, kill_when=None) -> subprocess.CompletedProcess | None:
+    """Run to the end, or, with ``kill_when(run_dir)``, SIGKILL the whole process group (launcher,
+    ranks, DataLoader workers: what a preempted machine loses) as soon as it returns True. Returns
+    None when killed."""
+    proc = subprocess.Popen(command(args, processes), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    if kill_when is None:
+        out, err = proc.communicate(timeout=600)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if kill_when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
+            return None
+        time.sleep(0.001)
+    out, err = proc.communicate(timeout=60)
+    raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point: {err[-2000:]}")
+
+
+def logged_steps(run) -> int:
+    path = run / "history.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()[:-1]]  # last may be partial
+    return max(steps, default=0)
 
 
 def history(run) -> list[tuple]:
@@ -48,22 +89,45 @@ def history(run) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("tokens")) for r in rows]
 
 
+
+
 @pytest.mark.parametrize(
     ("recipe", "workers", "processes"),
     [("quickstart", 0, 1), ("quickstart_decoder", 2, 1), ("quickstart", 2, 1), ("quickstart_decoder", 0, 2)],
 )
-def test_resumed_run_matches_uninterrupted_run(tmp_path, shards, recipe, workers, processes):
+def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path, shards, recipe, workers, processes):
     args = common(recipe, shards, workers)
     full = tmp_path / "full"
     proc = launch(args + [f"runtime.output_dir={full}"], processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Interrupted after step 4: only the first checkpoint survived.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    for name in ("step-8", "step-10"):
-        shutil.rmtree(resumed / "checkpoints" / name)
-    proc = launch(args + [f"runtime.output_dir={resumed}"], processes)
+    assert len([r for r in history(full) if r[1] is not None]) == TOTAL_STEPS
+
+    rng = random.Random(f"{KILL_SEED}-{recipe}-{workers}-{processes}")
+    kills = sorted(rng.sample(range(2, TOTAL_STEPS - 1), 2))  # two kills in one run: 8 kill points in all
+    run = tmp_path / "killed"
+    for step in kills:
+        launch(args + [f"runtime.output_dir={run}"], processes, kill_when=lambda: logged_steps(run) >= step)
+    proc = launch(args + [f"runtime.output_dir={run}"], processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from" in proc.stdout and "step-4" in proc.stdout
-    assert history(resumed) == history(full)  # exact: same floats, same steps, same token counts
-    assert len([r for r in history(full) if r[1] is not None]) == 10
+    if kills[-1] > 3:  # step 3's checkpoint was complete before step 4 was logged
+        assert "Resuming from" in proc.stdout, (kills, proc.stdout[-2000:])
+    assert history(run) == history(full), f"KILL_SEED={KILL_SEED} kills after steps {kills}"
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, shards):
+    args = common("quickstart_decoder", shards, 0)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    run = tmp_path / "killed"
+    # Killed the moment the second checkpoint's temporary folder appears (mid-write).
+    launch(args + [f"runtime.output_dir={run}"], 1, kill_when=lambda: (ckpts / ".tmp-step-6").exists())
+    assert (ckpts / ".tmp-step-6").is_dir() and not (ckpts / ".tmp-step-6" / "trainer_state.json").exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-6", "step-3"]
+    proc = launch(args + [f"runtime.output_dir={run}"], 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resuming from" in proc.stdout and "step-3 (step 3)" in proc.stdout
+    assert "incomplete checkpoint" in proc.stderr
+    assert not list(ckpts.glob(".tmp-*"))
+    full = tmp_path / "full"
+    proc = launch(args + [f"runtime.output_dir={full}"], 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert history(run) == history(full)

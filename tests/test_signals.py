@@ -48,3 +48,26 @@ def test_signal_saves_at_step_boundary_exits_0_and_resume_is_exact(tmp_path, sig
     full = tmp_path / "full"
     assert run_cli(*ARGS, f"runtime.output_dir={full}").returncode == 0
     assert losses(run) == losses(full)  # max |delta| = 0 over all 120 steps
+
+
+def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_boundary(tmp_path):
+    """The signal lands while step 30's checkpoint is being written: that write completes, the run
+    stops after step 31 with a checkpoint there, exits 0, and resumes exactly."""
+    run = tmp_path / "run"
+    args = [*ARGS, "runtime.checkpoint.every_n_steps=30", "runtime.checkpoint.max_keep=5"]
+    proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp_dir = run / "checkpoints" / ".tmp-step-30"
+    deadline = time.time() + 300
+    while time.time() < deadline and not tmp_dir.exists() and proc.poll() is None:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-31"]
+    assert "Stopped by SIGTERM at step 31" in out
+    resumed = run_cli(*args, f"runtime.output_dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = tmp_path / "full"
+    assert run_cli(*args, f"runtime.output_dir={full}").returncode == 0
+    assert losses(run) == losses(full)

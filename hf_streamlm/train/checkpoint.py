@@ -4,6 +4,8 @@ when complete, so a folder named ``step-<N>`` is always whole; the newest N are 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +15,8 @@ import torch
 from accelerate import Accelerator
 
 from hf_streamlm.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -38,16 +42,18 @@ def save_checkpoint(
     state: dict[str, Any],
     max_keep: int,
     loader=None,
+    rank_by: str | None = None,
 ) -> Path:
     """Save everything needed to resume, and to export (config and tokenizer travel with it).
 
     Every rank writes its own data-stream state (shuffle buffer, packing remainder, RNGs, source
     positions); the main process marks the folder complete and renames it once all ranks are done.
+    Then the newest ``max_keep`` are kept, or with ``rank_by="eval_loss"`` (``best/``) the lowest.
     """
     final = directory / f"step-{state['step']}"
     tmp = directory / f".tmp-step-{state['step']}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_partial(directory)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states, scaler; per rank
     if loader is not None:
@@ -57,10 +63,75 @@ def save_checkpoint(
         config.save(tmp / "config.yaml")
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in list_checkpoints(directory)[:-max_keep]:
-            shutil.rmtree(old)
+        replace_dir(tmp, final)
+        kept = list_checkpoints(directory) if rank_by is None else sorted(list_checkpoints(directory), key=eval_loss,
+                                                                          reverse=True)
+        for old in kept[:-max_keep]:
+            remove_dir(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_partial(directory: Path) -> None:
+    """Delete what a kill mid-save left behind (``.tmp-step-<N>``, ``.deleting-step-<N>``); never resumed
+    from, but as large as a checkpoint."""
+    if not directory.is_dir():
+        return
+    for leftover in directory.glob(".tmp-*"):
+        logger.warning("removing %s: an incomplete checkpoint (the run was stopped while writing it)", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in directory.glob(".deleting-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a ``step-<N>`` that looks complete:
+    renamed out of the name pattern first (atomic), then deleted."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished ``tmp`` into place as ``final`` (replacing an older one of the same step)."""
+    if final.exists():
+        remove_dir(final)
+    tmp.rename(final)
+
+
+def eval_loss(path: Path) -> float:
+    """The eval loss a checkpoint was saved with (``inf`` when it has none)."""
+    return json.loads((path / STATE_FILE).read_text()).get("eval", {}).get("eval_loss", float("inf"))
+
+
+def qualifies_as_best(directory: Path, loss: float, max_keep: int) -> bool:
+    """Whether a checkpoint with eval ``loss`` belongs among the ``max_keep`` best in ``directory``."""
+    if max_keep <= 0 or loss != loss:  # NaN never qualifies
+        return False
+    kept = sorted(eval_loss(p) for p in list_checkpoints(directory))
+    return len(kept) < max_keep or loss < kept[max_keep - 1]
+
+
+def save_best(accelerator: Accelerator, config: Config, tokenizer, directory: Path, state: dict[str, Any],
+              max_keep: int, loader=None, saved: Path | None = None) -> Path:
+    """Keep this step among the ``max_keep`` best by eval loss in ``directory`` (``best/``). When the
+    step's regular checkpoint was just written (``saved``), its files are hard-linked, not written
+    again (checkpoint files are never modified in place, so the two stay independent)."""
+    if saved is None:
+        return save_checkpoint(accelerator, config, tokenizer, directory, state, max_keep, loader, rank_by="eval_loss")
+    final, tmp = directory / saved.name, directory / f".tmp-{saved.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(saved, tmp, copy_function=os.link)
+        except OSError:  # another file system, or no hard links: copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(saved, tmp)
+        replace_dir(tmp, final)
+        for old in sorted(list_checkpoints(directory), key=eval_loss, reverse=True)[:-max_keep]:
+            remove_dir(old)
     accelerator.wait_for_everyone()
     return final
 

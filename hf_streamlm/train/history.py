@@ -24,7 +24,17 @@ class History:
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of ``history.jsonl``. A last line cut short by a kill mid-write (SIGKILL, power loss)
+    is dropped: its step is past the newest checkpoint and is logged again after the resume."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
 
 
 def plot_history(history_path: str | Path, out_path: str | Path) -> None:

@@ -24,8 +24,10 @@ from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_n
 from hf_streamlm.data.quality import SKIP_KINDS
 from hf_streamlm.export import export_run
 from hf_streamlm.tokenizer import build_tokenizer
-from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler
-from hf_streamlm.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler, estimate
+from hf_streamlm.train.checkpoint import (list_checkpoints, load_checkpoint, qualifies_as_best, resolve_resume,
+                                          save_best, save_checkpoint)
+from hf_streamlm.train.monitor import NonFiniteError, NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.history import History, plot_history
 from hf_streamlm.train.zero import accelerator_placement, configure_deepspeed, trained_model
 
@@ -128,8 +130,9 @@ def evaluate(model, eval_blocks: list[dict], collator, batch_size: int, accelera
     return metrics
 
 
-def train(config: Config) -> Path:
-    """Train according to ``config``; return the run directory."""
+def train(config: Config, command: str | None = None) -> Path:
+    """Train according to ``config``; return the run directory. ``command`` (the command line that
+    started the run) goes into the checkpoints and the model card."""
     r, d = config.runtime, config.data
     out = config.output_dir
     tensorboard = r.logging.tensorboard
@@ -154,8 +157,9 @@ def train(config: Config) -> Path:
         model = torch.compile(model, backend=r.compile_backend)
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = build_train_loader(config, tokenizer, functools.partial(make_collator, config, tokenizer), rank, world)
-    total_steps = config.scheduler.total_steps or config.scheduler.total_epochs * count_steps_per_epoch(
-        build_train_blocks(config, tokenizer, rank, world), config
+    tokens_per_step = d.batch_size * d.sequence_length * d.gradient_accumulation_steps * world
+    total_steps = total_steps_for(
+        config, tokens_per_step, lambda: count_steps_per_epoch(build_train_blocks(config, tokenizer, rank, world), config)
     )
     scheduler = build_scheduler(optimizer, config, total_steps)
     # The loader is not prepared: ranks already read disjoint shards (split_dataset_by_node), and the
@@ -167,11 +171,16 @@ def train(config: Config) -> Path:
     eval_collator = make_collator(config, tokenizer, seed=r.seed)  # re-seeded per eval: same masks each time
 
     ckpt_dir = Path(r.checkpoint.directory or out / "checkpoints")
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0}
+    best_dir = Path(r.evaluation.best.directory or out / "best")
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0, "nonfinite_skips": 0}
     resume_from = resolve_resume(config, ckpt_dir)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, loader)
+        state = {**state, **load_checkpoint(accelerator, resume_from, loader)}
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
+    state["command"] = command or state.get("command")
+    flops_per_token = estimate(config.model, len(tokenizer), d.sequence_length, d.batch_size)["flops_per_token"]
+    peak = peak_flops(config, accelerator.device)
+    guard = NonFiniteGuard(config, accelerator)
     history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
 
     stop = StopSignal()  # SIGTERM (RunPod preemption) / SIGINT: checkpoint at the next step boundary, exit 0
@@ -182,6 +191,7 @@ def train(config: Config) -> Path:
                desc="train", dynamic_ncols=True)
     model.train()
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+    grad_norm = None
     try:  # the bar ends its line even when an error stops the run
         while state["step"] < total_steps:
             for _ in range(d.gradient_accumulation_steps):
@@ -198,14 +208,25 @@ def train(config: Config) -> Path:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.optimizer.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
-                    optimizer.step()
+                    guard.add_loss(loss)
+                    if accelerator.sync_gradients:
+                        # Clipping at inf still returns the norm: logged, and checked for NaN/inf.
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                                config.optimizer.max_grad_norm or math.inf)
+                        if guard.check(grad_norm):
+                            optimizer.step()
                     optimizer.zero_grad()
                 window["loss"] += loss.detach().float()
                 window["micro"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
                 state["micro_batches"] += 1
+            if guard.in_a_row:  # this step's update was dropped (runtime.on_nonfinite)
+                state["nonfinite_skips"] += 1
+                if guard.must_stop:
+                    raise stop_nonfinite(accelerator, config, tokenizer, ckpt_dir, state, loader, loss, grad_norm, guard)
+                logger.warning("step %d: non-finite loss or gradient norm (loss %s, grad norm %s); update skipped "
+                               "(%d skipped so far)", state["step"] + 1, float(loss), float(grad_norm),
+                               state["nonfinite_skips"])
             scheduler.step()
             state["step"] += 1
             bar.update(1)
@@ -220,25 +241,34 @@ def train(config: Config) -> Path:
                     "epoch": state["epoch"],
                     "loss": float(stats[0]) / accelerator.num_processes,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if config.optimizer.max_grad_norm else None,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens": state["tokens"],
                     "tokens_per_s": float(stats[1]) / elapsed,
                     "data_wait_pct": 100.0 * window["wait"] / elapsed,
+                    "nonfinite_skips": state["nonfinite_skips"],
                 }
+                if peak:  # model FLOPs utilisation per device (Kaplan 6N + attention, PaLM's definition)
+                    row["mfu"] = flops_per_token * row["tokens_per_s"] / accelerator.num_processes / peak
                 row.update(source_counts(loader, names, accelerator))
                 log_row(row, accelerator, history, bar, r.logging.enable_stdout)
                 window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
 
-            every = r.evaluation.every_n_steps
+            every, best = r.evaluation.every_n_steps, False
             if eval_blocks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
                 eval_collator.generator = None
                 metrics = evaluate(model, eval_blocks, eval_collator, d.batch_size, accelerator)
                 log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
+                if metrics:
+                    state["eval"] = metrics
+                    best = qualifies_as_best(best_dir, metrics["eval_loss"], r.evaluation.best.max_keep)
 
             every = r.checkpoint.every_n_steps
             stopping = stop.agreed(accelerator)
+            saved = None
             if (every and state["step"] % every == 0) or state["step"] == total_steps or stopping:
-                save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
+                saved = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
+            if best:  # among the best.max_keep by eval loss: best/step-<N>
+                save_best(accelerator, config, tokenizer, best_dir, dict(state), r.evaluation.best.max_keep, loader, saved)
             if stopping:
                 accelerator.print(f"Stopped by {stop.name} at step {state['step']}; checkpoint saved in {ckpt_dir}. "
                                   "Run the same command again to resume.")
@@ -252,7 +282,8 @@ def train(config: Config) -> Path:
         return out
 
     if accelerator.is_main_process:
-        export_dir = export_run(trained_model(accelerator, model, ckpt_dir, state["step"]), tokenizer, config, out / "export", r.export_format)
+        export_dir = export_run(trained_model(accelerator, model, ckpt_dir, state["step"]), tokenizer, config,
+                                out / "export", r.export_format, summary=state)
         plot_history(out / "history.jsonl", out / "history.png")
         accelerator.print(f"Run directory: {out}\nExport (Hub format): {export_dir}")
         if r.demo_sentences:
@@ -265,6 +296,20 @@ def train(config: Config) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and the process group: last
     return out
+
+
+def stop_nonfinite(accelerator, config, tokenizer, ckpt_dir, state, loader, loss, grad_norm, guard) -> NonFiniteError:
+    """Save the last good state (the weights before the bad step; the data state past its batch) and
+    build the error the run stops with."""
+    path = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), config.runtime.checkpoint.max_keep,
+                           loader)
+    why = "with runtime.on_nonfinite=stop" if guard.mode == "stop" else \
+        f"after {guard.in_a_row} skipped steps in a row (runtime.max_nonfinite_skips)"
+    return NonFiniteError(
+        f"non-finite loss or gradient norm at step {state['step'] + 1} (loss {float(loss)}, grad norm "
+        f"{float(grad_norm)}), stopped {why}; the last good state is in {path}. Lower optimizer.learning_rate or "
+        "set optimizer.max_grad_norm, then run again to resume"
+    )
 
 
 def source_counts(loader, names: list[str], accelerator: Accelerator) -> dict[str, dict[str, int]]:

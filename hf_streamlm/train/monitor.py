@@ -1,0 +1,103 @@
+"""Small helpers the loop calls: run length, MFU, and the non-finite loss guard."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from hf_streamlm.config import Config
+
+logger = logging.getLogger(__name__)
+
+# Dense (no sparsity) peak TFLOP/s per device for bf16/fp16 tensor-core math, from the vendors'
+# data sheets. Matched against torch.cuda.get_device_name() in order; the first hit wins.
+PEAK_TFLOPS_16BIT = (
+    ("H200", 989.5),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.5),  # SXM / HBM3
+    ("GH200", 989.5),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A6000", 154.8),
+    ("4090", 165.2),
+    ("3090", 71.0),
+    ("V100", 125.0),
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a NaN/inf loss or gradient norm; the last good state was saved."""
+
+
+def total_steps_for(config: Config, tokens_per_step: int, count_epoch_steps) -> int:
+    """Optimizer steps of the run: from the token budget, else total_steps, else total_epochs passes
+    (``count_epoch_steps()`` reads the stream once to size an epoch)."""
+    s = config.scheduler
+    if s.total_tokens:
+        return math.ceil(s.total_tokens / tokens_per_step)
+    if s.total_steps:
+        return s.total_steps
+    return s.total_epochs * count_epoch_steps()
+
+
+def peak_flops(config: Config, device: torch.device) -> float | None:
+    """Peak FLOP/s of one device for MFU: ``runtime.logging.peak_tflops``, else the table for a known
+    GPU at 16-bit precision, else None (CPU, fp32, unknown device: MFU is not logged)."""
+    if config.runtime.logging.peak_tflops:
+        return config.runtime.logging.peak_tflops * 1e12
+    if device.type != "cuda" or config.runtime.precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS_16BIT:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+class NonFiniteGuard:
+    """Decides, once per optimizer step, whether the step's loss and gradient norm are finite.
+
+    ``skip``: the update is dropped (weights and optimizer state unchanged), the step is counted;
+    after ``max_nonfinite_skips`` skipped steps in a row, or with ``stop``, :meth:`check` says stop.
+    All ranks reach the same decision (the flag is summed over processes)."""
+
+    def __init__(self, config: Config, accelerator):
+        self.mode = config.runtime.on_nonfinite
+        self.patience = config.runtime.max_nonfinite_skips
+        self.fp16 = config.runtime.precision == "fp16"
+        # DeepSpeed steps inside backward(), before this guard can veto the update: skip becomes stop.
+        if accelerator.distributed_type == "DEEPSPEED" and self.mode == "skip":
+            self.patience = 1
+        self.accelerator = accelerator
+        self.skipped = 0  # in this run segment; the loop keeps the total in its state
+        self.in_a_row = 0
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.bad_loss |= ~torch.isfinite(loss.detach())
+
+    def check(self, grad_norm: torch.Tensor | float | None) -> bool:
+        """True when the optimizer may step. Resets the loss flag for the next step."""
+        bad = self.bad_loss.clone()
+        # fp16: an inf gradient norm with a finite loss is the loss scaler's business (it skips the
+        # step and lowers the scale), not divergence.
+        if grad_norm is not None and not self.fp16:
+            bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).reshape(())
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.to(torch.float32).reshape(1), reduction="sum").reshape(()) > 0
+        self.bad_loss.zero_()
+        if not bool(bad):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        return False
+
+    @property
+    def must_stop(self) -> bool:
+        return self.in_a_row > 0 and (self.mode == "stop" or self.in_a_row >= self.patience)
