@@ -4,6 +4,7 @@ offload, precision, TorchDynamo), without starting anything."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,17 @@ def test_config_parses_with_accelerate(path):
     assert path.read_text().startswith("#"), "a comment first: what the file is for and how to launch with it"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_environment(path: Path, *extra: str) -> tuple[object, dict[str, str]]:
     """What ``accelerate launch --config_file PATH EXTRA -m hf_streamlm.run`` would hand to torchrun /
     the DeepSpeed launcher: the resolved arguments and the environment of the training processes."""
+    if "--main_process_port" not in extra:  # accelerate refuses a port in use (29500 may be taken by a test run)
+        extra = (*extra, "--main_process_port", str(free_port()))
     args = launch_command_parser().parse_args(["--config_file", str(path), *extra, "-m", "hf_streamlm.run",
                                                "recipe=quickstart"])
     args, defaults, mp_from_config = _validate_launch_command(args)
