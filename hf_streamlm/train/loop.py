@@ -102,31 +102,14 @@ def count_steps_per_epoch(blocks: PackedBlocks, config: Config) -> int:
     return max(1, n_blocks // (config.data.batch_size * config.data.gradient_accumulation_steps))
 
 
-@torch.no_grad()
 def evaluate(model, eval_blocks: list[dict], collator, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
-    """Mean loss over the held-out blocks (per predicted token), perplexity, MLM accuracy."""
-    model.eval()
-    total_loss, total_tokens, correct = 0.0, 0, 0
-    for i in range(0, len(eval_blocks), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collator(eval_blocks[i : i + batch_size]).items()}
-        out = model(**batch)
-        labels = batch["labels"]
-        if collator.__class__ is CausalCollator:
-            labels = labels[:, 1:]
-            logits = out.logits[:, :-1]
-        else:
-            logits = out.logits
-        n = int((labels != -100).sum())
-        total_loss += float(out.loss) * n
-        total_tokens += n
-        correct += int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+    """Mean loss over the held-out blocks (per predicted token), perplexity, MLM accuracy: the same
+    code and ``evaluate`` modules as ``hf-streamlm eval`` (Accelerate's autocast is already on the
+    prepared model, hence fp32 here)."""
+    from hf_streamlm.evaluation import score
+
+    metrics = score(model, eval_blocks, collator, batch_size, accelerator.device, "fp32")
     model.train()
-    if total_tokens == 0:
-        return {}
-    loss = total_loss / total_tokens
-    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
-    if collator.__class__ is not CausalCollator:
-        metrics["eval_accuracy"] = correct / total_tokens
     return metrics
 
 
