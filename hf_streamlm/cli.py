@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("config", "tokenizer") and any(a in ("-h", "--help") for a in rest):
+        from hf_streamlm.config import describe
+
+        print(f"usage: hf-streamlm {command} recipe=NAME [key=value ...]\n\n{COMMANDS[command]}\n\nConfig keys:\n"
+              + describe())
+        return 0
     try:
         if command == "train":
             return train_main(rest)

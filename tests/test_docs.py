@@ -77,10 +77,6 @@ CLI_ARGS = {
 """What each ``hf-streamlm`` subcommand takes besides ``--flags``: ``recipe=``/``key=value`` config
 arguments, one path, one of a set of choices (``cache info|clear|usage``), or nothing."""
 
-KNOWN_HELP_FAILURES = {"config", "tokenizer"}
-"""Subcommands whose ``--help`` does not exit 0 yet (they read it as a config argument and fail);
-reported, kept as strict xfails so the fix shows up here."""
-
 WRAPPERS = {"nohup", "setsid", "exec", "time", "srun"}
 """Commands that run the command after them (``srun`` with its own options)."""
 
@@ -488,13 +484,7 @@ def test_console_script_and_top_level_help():
 SUBCOMMANDS = sorted({c.tokens[1] for c in COMMANDS if c.kind == "cli" and c.tokens[1] in cli.COMMANDS})
 
 
-def known_failure(name: str):
-    reason = (f"`hf-streamlm {name} --help` exits 2 (it reads --help as a config argument); "
-              "once fixed, drop it from KNOWN_HELP_FAILURES")
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-@pytest.mark.parametrize("name", [known_failure(n) if n in KNOWN_HELP_FAILURES else n for n in SUBCOMMANDS])
+@pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_documented_subcommand_help_exits_0(name):
     rc, text = cli_help(name)
     assert rc == 0, f"hf-streamlm {name} --help exits {rc}: {text[-300:]}"
