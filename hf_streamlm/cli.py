@@ -22,14 +22,15 @@ COMMANDS = {
     "models": "list the named model shapes (model.preset=NAME) with parameter counts",
     "eval": "score a model on the held-out stream: eval PATH [recipe=NAME] [key=value ...] [--json FILE]",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
-    "push": "upload an export folder (or a run's export/) to the Hub: push DIR --repo-id USER/NAME [--private] "
+    "push": "upload an export folder (or a run's export/) to the Hub: push DIR --repo-id USER/NAME [--private|--public] "
             "[--revision BRANCH]",
     "cache": "the processed-data cache: cache info|clear|usage [--cache-dir DIR | recipe=NAME] [--key KEY] [--json]",
 }
 
 
 def usage() -> str:
-    return "usage: hf-streamlm COMMAND [args]\n\ncommands:\n" + "\n".join(f"  {k:<9}{v}" for k, v in COMMANDS.items())
+    width = max(map(len, COMMANDS)) + 2
+    return "usage: hf-streamlm COMMAND [args]\n\ncommands:\n" + "\n".join(f"  {k:<{width}}{v}" for k, v in COMMANDS.items())
 
 
 def eval_command(args: list[str]) -> int:
@@ -103,7 +104,10 @@ def push_command(args: list[str]) -> int:
     parser.add_argument("path", help="an export folder, or a run directory (its export/); training state "
                                      "(optimizer, scheduler, RNG, pickles) is never uploaded")
     parser.add_argument("--repo-id", required=True)
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    visibility = parser.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=HubConfig.private,
+                            help="create the repository as private (the default, as hub.private)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="create it as public")
     parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
     parser.add_argument("--commit-message", default=HubConfig.commit_message)
     ns = parser.parse_args(args)
@@ -156,9 +160,6 @@ def stats_command(args: list[str]) -> int:
     as_json, plot, overrides = False, None, []
     rest = iter(args)
     for arg in rest:
-        if arg in ("-h", "--help"):
-            print(f"usage: hf-streamlm {COMMANDS['stats']}")
-            return 0
         if arg == "--json":
             as_json = True
         elif arg == "--plot":
@@ -315,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("config", "tokenizer") and any(a in ("-h", "--help") for a in rest):
+    if command in ("config", "tokenizer", "stats", "recipes", "models") and any(a in ("-h", "--help") for a in rest):
         from hf_streamlm.config import describe
 
+        if command in ("recipes", "models"):
+            print(f"usage: hf-streamlm {command}\n\n{COMMANDS[command]}")
+            return 0
         print(f"usage: hf-streamlm {command} recipe=NAME [key=value ...]\n\n{COMMANDS[command]}\n\nConfig keys:\n"
               + describe())
         return 0

@@ -687,7 +687,7 @@ def validate(c: Config) -> None:
 
     t = c.tokenizer
     _positive("tokenizer.vocab_size", t.vocab_size)
-    if m.type == "decoder" and t.kind != "bpe" and not (t.path or t.name or t.tokenizer_json):
+    if m.type == "decoder" and t.kind != "bpe" and not (t.path or t.name or t.tokenizer_json or t.vocab):
         raise ConfigError("model.type=decoder trains a byte-level tokenizer: set 'tokenizer.kind' to bpe")
     if bool(t.vocab) != bool(t.merges):
         raise ConfigError("'tokenizer.vocab' and 'tokenizer.merges' go together: give both or neither")

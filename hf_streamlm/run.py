@@ -68,7 +68,8 @@ def command_line(argv: list[str]) -> str:
     """The command that started this run, for the model card (``accelerate launch`` when launched by it)."""
     import shlex
 
-    launcher = "accelerate launch -m hf_streamlm.run" if "LOCAL_RANK" in os.environ else "python -m hf_streamlm.run"
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ  # set by accelerate launch
+    launcher = "accelerate launch -m hf_streamlm.run" if launched else "python -m hf_streamlm.run"
     return " ".join([launcher, *map(shlex.quote, argv)])
 
 

@@ -135,3 +135,13 @@ def test_docs_configuration_reference_is_in_sync():
 
     page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert page.read_text() == reference_markdown(), "regenerate: hf-streamlm config --reference > docs/configuration.md"
+
+
+def test_decoder_with_vocab_and_merges_files_needs_no_kind(tmp_path):
+    """Seed 004's style: a decoder pointed at vocab.json + merges.txt is a loaded tokenizer, not one
+    to train, so tokenizer.kind does not have to say bpe."""
+    config = load_config(["model.type=decoder", f"tokenizer.vocab={tmp_path / 'vocab.json'}",
+                          f"tokenizer.merges={tmp_path / 'merges.txt'}"])
+    assert config.tokenizer.kind == "wordpiece" and config.tokenizer.vocab.endswith("vocab.json")
+    with pytest.raises(ConfigError, match="tokenizer.kind"):
+        load_config(["model.type=decoder"])

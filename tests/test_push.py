@@ -137,7 +137,7 @@ def test_push_command_uploads_a_runs_export_once(hub_server, token, trained_run,
     first = run("-m", "hf_streamlm.cli", *push)  # the console script, in its own process
     assert first.returncode == 0, first.stderr.decode()[-3000:]
     assert f"Pushed {trained_run / 'export'} to me/cli (branch exp-2)" in first.stdout.decode()
-    assert not hub_server.is_private("me/cli")  # no --private
+    assert hub_server.is_private("me/cli")  # private by default, as hub.private
     commit = assert_branch_holds(hub_server, "me/cli", "exp-2", trained_run / "export")
     assert commit["summary"] == "tiny decoder, 6 steps"
 
@@ -199,3 +199,11 @@ def test_push_with_a_wrong_token_fails_without_showing_it(hub_server, trained_ru
         push_export(trained_run, load_config(["hub.repo_id=me/denied"]))
     assert err.value.response.status_code == 401 and TOKEN not in str(err.value)
     assert not hub_server.repo_dir("me/denied", "model").exists()
+
+
+def test_push_command_public_repository(hub_server, token, trained_run):
+    from hf_streamlm.cli import main
+
+    assert main(["push", str(trained_run), "--repo-id", "me/open", "--public"]) == 0
+    assert not hub_server.is_private("me/open")
+    assert "config.json" in hub_server.files("me/open")

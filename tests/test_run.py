@@ -192,6 +192,17 @@ def test_accelerate_launch_two_processes(tmp_path):
     ckpt = out / "checkpoints" / "step-10"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (out / "export" / "model.safetensors").is_file()
+    # Resuming those two ranks' stream positions with one process would lose one: refused, one line.
+    proc = run_cli(*SHORT, "scheduler.total_steps=20", f"runtime.output_dir={out}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "written by 2 process(es) and this run has 1" in proc.stderr
+
+
+def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run):
+    out, _ = quickstart_run
+    proc = run_cli(*SHORT, "runtime.resume=never", f"runtime.output_dir={out}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "runtime.resume=never" in proc.stderr and "step-30" in proc.stderr
 
 
 def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run, tmp_path):

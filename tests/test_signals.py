@@ -71,3 +71,22 @@ def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_bou
     full = tmp_path / "full"
     assert run_cli(*args, f"runtime.output_dir={full}").returncode == 0
     assert losses(run) == losses(full)
+
+
+def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_run(tmp_path):
+    """`accelerate launch` with one process does not forward SIGTERM (it dies); the training process
+    follows its launcher (PR_SET_PDEATHSIG), saves at the next step boundary and exits 0."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_streamlm.run", *ARGS,
+           f"runtime.output_dir={run}"]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = run / "history.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 10):
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=300)  # the pipes close when the training process has exited
+    assert "Stopped by SIGTERM" in out, err[-2000:]
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    assert 10 <= json.loads((checkpoint / "trainer_state.json").read_text())["step"] < 120

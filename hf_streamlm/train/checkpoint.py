@@ -140,6 +140,12 @@ def resolve_resume(config: Config, directory: Path) -> Path | None:
     """The checkpoint to resume from according to ``runtime.resume``, or None."""
     mode = config.runtime.resume
     if mode == "never":
+        found = list_checkpoints(directory)
+        if found:
+            raise ConfigError(
+                f"runtime.resume=never, but {directory} holds checkpoints of an earlier run (newest {found[-1].name}); "
+                "a fresh run there would mix with them: choose another runtime.output_dir, or delete that folder"
+            )
         return None
     if mode == "auto":
         found = list_checkpoints(directory)
@@ -148,12 +154,17 @@ def resolve_resume(config: Config, directory: Path) -> Path | None:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[str, Any]:
+    if loader is not None:
+        # Each rank's place in the stream is its own: with another number of processes some would be
+        # lost (documents skipped) or missing, so the counts must agree.
+        written = len(list(path.glob("data_state_*.pt")))
+        if written != accelerator.num_processes:
+            raise ConfigError(f"checkpoint {path} was written by {written} process(es) and this run has "
+                              f"{accelerator.num_processes}: resume with {written} (each rank's stream position is "
+                              "its own), or start a new runtime.output_dir")
     accelerator.load_state(str(path))
     if loader is not None:
         data_state = data_state_file(path, accelerator.process_index)
-        if not data_state.is_file():
-            raise ConfigError(f"checkpoint {path} has no data state for rank {accelerator.process_index} ({data_state.name}):"
-                              " it was written by a run with fewer processes; resume with the same number")
         # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
         loader.load_state_dict(torch.load(data_state, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,8 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
+            follow_launcher()
+
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
@@ -71,6 +74,19 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def follow_launcher() -> None:
+    """Under ``accelerate launch``, get SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``). A
+    one-process launch does not forward the SIGTERM a pod stop sends it: the launcher just dies, and
+    without this the run would go on orphaned, then be killed with nothing saved."""
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def make_collator(config: Config, tokenizer, seed: int):
