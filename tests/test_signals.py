@@ -90,3 +90,25 @@ def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_run(tmp_path):
     assert "Stopped by SIGTERM" in out, err[-2000:]
     (checkpoint,) = (run / "checkpoints").iterdir()
     assert 10 <= json.loads((checkpoint / "trainer_state.json").read_text())["step"] < 120
+
+
+def test_sigterm_during_eval_finishes_it_and_stops_at_that_step(tmp_path):
+    """The signal lands while step 20's evaluation runs (its train row is written, its eval row not
+    yet): the evaluation completes, the run checkpoints at step 20 and exits 0."""
+    run = tmp_path / "run"
+    args = [*ARGS, "runtime.evaluation.every_n_steps=20", "runtime.evaluation.max_batches=100", "data.eval_holdout=0.5"]
+    proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = run / "history.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and '"step": 20, "epoch"' in history.read_text():  # step 20's train row
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    assert rows[-1]["step"] == 20 and "eval_loss" in rows[-1]  # the evaluation was not cut short
+    assert "Stopped by SIGTERM at step 20" in out
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-20"]
