@@ -112,3 +112,29 @@ def test_sigterm_during_eval_finishes_it_and_stops_at_that_step(tmp_path):
     assert rows[-1]["step"] == 20 and "eval_loss" in rows[-1]  # the evaluation was not cut short
     assert "Stopped by SIGTERM at step 20" in out
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-20"]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Two processes; only rank 1 gets SIGTERM. The ranks agree at the next step boundary: one
+    checkpoint holding both ranks' data states, both exit 0, and the launcher with them."""
+    import psutil
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29541", "-m", "hf_streamlm.run", *ARGS, f"runtime.output_dir={run}"]
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = run / "history.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 10):
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if "hf_streamlm.run" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    assert len(ranks) == 1
+    ranks[0].send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-2000:]
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    assert sorted(p.name for p in checkpoint.glob("data_state_*.pt")) == ["data_state_0.pt", "data_state_1.pt"]
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    assert f"Stopped by SIGTERM at step {step}" in out and 10 <= step < 120
