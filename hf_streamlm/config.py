@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import logging
 import os
 import textwrap
 import types
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 """The shipped recipes: ``recipes/`` at the top of the repository, linked here so wheels carry them."""
@@ -581,6 +584,19 @@ def _apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": _merge(MODEL_PRESETS[name], model)}
 
 
+DECODER_ONLY_KEYS = ("num_key_value_heads", "rope_mode", "rope_theta", "rope_factor")
+"""Model keys only a decoder has: a recipe that uses them without ``model.type`` (seed 004's
+training.yaml, written for a decoder-only tool) means a decoder."""
+
+
+def _infer_family(data: dict[str, Any]) -> None:
+    model = data.get("model")
+    if isinstance(model, dict) and "type" not in model and any(k in model for k in DECODER_ONLY_KEYS):
+        model["type"] = "decoder"
+        logger.info("model.type is not set but the model section has decoder keys (%s): model.type=decoder",
+                    ", ".join(k for k in DECODER_ONLY_KEYS if k in model))
+
+
 def load_config(args: list[str] | None = None, recipe: str | None = None) -> Config:
     """Resolve ``recipe=NAME key=value ...`` into a validated :class:`Config`.
 
@@ -597,6 +613,10 @@ def load_config(args: list[str] | None = None, recipe: str | None = None) -> Con
     data = _fix_yaml_floats(read_recipe(recipe)) if recipe else {}
     data = _merge(data, _fix_yaml_floats(overrides))
     data = _apply_preset(data)
+    _infer_family(data)
+    if recipe and not (data.get("data") or {}).get("sources") and not (data.get("data") or {}).get("train_shards"):
+        logger.warning("recipe %s sets neither data.sources nor data.train_shards: training on the built-in "
+                       "pydocs corpus", recipe)
     data["recipe"] = recipe
     config = build(Config, data)
     validate(config)

@@ -145,3 +145,21 @@ def test_decoder_with_vocab_and_merges_files_needs_no_kind(tmp_path):
     assert config.tokenizer.kind == "wordpiece" and config.tokenizer.vocab.endswith("vocab.json")
     with pytest.raises(ConfigError, match="tokenizer.kind"):
         load_config(["model.type=decoder"])
+
+
+def test_seed_004_training_yaml_without_model_type_is_a_decoder(tmp_path, caplog):
+    """Seed 004's training.yaml (a decoder-only tool's file) has no model.type: its decoder keys
+    (num_key_value_heads, rope_*) make it a decoder, and an unset data source is warned about."""
+    recipe = tmp_path / "training.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 4, "max_position_embeddings": 128, "attn_dropout": None,
+                  "residual_dropout": 0.0, "rope_mode": None, "rope_theta": None},
+        "tokenizer": {"tokenizer_json": str(tmp_path / "tokenizer.json")},
+        "data": {"train_shards": [], "validation_shards": [], "batch_size": 2, "sequence_length": 128},
+    }))
+    with caplog.at_level("WARNING", logger="hf_streamlm.config"):
+        config = load_config([f"recipe={recipe}"])
+    assert config.model.type == "decoder"
+    assert "neither data.sources nor data.train_shards" in caplog.text
+    assert load_config(["recipe=quickstart"]).model.type == "microbert"
