@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -102,10 +103,23 @@ def make_collator(config: Config, tokenizer, seed: int):
 
 
 def prepare_tokenizer(config: Config, accelerator: Accelerator, out: Path):
-    """Train (or load) the tokenizer on the main process, save it in the run, load it everywhere."""
+    """Train (or load) the tokenizer on the main process, save it in the run, load it everywhere.
+
+    Training on 1M streamed documents (runpod_1b) can outlast the process group's timeout (30 min),
+    so the other ranks wait for the finished folder on the (shared) run directory, not in a
+    collective; it appears whole (written aside, then renamed)."""
     saved = out / "tokenizer"
-    if accelerator.is_main_process and not (saved / "tokenizer.json").is_file():
-        build_tokenizer(config).save_pretrained(saved)
+    if not (saved / "tokenizer.json").is_file():
+        if accelerator.is_main_process:
+            tmp = out / ".tmp-tokenizer"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(saved, ignore_errors=True)  # a partial folder left by an older version
+            build_tokenizer(config).save_pretrained(tmp)
+            tmp.rename(saved)
+        else:
+            logger.info("rank %d: waiting for the main process to train the tokenizer", accelerator.process_index)
+            while not (saved / "tokenizer.json").is_file():
+                time.sleep(1.0)
     accelerator.wait_for_everyone()
     from transformers import AutoTokenizer
 
