@@ -278,8 +278,10 @@ class LoggingConfig:
 class RuntimeConfig:
     seed: int = 42
     """Seed for model init, data order and masking."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Mixed precision mode passed to Accelerate (``fp32`` = none)."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Mixed precision passed to Accelerate (``fp32`` = none); it wins over the launch config's
+    ``mixed_precision``. ``auto`` takes the launcher's instead (``accelerate launch --mixed_precision``
+    or the config file's), fp32 without one; the resolved value is what ``config.yaml`` records."""
     log_every_n_steps: int = 10
     """Write a history row every N optimizer steps."""
     output_dir: str | None = None

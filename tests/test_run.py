@@ -228,3 +228,21 @@ def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run
     bad = subprocess.run([str(script), "export", str(tmp_path), "--output", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "neither a checkpoint" in bad.stderr
+
+
+def test_precision_auto_takes_the_launchers_choice(tmp_path):
+    """runtime.precision=auto: `accelerate launch --mixed_precision bf16` decides, and the run's
+    config.yaml records the resolved value; without a launcher it is fp32."""
+    out = tmp_path / "auto"
+    args = [*[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=4",
+            "runtime.checkpoint.every_n_steps=4", "runtime.evaluation.every_n_steps=4", "runtime.precision=auto",
+            "model.num_layers=1", "data.batch_size=4", "runtime.demo_sentences=[]"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "hf_streamlm.run", *args,
+           f"runtime.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["precision"] == "bf16"
+    plain = run_cli(*args, f"runtime.output_dir={tmp_path / 'plain'}")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["runtime"]["precision"] == "fp32"

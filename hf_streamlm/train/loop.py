@@ -151,11 +151,13 @@ def train(config: Config, command: str | None = None) -> Path:
     tensorboard = r.logging.tensorboard
     accelerator = Accelerator(
         **accelerator_placement(has_accelerator()),  # CPU jobs use gloo; DeepSpeed its own CPU accelerator
-        mixed_precision="no" if r.precision == "fp32" else r.precision,
+        mixed_precision=None if r.precision == "auto" else "no" if r.precision == "fp32" else r.precision,
         gradient_accumulation_steps=d.gradient_accumulation_steps,
         log_with="tensorboard" if tensorboard else None,
         project_dir=str(out if tensorboard is True or not tensorboard else Path(tensorboard).parent),
     )
+    if r.precision == "auto":  # the launcher's choice, written back so everything after sees it
+        r.precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
     set_seed(r.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
