@@ -3,6 +3,7 @@ own loopback server."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -27,3 +28,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The shipped corpus dealt into 4 jsonl files (``part-<i>.jsonl`` holds documents i, i+4, ...), so
+    that 2 DataLoader workers or 2 ranks each read whole shards of a local source."""
+    from hf_streamlm.data.corpus import BUILTIN_CORPORA
+
+    root = tmp_path_factory.mktemp("shards")
+    lines = gzip.open(BUILTIN_CORPORA["pydocs"], "rt").read().splitlines()
+    for i in range(4):
+        (root / f"part-{i}.jsonl").write_text("\n".join(lines[i::4]) + "\n")
+    return root

@@ -6,7 +6,6 @@ decoder (tied embeddings), so both families and both Auto classes are covered.""
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import socket
@@ -17,27 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_streamlm.data.corpus import BUILTIN_CORPORA
 from tests.conftest import REPO
 
 CASES = {2: "quickstart", 3: "quickstart_decoder"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The shipped corpus as a local JSON-lines source, in 4 files (as a multi-rank run would read it)."""
-    root = tmp_path_factory.mktemp("corpus")
-    lines = gzip.open(BUILTIN_CORPORA["pydocs"], "rt").read().splitlines()
-    for i in range(4):
-        (root / f"part-{i}.jsonl").write_text("\n".join(lines[i::4]) + "\n")
-    return root
-
-
-def tiny(recipe: str, corpus) -> list[str]:
+def tiny(recipe: str, shards) -> list[str]:
     """8 optimizer steps of 2 micro-batches of 8 blocks; checkpoints and evals at steps 4 and 8. Stock Llama
     cannot keep attention inside documents, so the decoder trains without document masking: its native
     export then computes exactly what the trained model does."""
-    return [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{corpus}/part-*.jsonl'}}]",
+    return [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
             "data.shuffle_buffer_size=300", "data.batch_size=8", "data.gradient_accumulation_steps=2",
             "data.document_masking=false", "scheduler.total_steps=8", "scheduler.warmup_steps=2",
             "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=4", "runtime.checkpoint.max_keep=5",
@@ -65,11 +53,11 @@ def launch(stage: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module", params=sorted(CASES), ids=lambda s: f"zero{s}")
-def runs(request, tmp_path_factory, corpus):
+def runs(request, tmp_path_factory, shards):
     """An uninterrupted run, and the same run resumed from its step-4 checkpoint."""
     stage = request.param
     root = tmp_path_factory.mktemp(f"zero{stage}")
-    args = tiny(CASES[stage], corpus)
+    args = tiny(CASES[stage], shards)
     full = root / "full"
     proc = launch(stage, args + [f"runtime.output_dir={full}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

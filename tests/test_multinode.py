@@ -9,7 +9,6 @@ directory, the default layout of a named experiment (seed 004's ``runs/runpod-1b
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -18,10 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from hf_streamlm.data.corpus import BUILTIN_CORPORA
 from tests.conftest import REPO
 
 EXPERIMENT = "two-machines"
@@ -32,16 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """The shipped corpus dealt into 4 files: the stream has 4 shards, 2 per machine."""
-    root = tmp_path_factory.mktemp("shards")
-    lines = gzip.open(BUILTIN_CORPORA["pydocs"], "rt").read().splitlines()
-    for i in range(N_FILES):
-        (root / f"part-{i}.jsonl").write_text("\n".join(lines[i::N_FILES]) + "\n")
-    return root
 
 
 def recipe_args(shards: Path) -> list[str]:
