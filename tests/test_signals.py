@@ -4,6 +4,7 @@ and exits 0; running the same command again resumes and ends exactly like an uni
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -64,8 +65,10 @@ def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_bou
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-31"]
-    assert "Stopped by SIGTERM at step 31" in out
+    # Step 31 unless a busy machine delays the signal past the next boundary; never step 30's write cut short.
+    stopped = int(re.search(r"Stopped by SIGTERM at step (\d+)", out).group(1))
+    assert stopped >= 31
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", f"step-{stopped}"]
     resumed = run_cli(*args, f"runtime.output_dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     full = tmp_path / "full"
