@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread for every run the tests start: the exact-resume tests compare losses bit for
+# bit, and a parallel float reduction split over a different number of threads rounds differently
+# (one 1-ulp difference at one step between two fresh 2-thread processes was seen once). Multi-process
+# launches get this from torchrun anyway; the tiny test models do not run slower for it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
