@@ -20,6 +20,12 @@ Precedence: command line > recipe > defaults. Keys:
 """
 
 
+def launched_by_accelerate() -> bool:
+    """True in a process started by ``accelerate launch`` (torchrun sets LOCAL_RANK; the one-process
+    launcher only its ACCELERATE_* variables)."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
 def fail(message: str) -> None:
     if "Original Traceback" in message:  # raised in a DataLoader worker: torch appended its traceback
         message = message.strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
@@ -68,8 +74,7 @@ def command_line(argv: list[str]) -> str:
     """The command that started this run, for the model card (``accelerate launch`` when launched by it)."""
     import shlex
 
-    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ  # set by accelerate launch
-    launcher = "accelerate launch -m hf_streamlm.run" if launched else "python -m hf_streamlm.run"
+    launcher = "accelerate launch -m hf_streamlm.run" if launched_by_accelerate() else "python -m hf_streamlm.run"
     return " ".join([launcher, *map(shlex.quote, argv)])
 
 

@@ -83,20 +83,21 @@ def assert_same_figures(result: dict, logged: dict, keys: tuple[str, ...]) -> No
         assert result[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-7), key
 
 
-@pytest.fixture(scope="module")
-def mlm_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "mlm"
-    proc = run_cli(*MLM, f"runtime.output_dir={out}")
+def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
+    out = tmp_path_factory.mktemp("runs") / name
+    proc = run_cli(*args, f"runtime.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def mlm_run(tmp_path_factory) -> Path:
+    return trained(tmp_path_factory, "mlm", MLM)
 
 
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "decoder"
-    proc = run_cli(*DECODER, f"runtime.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return trained(tmp_path_factory, "decoder", DECODER)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -64,12 +64,19 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
         replace_dir(tmp, final)
-        kept = list_checkpoints(directory) if rank_by is None else sorted(list_checkpoints(directory), key=eval_loss,
-                                                                          reverse=True)
-        for old in kept[:-max_keep]:
-            remove_dir(old)
+        rotate(directory, max_keep, rank_by)
     accelerator.wait_for_everyone()
     return final
+
+
+def rotate(directory: Path, max_keep: int, rank_by: str | None = None) -> None:
+    """Delete all but the newest ``max_keep`` checkpoints, or with ``rank_by="eval_loss"`` all but
+    the ``max_keep`` with the lowest eval loss."""
+    found = list_checkpoints(directory)  # oldest first
+    if rank_by == "eval_loss":
+        found.sort(key=eval_loss, reverse=True)  # worst first
+    for old in found[:-max_keep]:
+        remove_dir(old)
 
 
 def remove_partial(directory: Path) -> None:
@@ -130,8 +137,7 @@ def save_best(accelerator: Accelerator, config: Config, tokenizer, directory: Pa
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(saved, tmp)
         replace_dir(tmp, final)
-        for old in sorted(list_checkpoints(directory), key=eval_loss, reverse=True)[:-max_keep]:
-            remove_dir(old)
+        rotate(directory, max_keep, rank_by="eval_loss")
     accelerator.wait_for_everyone()
     return final
 

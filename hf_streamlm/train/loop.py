@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -81,8 +80,9 @@ def follow_launcher() -> None:
     """Under ``accelerate launch``, get SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``). A
     one-process launch does not forward the SIGTERM a pod stop sends it: the launcher just dies, and
     without this the run would go on orphaned, then be killed with nothing saved."""
-    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
-    if not launched or not sys.platform.startswith("linux"):
+    from hf_streamlm.run import launched_by_accelerate
+
+    if not launched_by_accelerate() or not sys.platform.startswith("linux"):
         return
     import ctypes
 

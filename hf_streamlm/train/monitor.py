@@ -74,7 +74,6 @@ class NonFiniteGuard:
         if accelerator.distributed_type == "DEEPSPEED" and self.mode == "skip":
             self.patience = 1
         self.accelerator = accelerator
-        self.skipped = 0  # in this run segment; the loop keeps the total in its state
         self.in_a_row = 0
         self.bad_loss = torch.zeros((), dtype=torch.bool, device=accelerator.device)
 
@@ -94,7 +93,6 @@ class NonFiniteGuard:
         if not bool(bad):
             self.in_a_row = 0
             return True
-        self.skipped += 1
         self.in_a_row += 1
         return False
 
