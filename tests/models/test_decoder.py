@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfi
 import hf_streamlm.models
 from hf_streamlm.models import DecoderConfig, DecoderForCausalLM, DecoderModel
 from hf_streamlm.models.decoder.configuration_decoder import swiglu_intermediate_size
+from hf_streamlm.models.decoder.modeling_decoder import CACHE_FIELD
 from hf_streamlm.models.export_formats import save_model, to_llama_config, to_native
 from tests.models.isolated import run_isolated
 
@@ -66,6 +67,12 @@ def padded_batch(seed: int = 1, side: str = "right") -> tuple[torch.Tensor, torc
     input_ids[1, padding] = 0
     attention_mask[1, padding] = 0
     return input_ids, attention_mask
+
+
+def out_cache(output):
+    """The key/value cache of a model output, under the field name of the installed transformers (`cache` from
+    5.24, `past_key_values` before)."""
+    return getattr(output, CACHE_FIELD)
 
 
 def logits_of(model, *args, **kwargs) -> torch.Tensor:
@@ -174,7 +181,7 @@ def test_forward_shapes_and_loss():
 
     out = model(input_ids, attention_mask=attention_mask, labels=labels)
     assert out.logits.shape == (2, 10, config.vocab_size)
-    assert out.past_key_values is not None  # eval mode, use_cache defaults to config.use_cache
+    assert out_cache(out) is not None  # eval mode, use_cache defaults to config.use_cache
     # Position t predicts token t + 1; padding labels (-100) and the last position do not count.
     log_probs = out.logits.float().log_softmax(-1)
     terms = [-log_probs[b, t, labels[b, t + 1]] for b in range(2) for t in range(9) if labels[b, t + 1] != -100]
@@ -192,7 +199,7 @@ def test_forward_shapes_and_loss():
     torch.testing.assert_close(last, out.logits[:, -1:])
 
     model.train()
-    assert model(input_ids, labels=labels).past_key_values is None  # no cache built while training
+    assert out_cache(model(input_ids, labels=labels)) is None  # no cache built while training
 
 
 def test_init_weights_llama_style():
@@ -218,7 +225,7 @@ def test_grouped_query_attention_shapes_and_mqa():
         assert attention.k_proj.weight.shape == (kv_heads * 8, 32)
         assert attention.v_proj.weight.shape == (kv_heads * 8, 32)
         out = model(random_ids((2, 6)))
-        assert out.past_key_values.layers[0].keys.shape == (2, kv_heads, 6, 8)
+        assert out_cache(out).layers[0].keys.shape == (2, kv_heads, 6, 8)
 
 
 @pytest.mark.parametrize("padding", [None, "right", "left"])
@@ -262,13 +269,13 @@ def test_cached_and_uncached_logits_agree(attn_implementation):
             input_ids[:, :6], attention_mask=attention_mask[:, :6], position_ids=position_ids[:, :6], use_cache=True
         )
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = out_cache(out)
         for t in range(6, 10):
             out = model(
                 input_ids[:, t : t + 1],
                 attention_mask=attention_mask[:, : t + 1],
                 position_ids=position_ids[:, t : t + 1],
-                past_key_values=cache,
+                cache=cache,
             )
             steps.append(out.logits)
     assert cache.get_seq_length() == 10
@@ -280,8 +287,13 @@ def test_cached_and_uncached_logits_agree(attn_implementation):
     full = logits_of(model, ids, use_cache=False)
     with torch.no_grad():
         first = model(ids[:, :4])
-        second = model(ids[:, 4:], past_key_values=first.past_key_values)
+        second = model(ids[:, 4:], cache=out_cache(first))
+        # The pre-5.24 name of the argument is still accepted; both names at once are refused.
+        legacy = model(ids[:, 4:], past_key_values=out_cache(model(ids[:, :4])))
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, 4:], cache=out_cache(first), past_key_values=out_cache(first))
     torch.testing.assert_close(torch.cat([first.logits, second.logits], dim=1), full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(legacy.logits, second.logits, atol=0, rtol=0)
 
 
 def test_generate_with_and_without_cache():
@@ -310,7 +322,10 @@ def test_gradient_checkpointing_same_gradients():
         calls = []
         # A checkpointed layer re-runs its forward during backward, so its submodules are called twice.
         model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
-        model(input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        # Asking for a cache while checkpointing gets none: the replay in backward would append to it twice.
+        out = model(input_ids, attention_mask=attention_mask, labels=labels, use_cache=True)
+        assert (out_cache(out) is None) == checkpointing
+        out.loss.backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}, len(calls)
 
     plain, plain_calls = gradients(checkpointing=False)

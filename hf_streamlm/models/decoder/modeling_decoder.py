@@ -36,6 +36,22 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_decoder import DecoderConfig
 
 
+# transformers 5.24 renamed the key/value cache from `past_key_values` to `cache`: the argument `generate` passes to
+# `forward`, and the field of the model outputs it reads the cache back from. Up to 5.23 both are `past_key_values`.
+# The forwards take either name; outputs are built with the field this transformers declares (an output built with
+# the other name is renamed by 5.24 with a deprecation warning, and would fail to build on 5.23).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed under either name (`past_key_values` is the pre-5.24 spelling); both at once is an error."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the key/value cache as `cache` or as `past_key_values`, not both.")
+    return past_key_values
+
+
 class DecoderRMSNorm(nn.Module):
     """Root-mean-square LayerNorm without centring or bias (Zhang & Sennrich 2019), Llama's normalisation.
 
@@ -229,7 +245,7 @@ class DecoderAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         is_causal: bool = True,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_length, _ = hidden_states.shape
@@ -241,9 +257,9 @@ class DecoderAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
-        if past_key_values is not None:
+        if cache is not None:
             # Rotated keys are cached: a later step only rotates its own new keys.
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            key, value = cache.update(key, value, self.layer_idx)
 
         # Read at call time (not cached in __init__) so `model.set_attn_implementation(...)` takes effect at once.
         # Probabilities only exist on the eager path, so asking for them selects it for this call.
@@ -281,10 +297,11 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(GradientCheckpointingLayer):
     """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)), with `residual_dropout` on each branch.
 
-    Subclassing `GradientCheckpointingLayer` is how transformers 5 checkpoints: `activation_checkpointing_enable()`
+    Subclassing `GradientCheckpointingLayer` is how transformers 5 checkpoints: `gradient_checkpointing_enable()`
     flags every such layer and its `forward` is then re-run in backward. Tensors that need gradients must therefore
-    be passed positionally, and the cache as the keyword `past_key_values` (which the wrapper drops while
-    checkpointing, so that the replay does not append to it twice).
+    be passed positionally. The cache must not be appended to twice by that replay: `DecoderModel.forward` passes
+    none while checkpointing (the wrapper's own guard looks for `cache` from transformers 5.24 on and for
+    `past_key_values` before).
     """
 
     def __init__(self, config: DecoderConfig, layer_idx: int):
@@ -301,7 +318,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         is_causal: bool = True,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention_output, probs = self.self_attn(
@@ -309,7 +326,7 @@ class DecoderLayer(GradientCheckpointingLayer):
             position_embeddings,
             attention_mask=attention_mask,
             is_causal=is_causal,
-            past_key_values=past_key_values,
+            cache=cache,
             output_attentions=output_attentions,
         )
         hidden_states = hidden_states + self.residual_dropout(attention_output)
@@ -324,7 +341,7 @@ class DecoderPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     # The cache is created on the first layer's device and grows there (accelerate must not move it).
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @classmethod
@@ -452,13 +469,14 @@ class DecoderModel(DecoderPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         document_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         r"""
@@ -473,8 +491,9 @@ class DecoderModel(DecoderPreTrainedModel):
                 packed document make every document see the positions it would see alone; when no `attention_mask`
                 and no `document_ids` are given and nothing is cached, such restarts also separate the documents'
                 attention (as in transformers' `LlamaModel`).
-            past_key_values (`Cache`, *optional*):
+            cache (`Cache`, *optional*):
                 Key/value cache of earlier tokens (a `DynamicCache` is created when `use_cache` and none is given).
+                Returned in the output's `cache` field (`past_key_values` before transformers 5.24).
             inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Precomputed token embeddings, used instead of `input_ids`.
             use_cache (`bool`, *optional*):
@@ -492,6 +511,8 @@ class DecoderModel(DecoderPreTrainedModel):
                 id (causal and block-diagonal). Combine with restarting `position_ids` to make each document compute
                 exactly what it computes alone. Takes precedence over boundaries read off `position_ids` (pass zeros
                 to let documents attend to each other while positions restart).
+            past_key_values (`Cache`, *optional*):
+                The name of `cache` before transformers 5.24, still accepted.
             kwargs:
                 Accepted and ignored, so that extra collator, Trainer or `generate` keys do not break the call.
         """
@@ -500,8 +521,12 @@ class DecoderModel(DecoderPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        cache = _one_cache(cache, past_key_values)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        if self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.layers):
+            # Checkpointed layers run twice (forward, then again in backward): a cache would be appended to twice.
+            use_cache, cache = False, None
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of `input_ids` and `inputs_embeds`.")
 
@@ -509,13 +534,11 @@ class DecoderModel(DecoderPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, query_length = inputs_embeds.shape[:2]
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
         # Static caches expose their full allocated length as the keys; dynamic ones past + current.
-        key_length = (
-            past_key_values.get_mask_sizes(query_length, 0)[0] if past_key_values is not None else query_length
-        )
+        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else query_length
 
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
@@ -545,7 +568,7 @@ class DecoderModel(DecoderPreTrainedModel):
                 position_embeddings,
                 attention_mask=mask,
                 is_causal=is_causal,
-                past_key_values=past_key_values,
+                cache=cache,
                 output_attentions=output_attentions,
             )
             if output_attentions:
@@ -556,9 +579,9 @@ class DecoderModel(DecoderPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
 
@@ -598,7 +621,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -608,6 +631,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         document_ids: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         r"""
@@ -631,7 +655,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -670,8 +694,8 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
