@@ -94,6 +94,18 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
     else:
         ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         model = auto.from_config(hf_model_config(m, resolve_vocab_size(config, tokenizer), ids))
+    if m.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError(
+            "'model.attn_implementation' flex_attention trains on a GPU: PyTorch has no FlexAttention backward on the "
+            "CPU (use sdpa here; the model still runs flex_attention on the CPU for inference)"
+        )
+    if m.attn_implementation != model.config._attn_implementation:
+        try:
+            model.set_attn_implementation(m.attn_implementation)
+        except (ImportError, ValueError) as err:  # e.g. flash-attn not installed, or no CUDA
+            reason = str(err).strip().splitlines()[0]
+            message = f"'model.attn_implementation' {m.attn_implementation!r} cannot be used here: {reason}"
+            raise ConfigError(message) from None
     if m.gradient_checkpointing:  # renamed in recent transformers; the old name warns
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model
