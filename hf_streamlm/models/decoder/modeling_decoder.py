@@ -14,8 +14,11 @@ What this file adds to (or does differently from) the stock implementation, for 
   RoPE. Without `document_ids`, the document boundaries are read off restarting `position_ids` the way
   transformers 5.23's `create_causal_mask` does (no attention mask, nothing cached), so the two models agree.
 - `residual_dropout` on the embeddings and on each sublayer output (Llama has no dropout there).
-- Attention chosen by `config._attn_implementation`, "eager" (softmax in float32) or "sdpa"; a boolean mask
-  shared by both; no mask at all when the plain causal pattern suffices, so SDPA can use its fastest kernels.
+- Attention chosen by `config._attn_implementation`: "eager" (softmax in float32) and "sdpa" here, sharing a
+  boolean mask, with no mask at all when the plain causal pattern suffices (so SDPA can use its fastest kernels);
+  any other name through transformers' attention interface, each handed the mask format it takes (`mask_format`):
+  "flex_attention" a document-causal `BlockMask`, "flash_attention_2/3" the padding mask and the restarting
+  `position_ids` (transformers' padding-free path), so packed documents never build a dense T x T mask there.
 - A float32 shifted cross-entropy that honours the `num_items_in_batch` the Trainer passes under gradient
   accumulation.
 
