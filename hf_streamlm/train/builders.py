@@ -121,8 +121,15 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> int:
     return model.num_parameters()
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in GPT-2/BERT practice."""
+def build_optimizer(
+    model: torch.nn.Module, config: Config, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in GPT-2/BERT practice.
+
+    `device` is where training runs (`accelerator.device`). The optimizer is built before `accelerator.prepare`
+    moves the parameters there, so it is the device, not the parameters, that decides the fused CUDA kernel (one
+    launch for all parameters instead of a loop of small ones).
+    """
     o = config.optimizer
     # Under DeepSpeed ZeRO-3 a model built in zero.Init holds empty partitions; ds_shape is the real shape.
     ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
@@ -130,7 +137,8 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     no_decay = [p for p in model.parameters() if p.requires_grad and ndim[id(p)] < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     peak = config.scheduler.max_lr if config.scheduler.max_lr is not None else o.learning_rate
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+    on_cuda = device.type == "cuda" if device is not None else all(p.is_cuda for p in model.parameters())
+    fused = on_cuda and all(p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(groups, lr=peak, betas=(o.beta1, o.beta2), eps=o.epsilon, fused=fused or None)
 
 

@@ -114,3 +114,4 @@ def test_attn_implementation_is_configuration(tmp_path):
         load_config(["recipe=quickstart", "model.attn_implementation=flex_attention"])
     with pytest.raises(ConfigError, match="no attention dropout"):
         load_config([*decoder, "model.attn_implementation=flex_attention", "model.attn_dropout=0.1"])
+
