@@ -85,13 +85,16 @@ The full training configuration is in `{TRAINING_CONFIG}`.
 
 def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Path, fmt: str = "native",
                summary: dict | None = None) -> Path:
-    """Write ``output_dir`` so that ``AutoModel*.from_pretrained(output_dir)`` and ``pipeline`` work."""
+    """Write ``output_dir`` so that ``AutoModel*.from_pretrained(output_dir)``, ``AutoTokenizer`` and ``pipeline``
+    work, in transformers 4.x as in 5.x (native format; the custom format's code needs 5.x)."""
     from hf_streamlm.models.export_formats import save_model
+    from hf_streamlm.tokenizer.export import save_export_tokenizer
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, output_dir, format=fmt)
-    tokenizer.save_pretrained(output_dir)
+    # model_max_length = the positions the model has: truncation=True then cuts where the model ends.
+    save_export_tokenizer(tokenizer, output_dir, config.model.type, model.config.max_position_embeddings)
     config.save(output_dir / TRAINING_CONFIG)
     (output_dir / "README.md").write_text(model_card(model, config, fmt, summary))
     return output_dir
