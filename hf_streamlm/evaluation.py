@@ -9,6 +9,7 @@ the training loop's own (``build_eval_blocks``, ``make_collator``), and the figu
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -205,13 +206,23 @@ def _harness():
     return lm_eval, HFLM, TaskManager
 
 
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, include_defaults: bool):
+    _, _, TaskManager = _harness()
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
 def task_manager(tasks: list[str], include_path: str | Path | None = None):
     """lm_eval's ``TaskManager`` with ``include_path`` added, after checking that every task name (or glob)
-    matches a task, group or tag there or among the built-in ones."""
-    _, _, TaskManager = _harness()
+    matches a task, group or tag there or among the built-in ones. Indexing lm_eval's thousands of built-in
+    task YAMLs takes 10-40 s, so tasks that are all in ``include_path`` get a manager of that folder alone;
+    managers are kept for the next evaluation."""
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"--include-path '{include_path}' is not a folder (of lm-evaluation-harness task YAMLs)")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    own = str(Path(include_path).resolve()) if include_path else None
+    manager = _task_manager(own, False) if own else None
+    if manager is None or not all(manager.match_tasks([t]) for t in tasks):
+        manager = _task_manager(own, True)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         where = f"in {include_path} or " if include_path else ""
@@ -340,3 +351,36 @@ def _export_family(path: Path) -> tuple[Any, str, list[str]]:
     masked = any(a.endswith("ForMaskedLM") for a in archs) or (
         not archs and hf_config.model_type in ("bert", "microbert"))
     return hf_config, MASKED if masked else CAUSAL, archs
+
+
+# --------------------------------------------------------------------------- in the training loop
+
+
+def check_loop_tasks(config: Config, accelerator) -> None:
+    """Before training: ``runtime.evaluation.tasks`` can run (lm_eval installed, every task found, not
+    under ZeRO-3), so that a bad name fails now rather than at the first evaluation hours in."""
+    e = config.runtime.evaluation
+    if not e.tasks:
+        return
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        raise ConfigError("'runtime.evaluation.tasks' runs the model on the main process alone, which ZeRO-3's "
+                          "sharded parameters do not allow; score the checkpoints with hf-streamlm eval PATH --tasks")
+    if accelerator.is_main_process:
+        task_manager(e.tasks, e.tasks_include_path)
+
+
+def loop_tasks(model, tokenizer, config: Config, step: int, accelerator) -> dict[str, Any] | None:
+    """Run ``runtime.evaluation.tasks`` on the main process (the others wait) on the model being trained, as
+    OLMo-core and llm-foundry run downstream evals in the loop; the main process gets ``{"step", "results":
+    {"lm_eval/<task>/<metric>": ...}, "samples"}`` (also kept in the checkpoint state and the model card), the
+    others None."""
+    e = config.runtime.evaluation
+    result = None
+    if accelerator.is_main_process:
+        net = accelerator.unwrap_model(model, keep_torch_compile=False)
+        out = run_harness(net, tokenizer, e.tasks, e.tasks_include_path, accelerator.device, config.data.batch_size,
+                          e.tasks_limit)
+        result = {"step": step, "results": out["results"], "samples": out["samples"]}
+    accelerator.wait_for_everyone()
+    return result

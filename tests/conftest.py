@@ -98,9 +98,57 @@ def mlm_run(tmp_path_factory) -> Path:
     return trained(tmp_path_factory, "mlm", MLM)
 
 
+CLOZE_TASK = "pydocs_cloze"
+
+
 @pytest.fixture(scope="session")
-def decoder_run(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, "decoder", DECODER)
+def cloze_task(tmp_path_factory) -> Path:
+    """A local lm-evaluation-harness task (offline): a YAML over a JSONL of 40 four-way cloze items from the
+    last documents of the shipped corpus (the context: a document's first 8-15 words; the choices: the next
+    word and 3 other words of the corpus)."""
+    import json
+    import random
+
+    from hf_streamlm.data.corpus import BUILTIN_CORPORA
+
+    root = tmp_path_factory.mktemp("lm_eval_tasks")
+    docs = [json.loads(line)["text"] for line in gzip.open(BUILTIN_CORPORA["pydocs"], "rt")][-200:]
+    rng = random.Random(0)
+    pool = sorted({w for d in docs for w in d.split() if w.isalpha()})
+    items = []
+    for words in (d.split() for d in docs):
+        if len(words) < 20:
+            continue
+        k = rng.randrange(8, 16)
+        choices = [words[k], *rng.sample([w for w in pool if w != words[k]], 3)]
+        rng.shuffle(choices)
+        items.append({"context": " ".join(words[:k]), "choices": choices, "label": choices.index(words[k])})
+        if len(items) == 40:
+            break
+    (root / "cloze.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (root / "cloze.yaml").write_text(f"""task: {CLOZE_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root / "cloze.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+""")
+    return root
+
+
+@pytest.fixture(scope="session")
+def decoder_run(tmp_path_factory, cloze_task) -> Path:
+    """DECODER, with the cloze task run in the loop (lm-evaluation-harness) at each evaluation."""
+    tasks = [f"runtime.evaluation.tasks=[{CLOZE_TASK}]", f"runtime.evaluation.tasks_include_path={cloze_task}"]
+    return trained(tmp_path_factory, "decoder", [*DECODER, *tasks])
 
 
 @pytest.fixture(scope="session")

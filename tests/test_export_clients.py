@@ -102,8 +102,9 @@ def test_exports_load_in_transformers_4_57_and_onnxruntime_with_the_same_logits(
     workdir.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([str(compat_python), "-I", str(REPO / "tests" / "compat_check.py"), str(tmp_path / "spec.json"),
-                           str(tmp_path / "out.pt")], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    command = [str(compat_python), "-I", str(REPO / "tests" / "compat_check.py"), str(tmp_path / "spec.json"),
+               str(tmp_path / "out.pt")]
+    proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = torch.load(tmp_path / "out.pt")
     assert seen["_versions"]["transformers"].startswith("4.57.") and seen["_hf_streamlm_imported"] is False
