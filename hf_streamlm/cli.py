@@ -49,10 +49,10 @@ def eval_command(args: list[str]) -> int:
     tasks, include_path, limit = None, None, None
     rest = iter(args)
 
-    def value_of(option: str, example: str) -> str:
+    def value_of(option: str, what: str, example: str) -> str:
         value = next(rest, None)
         if value is None or value.startswith("-"):
-            fail(f"{option} needs a value (e.g. {option} {example})")
+            fail(f"{option} needs {what} (e.g. {option} {example})")
         return value
 
     for arg in rest:
@@ -69,13 +69,13 @@ def eval_command(args: list[str]) -> int:
                   "(lm_eval/<task>/<metric>) and, for an export, to its model card.")
             return 0
         if arg == "--json":
-            json_file = value_of("--json", "eval.json")
+            json_file = value_of("--json", "a file name", "eval.json")
         elif arg == "--tasks":
-            tasks = [t.strip() for t in value_of("--tasks", "hellaswag,my_task").split(",") if t.strip()]
+            tasks = [t.strip() for t in value_of("--tasks", "task names", "hellaswag,my_task").split(",") if t.strip()]
         elif arg == "--include-path":
-            include_path = value_of("--include-path", "my_tasks/")
+            include_path = value_of("--include-path", "a folder", "my_tasks/")
         elif arg == "--limit":
-            limit = value_of("--limit", "100")
+            limit = value_of("--limit", "a number", "100")
             if not limit.isdigit() or int(limit) < 1:
                 fail(f"--limit takes a positive number of documents per task, got '{limit}'")
             limit = int(limit)
