@@ -754,9 +754,6 @@ def validate(c: Config) -> None:
     if r.evaluation.tasks and m.type != "decoder":
         raise ConfigError("'runtime.evaluation.tasks' applies to model.type=decoder: lm-evaluation-harness scores "
                           "causal LMs; MicroBERT's downstream figure is its masked-token accuracy (eval_accuracy)")
-    if r.evaluation.tasks_include_path and not Path(r.evaluation.tasks_include_path).is_dir():
-        raise ConfigError(f"'runtime.evaluation.tasks_include_path' {r.evaluation.tasks_include_path!r} is not a "
-                          "folder (of lm-evaluation-harness task YAMLs)")
     _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
     _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():

@@ -212,13 +212,13 @@ def _task_manager(include_path: str | None, include_defaults: bool):
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
-def task_manager(tasks: list[str], include_path: str | Path | None = None):
+def task_manager(tasks: list[str], include_path: str | Path | None = None, key: str = "--include-path"):
     """lm_eval's ``TaskManager`` with ``include_path`` added, after checking that every task name (or glob)
     matches a task, group or tag there or among the built-in ones. Indexing lm_eval's thousands of built-in
     task YAMLs takes 10-40 s, so tasks that are all in ``include_path`` get a manager of that folder alone;
     managers are kept for the next evaluation."""
     if include_path is not None and not Path(include_path).is_dir():
-        raise ConfigError(f"--include-path '{include_path}' is not a folder (of lm-evaluation-harness task YAMLs)")
+        raise ConfigError(f"{key} '{include_path}' is not a folder (of lm-evaluation-harness task YAMLs)")
     own = str(Path(include_path).resolve()) if include_path else None
     manager = _task_manager(own, False) if own else None
     if manager is None or not all(manager.match_tasks([t]) for t in tasks):
@@ -367,7 +367,7 @@ def check_loop_tasks(config: Config, accelerator) -> None:
         raise ConfigError("'runtime.evaluation.tasks' runs the model on the main process alone, which ZeRO-3's "
                           "sharded parameters do not allow; score the checkpoints with hf-streamlm eval PATH --tasks")
     if accelerator.is_main_process:
-        task_manager(e.tasks, e.tasks_include_path)
+        task_manager(e.tasks, e.tasks_include_path, "'runtime.evaluation.tasks_include_path'")
 
 
 def loop_tasks(model, tokenizer, config: Config, step: int, accelerator) -> dict[str, Any] | None:

@@ -144,11 +144,22 @@ def test_tasks_bad_input_is_one_line(mlm_run, decoder_run, cloze_task, tmp_path,
     assert rc == 2 and "pip install 'hf_streamlm[eval]'" in err and len(err.strip().splitlines()) == 1
 
 
-def test_loop_tasks_are_refused_for_microbert():
+def test_loop_tasks_are_refused_for_microbert_and_checked_before_training(tmp_path, cloze_task):
+    from types import SimpleNamespace
+
     from hf_streamlm.config import ConfigError, load_config
+    from hf_streamlm.evaluation import check_loop_tasks
 
     with pytest.raises(ConfigError, match="applies to model.type=decoder"):
         load_config(["recipe=quickstart", "runtime.evaluation.tasks=[hellaswag]"])
-    with pytest.raises(ConfigError, match="tasks_include_path"):
-        load_config(["recipe=quickstart_decoder", "runtime.evaluation.tasks=[x]",
-                     "runtime.evaluation.tasks_include_path=/no/such/dir"])
+    # What the loop checks before the tokenizer is trained (train/loop.py), on a stand-in for the accelerator.
+    main = SimpleNamespace(is_main_process=True, state=SimpleNamespace(deepspeed_plugin=None))
+    config = load_config(["recipe=quickstart_decoder", f"runtime.evaluation.tasks=[{CLOZE_TASK}]",
+                          f"runtime.evaluation.tasks_include_path={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="'runtime.evaluation.tasks_include_path' '.*nope' is not a folder"):
+        check_loop_tasks(config, main)
+    config.runtime.evaluation.tasks_include_path = str(cloze_task)
+    check_loop_tasks(config, main)
+    zero3 = SimpleNamespace(is_main_process=True, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        check_loop_tasks(config, zero3)

@@ -166,6 +166,7 @@ def train(config: Config, command: str | None = None) -> Path:
     if tensorboard:
         accelerator.init_trackers("tensorboard" if tensorboard is True else Path(tensorboard).name)
 
+    check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
     tokenizer = prepare_tokenizer(config, accelerator, out)
     model = build_model(config, tokenizer)
     optimizer = build_optimizer(model, config)
@@ -182,7 +183,6 @@ def train(config: Config, command: str | None = None) -> Path:
     # scheduler steps once per optimizer step (a prepared one would step num_processes times).
     configure_deepspeed(accelerator, config)  # DeepSpeed's batch values from the recipe (no prepared loader)
     model, optimizer = accelerator.prepare(model, optimizer)
-    check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
     accelerator.register_for_checkpointing(scheduler)
     eval_blocks = build_eval_blocks(config, tokenizer, r.evaluation.max_batches * d.batch_size)
     eval_collator = make_collator(config, tokenizer, seed=r.seed)  # re-seeded per eval: same masks each time
