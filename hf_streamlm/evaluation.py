@@ -81,22 +81,12 @@ def _device() -> torch.device:
 
 def load_export(path: Path) -> tuple[PreTrainedModel, Any, str]:
     """The model and tokenizer of a Hub-format folder, and its family (``microbert``/``decoder``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    import hf_streamlm.models  # noqa: F401  (registers model_type microbert/streamlm_decoder: custom exports load)
     from hf_streamlm.models.export_formats import from_native
 
-    try:
-        hf_config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"'{path}/config.json' is not a model config transformers can read: {err}") from None
-    archs = hf_config.architectures or []
-    if any(a.endswith("ForMaskedLM") for a in archs) or (not archs and hf_config.model_type in ("bert", "microbert")):
-        family, auto = MASKED, AutoModelForMaskedLM
-    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
-        family, auto = CAUSAL, AutoModelForCausalLM
-    else:
-        raise ConfigError(f"'{path}' holds a {', '.join(archs)}: eval scores masked or causal language models")
+    family = export_family(path)
+    auto = AutoModelForMaskedLM if family == MASKED else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -309,7 +299,7 @@ def evaluate_tasks(path: str | Path, tasks: list[str], include_path: str | Path 
     run = _run_of(export or path)
     if export is not None:
         kind, where, step = "export", export, _last_step(run)
-        _, family, _ = _export_family(export)
+        family = export_family(export)
         model, tokenizer = export, None
     else:
         checkpoint = find_checkpoint(path)
@@ -337,20 +327,22 @@ def evaluate_tasks(path: str | Path, tasks: list[str], include_path: str | Path 
     return result
 
 
-def _export_family(path: Path) -> tuple[Any, str, list[str]]:
-    """The config of the export at ``path``, its family and architectures (without loading weights)."""
+def export_family(path: Path) -> str:
+    """The family (``microbert``/``decoder``) of the export at ``path``, from its config (no weights loaded)."""
     from transformers import AutoConfig
 
-    import hf_streamlm.models  # noqa: F401  (custom exports: model_type microbert/streamlm_decoder)
+    import hf_streamlm.models  # noqa: F401  (registers model_type microbert/streamlm_decoder: custom exports load)
 
     try:
         hf_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"'{path}/config.json' is not a model config transformers can read: {err}") from None
     archs = hf_config.architectures or []
-    masked = any(a.endswith("ForMaskedLM") for a in archs) or (
-        not archs and hf_config.model_type in ("bert", "microbert"))
-    return hf_config, MASKED if masked else CAUSAL, archs
+    if any(a.endswith("ForMaskedLM") for a in archs) or (not archs and hf_config.model_type in ("bert", "microbert")):
+        return MASKED
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
+        return CAUSAL
+    raise ConfigError(f"'{path}' holds a {', '.join(archs)}: eval scores masked or causal language models")
 
 
 # --------------------------------------------------------------------------- in the training loop
