@@ -84,6 +84,7 @@ def test_fill_mask_on_a_300_token_input(mlm_run, tmp_path):
 # ---------------------------------------------------------------------------- transformers 4.57, ONNX
 
 
+@pytest.mark.timeout(1800)  # the first use builds the compat environment (180-370 s), then ~20 s
 def test_exports_load_in_transformers_4_57_and_onnxruntime_with_the_same_logits(
     compat_python, mlm_run, decoder_run, decoder_linear_rope_run, tmp_path
 ):
