@@ -75,6 +75,11 @@ class ModelConfig:
     """Rotary base frequency for the decoder; ``null`` means 10000."""
     rope_factor: float | None = None
     """Scaling factor of ``rope_mode`` (e.g. 2.0 doubles the usable context); required with it."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: ``sdpa`` (PyTorch's fused attention), ``eager`` (explicit softmax; the reference), and
+    for the decoder also ``flex_attention`` (packed documents as a block mask that skips masked blocks) or
+    ``flash_attention_2``/``flash_attention_3`` (packed documents from restarting positions; needs the
+    flash-attn package and a CUDA GPU), or any name registered with transformers' ``AttentionInterface``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     tie_word_embeddings: bool = True
@@ -680,6 +685,14 @@ def validate(c: Config) -> None:
         value = getattr(m, key)
         if value is not None and not 0 <= value < 1:
             raise ConfigError(f"'model.{key}' must be in [0, 1), got {value}")
+    if m.type == "microbert" and m.attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(
+            f"'model.attn_implementation' of a microbert must be sdpa or eager; got {m.attn_implementation!r}"
+        )
+    if m.attn_implementation == "flex_attention" and (m.attn_dropout or 0) > 0:
+        raise ConfigError(
+            "'model.attn_implementation' flex_attention has no attention dropout: set 'model.attn_dropout' to 0"
+        )
     if m.type == "microbert" and (m.rope_mode or m.rope_theta or m.rope_factor):
         raise ConfigError("'model.rope_mode'/'model.rope_theta'/'model.rope_factor' apply to model.type=decoder")
     if m.rope_mode is not None and m.rope_mode not in ("linear", "dynamic"):

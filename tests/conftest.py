@@ -23,6 +23,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The packages whose releases move the APIs this project builds on (docs/dependencies.md): every pytest run names
+# the versions it tested in its header, so a CI log says what a fresh install resolved to that day.
+TESTED_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "huggingface_hub",
+    "evaluate",
+    "safetensors",
+)
+
+
+def tested_with() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return "tested with: " + ", ".join(f"{name} {installed(name)}" for name in TESTED_PACKAGES)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    # At the end rather than in the header: `pytest -q` (the README's command) prints no header.
+    terminalreporter.write_line(tested_with())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m hf_streamlm.run ARGS`` (or another module via args[0]='-m', ...) for real."""
     cmd = [sys.executable, *args] if args and args[0] == "-m" else [sys.executable, "-m", "hf_streamlm.run", *args]

@@ -169,7 +169,7 @@ def train(config: Config, command: str | None = None) -> Path:
     check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
     tokenizer = prepare_tokenizer(config, accelerator, out)
     model = build_model(config, tokenizer)
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, accelerator.device)
     if r.compile:
         model = torch.compile(model, backend=r.compile_backend)
     rank, world = accelerator.process_index, accelerator.num_processes
