@@ -1,4 +1,5 @@
-"""``hf-streamlm eval``: score an export or a checkpoint on the held-out stream of a recipe.
+"""``hf-streamlm eval``: score an export or a checkpoint on the held-out stream of a recipe, or (``--tasks``,
+``runtime.evaluation.tasks``) on lm-evaluation-harness tasks (see "downstream tasks" below).
 
 The held-out blocks, the collator (MicroBERT's masks seeded by ``runtime.seed``) and the batching are
 the training loop's own (``build_eval_blocks``, ``make_collator``), and the figures go through the
