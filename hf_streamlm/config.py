@@ -260,6 +260,14 @@ class EvaluationConfig:
     """Evaluate every N passes over the stream."""
     max_batches: int = 8
     """Batches of the held-out stream per evaluation (the same batches each time)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the main process at every evaluation (decoder only; needs
+    ``pip install 'hf_streamlm[eval]'``); results go to history.jsonl as ``lm_eval/<task>/<metric>``."""
+    tasks_include_path: str | None = None
+    """A folder of your own lm-evaluation-harness task YAMLs (e.g. over a local JSONL), added to the
+    built-in tasks."""
+    tasks_limit: int | None = None
+    """Score at most N documents per task at each evaluation (``null``: all); keeps in-loop evals short."""
     best: BestConfig = field(default_factory=BestConfig)
     """Best-checkpoint retention."""
 
@@ -755,6 +763,10 @@ def validate(c: Config) -> None:
     _positive("runtime.evaluation.every_n_steps", r.evaluation.every_n_steps)
     _positive("runtime.evaluation.max_batches", r.evaluation.max_batches)
     _positive("runtime.evaluation.best.max_keep", r.evaluation.best.max_keep, allow_zero=True)
+    _positive("runtime.evaluation.tasks_limit", r.evaluation.tasks_limit)
+    if r.evaluation.tasks and m.type != "decoder":
+        raise ConfigError("'runtime.evaluation.tasks' applies to model.type=decoder: lm-evaluation-harness scores "
+                          "causal LMs; MicroBERT's downstream figure is its masked-token accuracy (eval_accuracy)")
     _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
     _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():

@@ -23,6 +23,7 @@ from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, build_train_blocks
 from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_names
 from hf_streamlm.data.quality import SKIP_KINDS
+from hf_streamlm.evaluation import check_loop_tasks, loop_tasks
 from hf_streamlm.export import export_run
 from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler, estimate
@@ -165,6 +166,7 @@ def train(config: Config, command: str | None = None) -> Path:
     if tensorboard:
         accelerator.init_trackers("tensorboard" if tensorboard is True else Path(tensorboard).name)
 
+    check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
     tokenizer = prepare_tokenizer(config, accelerator, out)
     model = build_model(config, tokenizer)
     optimizer = build_optimizer(model, config, accelerator.device)
@@ -276,6 +278,11 @@ def train(config: Config, command: str | None = None) -> Path:
                 if metrics:
                     state["eval"] = metrics
                     best = qualifies_as_best(best_dir, metrics["eval_loss"], r.evaluation.best.max_keep)
+            if r.evaluation.tasks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
+                if downstream := loop_tasks(model, tokenizer, config, state["step"], accelerator):
+                    state["lm_eval"] = downstream  # -> checkpoint state, model card
+                    log_row({"step": state["step"], **downstream["results"]}, accelerator, history, bar,
+                            r.logging.enable_stdout)
 
             every = r.checkpoint.every_n_steps
             stopping = stop.agreed(accelerator)
