@@ -1,0 +1,135 @@
+"""Preemption the way launchers do it, and the decisions several ranks must share.
+
+torchrun's agent, SLURM, ``docker stop`` and a pod shutdown signal a whole process group, DataLoader
+workers included: the tests here do the same (``os.killpg``), with 2 workers per process, for one
+process and for a 2-process ``accelerate launch``. Stopped runs are resumed and must log the losses
+of an uninterrupted run bit for bit. The learning rate is constant, so a run stopped at step N and
+resumed to N+3 can be compared with a fresh run of N+3 steps (the schedule does not depend on the
+run's length)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def tiny(shards: Path, workers: int = 2) -> list[str]:
+    return ["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
+            f"data.num_workers={workers}", "data.shuffle_buffer_size=100", "data.batch_size=4",
+            "data.sequence_length=64", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
+            "tokenizer.vocab_size=500", "scheduler.strategy=constant", "scheduler.warmup_steps=0",
+            "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=1000", "runtime.checkpoint.max_keep=5",
+            "runtime.evaluation.every_n_steps=null", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(args: list[str], processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "hf_streamlm.run", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "hf_streamlm.run", *args]
+
+
+def start(args: list[str], processes: int = 1) -> subprocess.Popen:
+    """In a session of its own: its process group is the launcher, the ranks' parent and their workers,
+    as a container's or a SLURM step's is."""
+    return subprocess.Popen(command(args, processes), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s: {err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+    return finish(start(args, processes))
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "history.jsonl"
+    if not path.exists():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines()[:-1]), default=0)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while logged_steps(run_dir) < step:
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"no step {step} after {timeout} s"
+        time.sleep(0.05)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def stop_and_resume(tmp_path: Path, shards: Path, processes: int, sig: signal.Signals) -> dict:
+    """Signal the process group after step 3; the run must save at a step boundary and exit 0. Then
+    resume to 3 steps past the stop and compare with an uninterrupted run of that length."""
+    args = tiny(shards)
+    stopped = tmp_path / "stopped"
+    proc = start([*args, "scheduler.total_steps=2000", f"runtime.output_dir={stopped}"], processes)
+    wait_for_step(proc, stopped, 3)
+    os.killpg(proc.pid, sig)
+    result = finish(proc)
+    match = re.search(rf"Stopped by {sig.name} at step (\d+); checkpoint saved in .* \(save ([\d.]+) s", result.stdout)
+    assert match, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    step = int(match.group(1))
+    assert "killed by signal" not in result.stderr  # no DataLoader worker died of it
+    (checkpoint,) = (stopped / "checkpoints").iterdir()
+    assert checkpoint.name == f"step-{step}"
+    assert sorted(p.name for p in checkpoint.glob("data_state_*.pt")) == [f"data_state_{r}.pt" for r in range(processes)]
+    end = step + 3
+    resumed = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={stopped}"], processes)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{step} (step {step})" in resumed.stdout
+    full = tmp_path / "full"
+    reference = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={full}"], processes)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert losses(stopped) == losses(full)  # max |delta| = 0 over every step
+    return {"returncode": result.returncode, "save_s": float(match.group(2)), "stderr": result.stderr}
+
+
+def test_sigint_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards):
+    """Ctrl+C in a terminal signals the foreground process group: the workers too."""
+    outcome = stop_and_resume(tmp_path, shards, 1, signal.SIGINT)
+    assert outcome["returncode"] == 0, outcome["stderr"][-3000:]
+
+
+def test_sigterm_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards):
+    outcome = stop_and_resume(tmp_path, shards, 1, signal.SIGTERM)
+    assert outcome["returncode"] == 0, outcome["stderr"][-3000:]
+
+
+def test_sigterm_to_a_two_process_launch_with_two_workers_each_saves_and_resumes_exactly(tmp_path, shards):
+    """What torchrun's agent does with it: SIGTERM to each rank's own process group (rank and workers),
+    then SIGKILL 30 s later. The ranks save within that time and exit 0; the launcher itself reports
+    the signal it got (it exits non-zero: torchrun's SignalException)."""
+    outcome = stop_and_resume(tmp_path, shards, 2, signal.SIGTERM)
+    assert outcome["save_s"] < 30
+    assert "Unable to shutdown process" not in outcome["stderr"]  # no rank needed torchrun's SIGKILL
