@@ -133,3 +133,110 @@ def test_sigterm_to_a_two_process_launch_with_two_workers_each_saves_and_resumes
     outcome = stop_and_resume(tmp_path, shards, 2, signal.SIGTERM)
     assert outcome["save_s"] < 30
     assert "Unable to shutdown process" not in outcome["stderr"]  # no rank needed torchrun's SIGKILL
+
+
+# ------------------------------------------------------------------------------------ shared decisions
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> Path:
+    """120 documents of the shipped corpus in 4 files of 60, 40, 16 and 4: whichever 2 files a rank
+    gets, the two ranks' streams differ in length."""
+    import gzip
+
+    from hf_streamlm.data.corpus import BUILTIN_CORPORA
+
+    root = tmp_path_factory.mktemp("uneven")
+    lines = gzip.open(BUILTIN_CORPORA["pydocs"], "rt").read().splitlines()
+    start = 0
+    for i, n in enumerate((60, 40, 16, 4)):
+        (root / f"part-{i}.jsonl").write_text("\n".join(lines[start : start + n]) + "\n")
+        start += n
+    return root
+
+
+def test_epochs_with_two_processes_and_uneven_shards_agree_on_one_length(tmp_path, uneven_shards):
+    """Each rank counts its own stream's steps; all run the shortest count (today's main: one rank leaves
+    the loop and the other waits in a collective until killed). best/ is chosen by the main process."""
+    from transformers import AutoTokenizer
+
+    from hf_streamlm.config import load_config
+    from hf_streamlm.data import build_train_blocks
+
+    out = tmp_path / "run"
+    args = [*tiny(uneven_shards, workers=0), "data.batch_size=8", "scheduler.total_steps=null",
+            "scheduler.total_epochs=1", "runtime.evaluation.every_n_steps=10", "runtime.evaluation.max_batches=1",
+            "runtime.evaluation.best.max_keep=2", f"runtime.output_dir={out}"]
+    result = finish(start(args, 2), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    config = load_config([f"recipe={out / 'config.yaml'}"])
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    per_rank = [sum(1 for _ in build_train_blocks(config, tokenizer, rank, 2)) // 8 for rank in (0, 1)]
+    assert per_rank[0] != per_rank[1], per_rank  # the ranks' epochs really differ
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "loss" in r) == min(per_rank)
+    assert (out / "export" / "model.safetensors").is_file()
+
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    kept = sorted(int(p.name.split("-")[1]) for p in (out / "best").iterdir())
+    assert kept == sorted(sorted(evals, key=evals.get)[:2])
+    for step in kept:  # both ranks wrote their part of each best checkpoint
+        assert {p.name for p in (out / "best" / f"step-{step}").glob("data_state_*.pt")} == {
+            "data_state_0.pt", "data_state_1.pt"}
+
+
+# ------------------------------------------------------------------------------ data failure, damage
+
+def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards):
+    """Every file of the source is replaced by one that cannot be parsed while the run trains: the first
+    read after that (a worker starting its next pass) fails. The run saves the last completed step and
+    exits 4 with one line. With the files back: a resume with another data.num_workers is refused in
+    one line (exit 2); the run resumes from the saved step; and a copy whose newest checkpoint is cut
+    short on disk passes over it for the previous one, whose resumed run (an uninterrupted run from
+    there) logs the same losses."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(shards, source)
+    originals = {p: p.read_bytes() for p in source.glob("part-*.jsonl")}
+    # 64 x 128-token blocks per batch: a worker has used up the documents it read ahead (256 at a time)
+    # after ~6 batches, so it reads its files again soon after they are broken.
+    args = [*tiny(source), "data.batch_size=64", "data.sequence_length=128", "runtime.checkpoint.every_n_steps=5"]
+    out = tmp_path / "run"
+    proc = start([*args, "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
+    wait_for_step(proc, out, 3)
+    for path in originals:
+        path.write_text('{"text": "a document cut short\n')
+    result = finish(proc)
+    assert result.returncode == 4, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    step = max(s for s, _ in losses(out))
+    assert "part-" in errors[0] and f"training stopped after step {step}" in errors[0], errors[0]
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert checkpoints[-1] == step and len(checkpoints) >= 2, checkpoints
+
+    for path, data in originals.items():
+        path.write_bytes(data)
+    refused = run([*args[:-1], "data.num_workers=0", "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(lines) == 1 and "data.num_workers=2" in lines[0] and "Traceback" not in refused.stderr
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    newest = damaged / "checkpoints" / f"step-{step}" / "model.safetensors"
+    with open(newest, "r+b") as f:  # what a crash of the file system or a partial copy leaves
+        f.truncate(newest.stat().st_size // 2)
+    end = step + 2
+    resumed = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={out}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{step} (step {step})" in resumed.stdout
+    before_damage = losses(damaged)
+    uninterrupted = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={damaged}"])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert f"skipping checkpoint {newest.parent}: model.safetensors has" in uninterrupted.stderr
+    previous = checkpoints[-2]
+    assert f"step-{previous} (step {previous})" in uninterrupted.stdout
+    assert losses(damaged)[:step] == before_damage  # resumed from the previous checkpoint: same steps again
+    assert losses(out) == losses(damaged)  # steps after the failure as if it had never happened

@@ -271,6 +271,7 @@ def train(config: Config, command: str | None = None) -> Path:
                 break
     finally:
         bar.close()
+        batches.close()  # DataLoader workers stopped here, on every way out (hf_streamlm.train.signals)
         stop.restore()
     if stop.received:
         accelerator.wait_for_everyone()
