@@ -1,11 +1,11 @@
-"""Preemption the way launchers do it, and the decisions several ranks must share.
+"""Preemption the way launchers do it, data failures mid-run, and the decisions several ranks share.
 
 torchrun's agent, SLURM, ``docker stop`` and a pod shutdown signal a whole process group, DataLoader
 workers included: the tests here do the same (``os.killpg``), with 2 workers per process, for one
 process and for a 2-process ``accelerate launch``. Stopped runs are resumed and must log the losses
-of an uninterrupted run bit for bit. The learning rate is constant, so a run stopped at step N and
-resumed to N+3 can be compared with a fresh run of N+3 steps (the schedule does not depend on the
-run's length)."""
+of an uninterrupted run bit for bit. To keep the suite short, each uninterrupted run is made once
+and serves several tests: the learning rate is constant, so a run started for 2000 steps and resumed
+with ``scheduler.total_steps=REFERENCE_STEPS`` trains exactly as the reference of that length."""
 
 from __future__ import annotations
 
@@ -24,12 +24,17 @@ import pytest
 from tests.conftest import REPO
 
 
+REFERENCE_STEPS = 24
+
+
 def tiny(shards: Path, workers: int = 2) -> list[str]:
+    """A 100k-parameter decoder on 64 x 128-token batches: a DataLoader worker uses up the documents it
+    read ahead (256 at a time) in ~6 batches, so a source broken at step 3 is read again by step ~20."""
     return ["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
-            f"data.num_workers={workers}", "data.shuffle_buffer_size=100", "data.batch_size=4",
-            "data.sequence_length=64", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
+            f"data.num_workers={workers}", "data.shuffle_buffer_size=100", "data.batch_size=64",
+            "data.sequence_length=128", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
             "tokenizer.vocab_size=500", "scheduler.strategy=constant", "scheduler.warmup_steps=0",
-            "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=1000", "runtime.checkpoint.max_keep=5",
+            "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=5", "runtime.checkpoint.max_keep=5",
             "runtime.evaluation.every_n_steps=null", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]"]
 
 
@@ -88,51 +93,48 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def stop_and_resume(tmp_path: Path, shards: Path, processes: int, sig: signal.Signals) -> dict:
-    """Signal the process group after step 3; the run must save at a step boundary and exit 0. Then
-    resume to 3 steps past the stop and compare with an uninterrupted run of that length."""
-    args = tiny(shards)
-    stopped = tmp_path / "stopped"
-    proc = start([*args, "scheduler.total_steps=2000", f"runtime.output_dir={stopped}"], processes)
-    wait_for_step(proc, stopped, 3)
-    os.killpg(proc.pid, sig)
+def errors(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+
+
+def stop_by_group_signal(args: list[str], out: Path, processes: int) -> tuple[int, subprocess.CompletedProcess]:
+    """Start, signal the process group with SIGTERM after step 3; the run must save at a step boundary."""
+    proc = start([*args, f"runtime.output_dir={out}"], processes)
+    wait_for_step(proc, out, 3)
+    os.killpg(proc.pid, signal.SIGTERM)
     result = finish(proc)
-    match = re.search(rf"Stopped by {sig.name} at step (\d+); checkpoint saved in .* \(save ([\d.]+) s", result.stdout)
+    match = re.search(r"Stopped by SIGTERM at step (\d+); checkpoint saved in .* \(save ([\d.]+) s, ([\d.]+) s after",
+                      result.stdout)
     assert match, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
-    step = int(match.group(1))
+    print(f"stop-time save: {match.group(2)} s, {match.group(3)} s after the signal")  # for the record (-s)
     assert "killed by signal" not in result.stderr  # no DataLoader worker died of it
-    (checkpoint,) = (stopped / "checkpoints").iterdir()
-    assert checkpoint.name == f"step-{step}"
-    assert sorted(p.name for p in checkpoint.glob("data_state_*.pt")) == [f"data_state_{r}.pt" for r in range(processes)]
-    end = step + 3
-    resumed = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={stopped}"], processes)
+    step = int(match.group(1))
+    newest = max((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert newest.name == f"step-{step}"
+    assert sorted(p.name for p in newest.glob("data_state_*.pt")) == [f"data_state_{r}.pt" for r in range(processes)]
+    return step, result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards) -> Path:
+    """One process, 2 workers, REFERENCE_STEPS uninterrupted steps."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run([*tiny(shards), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_sigterm_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards, reference):
+    """What ``docker stop``, SLURM and a pod shutdown do (today's main: the workers die first, the run
+    crashes with "DataLoader worker ... is killed by signal: Terminated" and saves nothing)."""
+    out = tmp_path / "run"
+    step, result = stop_by_group_signal([*tiny(shards), "scheduler.total_steps=2000"], out, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert step < REFERENCE_STEPS
+    resumed = run([*tiny(shards), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{step} (step {step})" in resumed.stdout
-    full = tmp_path / "full"
-    reference = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={full}"], processes)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    assert losses(stopped) == losses(full)  # max |delta| = 0 over every step
-    return {"returncode": result.returncode, "save_s": float(match.group(2)), "stderr": result.stderr}
-
-
-def test_sigint_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards):
-    """Ctrl+C in a terminal signals the foreground process group: the workers too."""
-    outcome = stop_and_resume(tmp_path, shards, 1, signal.SIGINT)
-    assert outcome["returncode"] == 0, outcome["stderr"][-3000:]
-
-
-def test_sigterm_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards):
-    outcome = stop_and_resume(tmp_path, shards, 1, signal.SIGTERM)
-    assert outcome["returncode"] == 0, outcome["stderr"][-3000:]
-
-
-def test_sigterm_to_a_two_process_launch_with_two_workers_each_saves_and_resumes_exactly(tmp_path, shards):
-    """What torchrun's agent does with it: SIGTERM to each rank's own process group (rank and workers),
-    then SIGKILL 30 s later. The ranks save within that time and exit 0; the launcher itself reports
-    the signal it got (it exits non-zero: torchrun's SignalException)."""
-    outcome = stop_and_resume(tmp_path, shards, 2, signal.SIGTERM)
-    assert outcome["save_s"] < 30
-    assert "Unable to shutdown process" not in outcome["stderr"]  # no rank needed torchrun's SIGKILL
+    assert losses(out) == losses(reference)  # max |delta| = 0 over every step
 
 
 # ------------------------------------------------------------------------------------ shared decisions
@@ -154,7 +156,22 @@ def uneven_shards(tmp_path_factory) -> Path:
     return root
 
 
-def test_epochs_with_two_processes_and_uneven_shards_agree_on_one_length(tmp_path, uneven_shards):
+def epoch_args(shards: Path) -> list[str]:
+    return [*tiny(shards), "data.batch_size=8", "data.sequence_length=64", "scheduler.total_steps=null",
+            "scheduler.total_epochs=1", "runtime.evaluation.every_n_steps=10", "runtime.evaluation.max_batches=1",
+            "runtime.evaluation.best.max_keep=2"]
+
+
+@pytest.fixture(scope="module")
+def epoch_run(tmp_path_factory, uneven_shards) -> Path:
+    """Two processes with 2 workers each, one epoch of uneven shards, uninterrupted."""
+    out = tmp_path_factory.mktemp("epochs") / "run"
+    result = finish(start([*epoch_args(uneven_shards), f"runtime.output_dir={out}"], 2), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_epochs_with_two_processes_and_uneven_shards_agree_on_one_length(epoch_run, uneven_shards):
     """Each rank counts its own stream's steps; all run the shortest count (today's main: one rank leaves
     the loop and the other waits in a collective until killed). best/ is chosen by the main process."""
     from transformers import AutoTokenizer
@@ -162,13 +179,7 @@ def test_epochs_with_two_processes_and_uneven_shards_agree_on_one_length(tmp_pat
     from hf_streamlm.config import load_config
     from hf_streamlm.data import build_train_blocks
 
-    out = tmp_path / "run"
-    args = [*tiny(uneven_shards, workers=0), "data.batch_size=8", "scheduler.total_steps=null",
-            "scheduler.total_epochs=1", "runtime.evaluation.every_n_steps=10", "runtime.evaluation.max_batches=1",
-            "runtime.evaluation.best.max_keep=2", f"runtime.output_dir={out}"]
-    result = finish(start(args, 2), timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-
+    out = epoch_run
     config = load_config([f"recipe={out / 'config.yaml'}"])
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     per_rank = [sum(1 for _ in build_train_blocks(config, tokenizer, rank, 2)) // 8 for rank in (0, 1)]
@@ -185,58 +196,63 @@ def test_epochs_with_two_processes_and_uneven_shards_agree_on_one_length(tmp_pat
             "data_state_0.pt", "data_state_1.pt"}
 
 
+def test_sigterm_to_a_two_process_launch_with_two_workers_each_saves_and_resumes_exactly(tmp_path, uneven_shards,
+                                                                                          epoch_run):
+    """torchrun's agent passes the SIGTERM on to each rank's own process group (rank and workers), then
+    SIGKILLs 30 s later. The ranks save within that time and exit 0; the launcher itself reports the
+    signal it got (torchrun's SignalException, exit 1). The resumed run ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    step, result = stop_by_group_signal(epoch_args(uneven_shards), out, 2)
+    assert "Unable to shutdown process" not in result.stderr  # no rank needed torchrun's SIGKILL
+    resumed = finish(start([*epoch_args(uneven_shards), f"runtime.output_dir={out}"], 2), timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{step} (step {step})" in resumed.stdout
+    assert losses(out) == losses(epoch_run)
+
+
 # ------------------------------------------------------------------------------ data failure, damage
 
-def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards):
+def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards, reference):
     """Every file of the source is replaced by one that cannot be parsed while the run trains: the first
     read after that (a worker starting its next pass) fails. The run saves the last completed step and
-    exits 4 with one line. With the files back: a resume with another data.num_workers is refused in
-    one line (exit 2); the run resumes from the saved step; and a copy whose newest checkpoint is cut
-    short on disk passes over it for the previous one, whose resumed run (an uninterrupted run from
-    there) logs the same losses."""
+    exits 4 with one line (today's main: exit 2, nothing saved since the last regular checkpoint). With
+    the files back: a resume with another data.num_workers is refused in one line (exit 2); the run
+    resumes from the saved step and ends as the uninterrupted reference; a copy whose newest checkpoint
+    is cut short on disk passes over it for the previous one, and ends the same."""
     import shutil
 
     source = tmp_path / "source"
     shutil.copytree(shards, source)
     originals = {p: p.read_bytes() for p in source.glob("part-*.jsonl")}
-    # 64 x 128-token blocks per batch: a worker has used up the documents it read ahead (256 at a time)
-    # after ~6 batches, so it reads its files again soon after they are broken.
-    args = [*tiny(source), "data.batch_size=64", "data.sequence_length=128", "runtime.checkpoint.every_n_steps=5"]
+    args = tiny(source)
     out = tmp_path / "run"
     proc = start([*args, "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
     wait_for_step(proc, out, 3)
     for path in originals:
-        path.write_text('{"text": "a document cut short\n')
+        path.write_text('{"text": "a document cut short\\n')
     result = finish(proc)
     assert result.returncode == 4, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors(result)) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     step = max(s for s, _ in losses(out))
-    assert "part-" in errors[0] and f"training stopped after step {step}" in errors[0], errors[0]
+    assert "part-" in errors(result)[0] and f"training stopped after step {step}" in errors(result)[0]
+    assert step < REFERENCE_STEPS
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     assert checkpoints[-1] == step and len(checkpoints) >= 2, checkpoints
 
     for path, data in originals.items():
         path.write_bytes(data)
-    refused = run([*args[:-1], "data.num_workers=0", "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
-    assert refused.returncode == 2
-    lines = [line for line in refused.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
-    assert len(lines) == 1 and "data.num_workers=2" in lines[0] and "Traceback" not in refused.stderr
+    refused = run([*tiny(source, workers=0), "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
+    assert refused.returncode == 2 and len(errors(refused)) == 1 and "Traceback" not in refused.stderr
+    assert "data.num_workers=2" in errors(refused)[0]
 
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
     newest = damaged / "checkpoints" / f"step-{step}" / "model.safetensors"
     with open(newest, "r+b") as f:  # what a crash of the file system or a partial copy leaves
         f.truncate(newest.stat().st_size // 2)
-    end = step + 2
-    resumed = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={out}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"step-{step} (step {step})" in resumed.stdout
-    before_damage = losses(damaged)
-    uninterrupted = run([*args, f"scheduler.total_steps={end}", f"runtime.output_dir={damaged}"])
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    assert f"skipping checkpoint {newest.parent}: model.safetensors has" in uninterrupted.stderr
-    previous = checkpoints[-2]
-    assert f"step-{previous} (step {previous})" in uninterrupted.stdout
-    assert losses(damaged)[:step] == before_damage  # resumed from the previous checkpoint: same steps again
-    assert losses(out) == losses(damaged)  # steps after the failure as if it had never happened
+    for run_dir, resumed_from in ((out, step), (damaged, checkpoints[-2])):
+        resumed = run([*args, f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={run_dir}"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"step-{resumed_from} (step {resumed_from})" in resumed.stdout
+        assert losses(run_dir) == losses(reference)
+    assert f"skipping checkpoint {newest.parent}: model.safetensors has" in resumed.stderr

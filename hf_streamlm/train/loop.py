@@ -355,9 +355,21 @@ def stop_on_data_failure(accelerator, config, tokenizer, ckpt_dir, state, loader
 
 def stop_nonfinite(accelerator, config, tokenizer, ckpt_dir, state, loader, loss, grad_norm, guard) -> NonFiniteError:
     """Save the last good state (the weights before the bad step; the data state past its batch) and
-    build the error the run stops with."""
-    path = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), config.runtime.checkpoint.max_keep,
-                           loader)
+    build the error the run stops with.
+
+    Under DeepSpeed the engine steps inside ``backward()``, before the loop sees the loss: whether it
+    applied the bad gradients depends on its version and precision (DeepSpeed 0.19's ZeRO-2 skips a
+    non-finite gradient norm in fp32, not in bf16). Saving the weights in memory (as ``step-<N>`` of
+    the last good step, too) could make the next resume start from a NaN update, so the newest
+    checkpoint on disk, written before the bad step, is the last good state then."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        found = main_decides(accelerator, list_checkpoints(ckpt_dir)[-1:] if accelerator.is_main_process else None)
+        path = found[0] if found else "no checkpoint (the next run starts from step 0)"
+        if found:
+            path = f"{path} (DeepSpeed may have applied the bad step already: the steps since that checkpoint are lost)"
+    else:
+        path = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state),
+                               config.runtime.checkpoint.max_keep, loader)
     why = "with runtime.on_nonfinite=stop" if guard.mode == "stop" else \
         f"after {guard.in_a_row} skipped steps in a row (runtime.max_nonfinite_skips)"
     return NonFiniteError(
