@@ -208,7 +208,9 @@ def save_best(accelerator: Accelerator, config: Config, tokenizer, directory: Pa
         except OSError:  # another file system, or no hard links: copy
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(saved, tmp)
+        sync_tree(tmp)  # hard links: only the new folder entries still need flushing
         replace_dir(tmp, final)
+        sync_dir(directory)
         rotate(directory, max_keep, rank_by="eval_loss")
     accelerator.wait_for_everyone()
     return final
