@@ -210,6 +210,29 @@ def test_sigterm_to_a_two_process_launch_with_two_workers_each_saves_and_resumes
     assert losses(out) == losses(epoch_run)
 
 
+def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path):
+    """A learning rate of 1e30 makes every loss after step 1 NaN on both ranks. The skip is decided once
+    per step for all ranks (an all-reduce of the non-finite flag): both skip the same steps, stop after
+    the same count, and write one checkpoint together, the last good state."""
+    out = tmp_path / "run"
+    args = ["recipe=quickstart_decoder", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
+            "tokenizer.vocab_size=500", "data.batch_size=4", "data.sequence_length=32", "data.shuffle_buffer_size=100",
+            "optimizer.learning_rate=1e30", "optimizer.max_grad_norm=null", "scheduler.strategy=constant",
+            "scheduler.warmup_steps=0", "scheduler.total_steps=30", "runtime.on_nonfinite=skip",
+            "runtime.max_nonfinite_skips=3", "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=1000",
+            "runtime.evaluation.every_n_steps=null", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]",
+            f"runtime.output_dir={out}"]
+    result = run(args, 2)
+    assert "exitcode  : 3" in result.stderr, result.stderr[-3000:]  # the ranks' status; torchrun exits 1
+    (message,) = set(errors(result))  # each rank says the same
+    assert "at step 4" in message and "after 3 skipped steps in a row" in message
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skips"] for r in rows] == [0, 1, 2]
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    assert checkpoint.name == "step-3"
+    assert sorted(p.name for p in checkpoint.glob("data_state_*.pt")) == ["data_state_0.pt", "data_state_1.pt"]
+
+
 # ------------------------------------------------------------------------------ data failure, damage
 
 def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards, reference):
