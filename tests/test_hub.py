@@ -235,8 +235,9 @@ def test_push_export_uploads_the_folder(hub_server, tmp_path):
 
 
 def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(hub_server, tmp_path):
-    """Two good shards, then one that always answers 429: the run stops with one line naming the
-    source and the cause, after writing complete checkpoints; none is left half-written."""
+    """Two good shards, then one that always answers 429: the run saves its last completed step, stops with
+    one line naming the source and the cause, and exits 4 (a data failure after training started); no
+    checkpoint is left half-written."""
     import subprocess
     import sys
 
@@ -258,7 +259,7 @@ def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(h
            "runtime.checkpoint.max_keep=3", "runtime.evaluation.every_n_steps=null", "runtime.log_every_n_steps=20",
            "runtime.logging.progress_bar=false", f"runtime.output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == 4, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
     assert len(errors) == 1 and "org/flaky" in errors[0] and "429" in errors[0], proc.stderr[-2000:]
     assert hub_server.count(bad) >= 2  # retried before giving up
@@ -267,3 +268,4 @@ def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(h
     newest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((newest / "trainer_state.json").read_text())
     assert state["step"] >= 20 and (newest / "model.safetensors").is_file() and (newest / "data_state_0.pt").is_file()
+    assert f"training stopped after step {state['step']}" in errors[0]  # the last completed step, not the last 20th
