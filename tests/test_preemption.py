@@ -97,13 +97,15 @@ def errors(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
 
 
-def stop_by_group_signal(args: list[str], out: Path, processes: int) -> tuple[int, subprocess.CompletedProcess]:
-    """Start, signal the process group with SIGTERM after step 3; the run must save at a step boundary."""
+def stop_by_group_signal(
+    args: list[str], out: Path, processes: int, sig: signal.Signals = signal.SIGTERM
+) -> tuple[int, subprocess.CompletedProcess]:
+    """Start, signal the process group with `sig` after step 3; the run must save at a step boundary."""
     proc = start([*args, f"runtime.output_dir={out}"], processes)
     wait_for_step(proc, out, 3)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     result = finish(proc)
-    match = re.search(r"Stopped by SIGTERM at step (\d+); checkpoint saved in .* \(save ([\d.]+) s, ([\d.]+) s after",
+    match = re.search(rf"Stopped by {sig.name} at step (\d+); checkpoint saved in .* \(save ([\d.]+) s, ([\d.]+) s after",
                       result.stdout)
     assert match, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
     print(f"stop-time save: {match.group(2)} s, {match.group(3)} s after the signal")  # for the record (-s)
@@ -124,11 +126,13 @@ def reference(tmp_path_factory, shards) -> Path:
     return out
 
 
-def test_sigterm_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards, reference):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards, reference, sig):
     """What ``docker stop``, SLURM and a pod shutdown do (today's main: the workers die first, the run
-    crashes with "DataLoader worker ... is killed by signal: Terminated" and saves nothing)."""
+    crashes with "DataLoader worker ... is killed by signal: Terminated" and saves nothing); SIGINT is
+    what Ctrl-C in a terminal sends to the whole foreground process group."""
     out = tmp_path / "run"
-    step, result = stop_by_group_signal([*tiny(shards), "scheduler.total_steps=2000"], out, 1)
+    step, result = stop_by_group_signal([*tiny(shards), "scheduler.total_steps=2000"], out, 1, sig)
     assert result.returncode == 0, result.stderr[-3000:]
     assert step < REFERENCE_STEPS
     resumed = run([*tiny(shards), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
