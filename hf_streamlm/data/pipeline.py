@@ -71,12 +71,22 @@ def _shard_source(files: list[str]) -> SourceConfig:
     return SourceConfig(path=builder, data_files=list(files))
 
 
+class HeldoutFilter:
+    """Batched filter keeping the held-out (or the training) documents; a class, not a lambda, so
+    that the stream pickles for spawned DataLoader workers."""
+
+    def __init__(self, share: float, heldout: bool):
+        self.share, self.heldout = share, heldout
+
+    def __call__(self, batch: dict[str, list]) -> list[bool]:
+        return [is_heldout(t, self.share) == self.heldout for t in batch["text"]]
+
+
 def _split(config: Config, ds: datasets.IterableDataset, heldout: bool) -> datasets.IterableDataset:
     share = config.data.eval_holdout
     if share <= 0:
         return ds
-    return ds.filter(lambda batch: [is_heldout(t, share) == heldout for t in batch["text"]], batched=True,
-                     batch_size=ROW_BATCH)
+    return ds.filter(HeldoutFilter(share, heldout), batched=True, batch_size=ROW_BATCH)
 
 
 def iter_rows(config: Config, limit: int | None = None, skips_key: str = "default") -> Iterator[tuple[str, int]]:
@@ -146,12 +156,17 @@ class Encoder:
         return [self.head + ids + self.tail for ids in encoded] if wrap else encoded
 
 
+class _EncodeRows:
+    def __init__(self, encode: Encoder):
+        self.encode = encode
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {"input_ids": self.encode(batch["text"])}
+
+
 def _tokenize(ds: datasets.IterableDataset, tokenizer, mlm: bool) -> datasets.IterableDataset:
-    encode = Encoder(tokenizer, mlm)
-    return ds.map(
-        lambda batch: {"input_ids": encode(batch["text"])}, batched=True, batch_size=TOKENIZE_BATCH,
-        remove_columns=["text"],
-    )
+    return ds.map(_EncodeRows(Encoder(tokenizer, mlm)), batched=True, batch_size=TOKENIZE_BATCH,
+                  remove_columns=["text"])
 
 
 class PackedBlocks(torch.utils.data.IterableDataset):
@@ -223,7 +238,8 @@ class PipelineFactory:
     """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers)."""
 
     def __init__(
-        self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str
+        self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str,
+        buffer_per_worker: int | None = None,
     ):
         self.texts = texts
         self.skips_key = skips_key
@@ -231,9 +247,11 @@ class PipelineFactory:
         self.config = config
         self.rank = rank
         self.collator_factory = collator_factory
+        self.buffer_per_worker = config.data.shuffle_buffer_size if buffer_per_worker is None else buffer_per_worker
 
     def __call__(self, worker: int) -> WorkerPipeline:
         d, seed = self.config.data, self.config.runtime.seed
+        apply_network_settings(d.retries, d.retry_backoff)  # module settings: a spawned worker starts without them
         # Distinct, reproducible streams per (rank, worker) for the shuffle buffer and the masking.
         stream_seed = seed * 1_000_003 + self.rank * 1009 + worker
         return WorkerPipeline(
@@ -244,12 +262,13 @@ class PipelineFactory:
             self.collator_factory(stream_seed),
             batch_size=d.batch_size,
             block_size=d.sequence_length,
-            shuffle_buffer_size=d.shuffle_buffer_size,
+            shuffle_buffer_size=self.buffer_per_worker,
             seed=stream_seed,
             with_documents=d.document_masking,
             separators=(self.encode.head, self.encode.tail),
             skips_key=self.skips_key,
             describe_failure=functools.partial(describe_read_failure, self.config),
+            trace=d.trace_documents,
         )
 
 
@@ -290,6 +309,7 @@ def build_train_loader(
     """The endless, exactly resumable training batches of one rank."""
     data = config.data
     skips_key = f"train-{uuid.uuid4().hex}"
+    names = ", ".join(f"'{n}'" for n in source_names(config))
     ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
     if data.max_samples is not None:
         ds = ds.take(data.max_samples)
@@ -301,5 +321,34 @@ def build_train_loader(
             )
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     workers = usable_workers(ds.num_shards, data.num_workers, rank)
-    factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key)
-    return ResumableLoader(BlockStream(factory), workers)
+    readers = world_size * max(1, workers)
+    if data.max_samples is not None and data.max_samples < readers:
+        raise ConfigError(
+            f"data.max_samples={data.max_samples} is fewer than the {readers} readers of {names} ({world_size} rank(s) "
+            f"x {max(1, workers)} DataLoader worker(s)): some would get no document; raise data.max_samples or lower "
+            "data.num_workers"
+        )
+    factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key,
+                              buffer_per_worker(config, world_size, max(1, workers), rank))
+    return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank)
+
+
+def buffer_per_worker(config: Config, world_size: int, workers: int, rank: int = 0) -> int:
+    """``data.shuffle_buffer_size`` counts per rank: each of its ``workers`` shuffles in an equal part.
+    With ``data.max_samples`` the share each worker reads per pass is known, and a larger buffer is
+    clamped to it (a pass that turns out smaller than the buffer is clamped while reading, too)."""
+    size = config.data.shuffle_buffer_size
+    if size <= 0:
+        return 0
+    per_worker = max(1, size // workers)
+    if config.data.max_samples is not None:
+        share = config.data.max_samples // (world_size * workers)
+        if per_worker > share:
+            if rank == 0:
+                logger.warning(
+                    "data.shuffle_buffer_size=%d (per rank, %d per DataLoader worker) is more than each worker's "
+                    "share of data.max_samples=%d (%d over %d rank(s) x %d worker(s)): clamped to %d per worker",
+                    size, per_worker, config.data.max_samples, share, world_size, workers, share,
+                )
+            per_worker = max(1, share)
+    return per_worker
