@@ -63,6 +63,15 @@ def document_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
+def _runs(values: list[int]) -> np.ndarray:
+    """``[[value, ...], [run length, ...]]`` of a list made of runs (a document serial per token)."""
+    arr = np.asarray(values, dtype=np.int64)
+    if not len(arr):
+        return np.zeros((2, 0), dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, arr[1:] != arr[:-1]])
+    return np.stack([arr[starts], np.diff(np.r_[starts, len(arr)])])
+
+
 class Doc(NamedTuple):
     """A document read from the source: its text and where it came from."""
 
@@ -167,11 +176,12 @@ class WorkerPipeline:
             # Serials and content keys of the documents held, in buffer-slot / tokenizer order.
             "buffer": np.array([(d.serial, d.key) for d in self.buffer], dtype=np.uint64).reshape(-1, 2),
             "pending": np.array([(d.serial, d.key) for d in pending], dtype=np.uint64).reshape(-1, 2),
-            "rng": self.rng.getstate(),
-            "tokens": np.array(self.tokens, dtype=np.int64),
-            "serials": np.array(self.serials, dtype=np.int64),
+            # Arrays rather than Python objects: torch.save pickles each object through a Python hook.
+            "rng": np.array(self.rng.getstate()[1], dtype=np.int64),
+            "tokens": np.array(self.tokens, dtype=np.int32),  # the packing remainder: < one tokenized chunk
+            "serials": _runs(self.serials),
             "next_serial": self.next_serial,
-            "doc_ends": list(self.doc_ends),
+            "doc_ends": np.array(self.doc_ends, dtype=np.uint64).reshape(-1, 4),
             "cut": self.cut,
             "batch_epoch": self.batch_epoch,
             "collate_rng": self.collate.get_rng_state() if hasattr(self.collate, "get_rng_state") else None,
@@ -214,11 +224,12 @@ class WorkerPipeline:
         self.epoch = state["epoch"]
         self.pass_rows, self.pass_done = state["pass_rows"], state["pass_done"]
         self.buffer = [found[int(s)] for s, _ in state["buffer"]]
-        self.rng.setstate(state["rng"])
+        version, _, gauss = self.rng.getstate()
+        self.rng.setstate((version, tuple(state["rng"].tolist()), gauss))
         self.tokens = state["tokens"].tolist()
-        self.serials = state["serials"].tolist()
+        self.serials = np.repeat(*state["serials"]).tolist()
         self.next_serial = state["next_serial"]
-        self.doc_ends = deque(tuple(d) for d in state["doc_ends"])
+        self.doc_ends = deque(tuple(d) for d in state["doc_ends"].tolist())
         self.cut = state["cut"]
         self.batch_epoch = state["batch_epoch"]
         if state["collate_rng"] is not None:
