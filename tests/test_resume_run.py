@@ -106,7 +106,7 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path,
     for rank in range(processes):
         killed, uninterrupted = (read_trace(r / "trace" / f"rank-{rank}.jsonl") for r in (run, full))
         assert [row["step"] for row in killed] == list(range(1, TOTAL_STEPS + 1))
-        assert killed == uninterrupted and all(row["docs"] for row in killed)
+        assert killed == uninterrupted and sum(len(row["docs"]) for row in killed) > TOTAL_STEPS
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, shards):

@@ -198,19 +198,43 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         return pack(documents, self.block_size, self.drop_last, self.pad_id, self.with_documents)
 
 
-def build_train_blocks(config: Config, tokenizer, rank: int = 0, world_size: int = 1) -> PackedBlocks:
-    data = config.data
-    ds = _split(config, open_mixture(config), heldout=False)
-    if data.max_samples is not None:
-        ds = ds.take(data.max_samples)
-    if data.shuffle_buffer_size:
-        ds = ds.shuffle(seed=config.runtime.seed, buffer_size=data.shuffle_buffer_size)
-    if world_size > 1:
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    mlm = config.model.type == "microbert"
-    return PackedBlocks(
-        _tokenize(ds, tokenizer, mlm), data.sequence_length, data.drop_last, tokenizer.pad_token_id, data.document_masking
-    )
+class PassBlocks:
+    """One pass over a rank's training stream, as the training loader reads it (the same sources,
+    shuffle buffer, tokenization and packing, in this process): the blocks, for counting an epoch.
+    ``documents`` holds ``(source, tokens, bytes)`` per document after a pass (``hf-streamlm stats``)."""
+
+    def __init__(self, config: Config, tokenizer, rank: int = 0, world_size: int = 1, collator_factory=None):
+        self.config, self.tokenizer, self.rank, self.world_size = config, tokenizer, rank, world_size
+        self.collator_factory = collator_factory
+        self.documents: list[tuple[int, int, int]] = []
+        self.skips_key = ""
+
+    def pipeline(self) -> WorkerPipeline:
+        """A fresh one-pass pipeline (``batch_size`` blocks per batch, short last batch, the last block
+        padded unless ``data.drop_last``)."""
+        self.skips_key = f"pass-{uuid.uuid4().hex}"
+        ds, _ = _rank_texts(self.config, self.rank, self.world_size, self.skips_key)
+        collate = self.collator_factory or (lambda seed: _identity_collate)
+        # The whole rank's buffer in this one process (no warning: the training loader gives it).
+        factory = PipelineFactory(ds, self.tokenizer, self.config, self.rank, collate, self.skips_key,
+                                  buffer_per_worker(self.config, self.world_size, 1, rank=-1))
+        pipeline = factory(0, passes=1, pad_id=None if self.config.data.drop_last else self.tokenizer.pad_token_id)
+        pipeline.documents = self.documents = []
+        return pipeline
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        pipeline = self.pipeline()
+        while (block := pipeline.next_block()) is not None:
+            yield block
+
+
+def _identity_collate(blocks: list[dict]) -> list[dict]:
+    return blocks
+
+
+def build_train_blocks(config: Config, tokenizer, rank: int = 0, world_size: int = 1) -> PassBlocks:
+    """One pass of the rank's training blocks, through the training stream's own stages."""
+    return PassBlocks(config, tokenizer, rank, world_size)
 
 
 def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[str, list[int]]]:
@@ -249,7 +273,7 @@ class PipelineFactory:
         self.collator_factory = collator_factory
         self.buffer_per_worker = config.data.shuffle_buffer_size if buffer_per_worker is None else buffer_per_worker
 
-    def __call__(self, worker: int) -> WorkerPipeline:
+    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None) -> WorkerPipeline:
         d, seed = self.config.data, self.config.runtime.seed
         apply_network_settings(d.retries, d.retry_backoff)  # module settings: a spawned worker starts without them
         # Distinct, reproducible streams per (rank, worker) for the shuffle buffer and the masking.
@@ -269,6 +293,8 @@ class PipelineFactory:
             skips_key=self.skips_key,
             describe_failure=functools.partial(describe_read_failure, self.config),
             trace=d.trace_documents,
+            passes=passes,
+            pad_id=pad_id,
         )
 
 
@@ -309,17 +335,7 @@ def build_train_loader(
     """The endless, exactly resumable training batches of one rank."""
     data = config.data
     skips_key = f"train-{uuid.uuid4().hex}"
-    names = ", ".join(f"'{n}'" for n in source_names(config))
-    ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
-    if data.max_samples is not None:
-        ds = ds.take(data.max_samples)
-    if world_size > 1:
-        if ds.num_shards % world_size and rank == 0:
-            logger.warning(
-                "the stream has %d shard(s), not a multiple of %d ranks: every rank reads all of it and keeps 1 "
-                "example in %d (correct, but each rank downloads everything)", ds.num_shards, world_size, world_size
-            )
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    ds, names = _rank_texts(config, rank, world_size, skips_key)
     workers = usable_workers(ds.num_shards, data.num_workers, rank)
     readers = world_size * max(1, workers)
     if data.max_samples is not None and data.max_samples < readers:
@@ -333,6 +349,23 @@ def build_train_loader(
     return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank)
 
 
+def _rank_texts(config: Config, rank: int, world_size: int, skips_key: str) -> tuple[datasets.IterableDataset, str]:
+    """The rank's part of the training documents (no shuffle yet), and the sources' names for messages."""
+    data = config.data
+    names = ", ".join(f"'{n}'" for n in source_names(config))
+    ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
+    if data.max_samples is not None:
+        ds = ds.take(data.max_samples)
+    if world_size > 1:
+        if ds.num_shards % world_size and rank == 0:
+            logger.warning(
+                "the stream has %d shard(s), not a multiple of %d ranks: every rank reads all of it and keeps 1 "
+                "example in %d (correct, but each rank downloads everything)", ds.num_shards, world_size, world_size
+            )
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return ds, names
+
+
 def buffer_per_worker(config: Config, world_size: int, workers: int, rank: int = 0) -> int:
     """``data.shuffle_buffer_size`` counts per rank: each of its ``workers`` shuffles in an equal part.
     With ``data.max_samples`` the share each worker reads per pass is known, and a larger buffer is
@@ -344,7 +377,7 @@ def buffer_per_worker(config: Config, world_size: int, workers: int, rank: int =
     if config.data.max_samples is not None:
         share = config.data.max_samples // (world_size * workers)
         if per_worker > share:
-            if rank == 0:
+            if rank == 0:  # (-1: a caller that does not warn)
                 logger.warning(
                     "data.shuffle_buffer_size=%d (per rank, %d per DataLoader worker) is more than each worker's "
                     "share of data.max_samples=%d (%d over %d rank(s) x %d worker(s)): clamped to %d per worker",

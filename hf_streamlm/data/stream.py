@@ -108,6 +108,8 @@ class WorkerPipeline:
         skips_key: str = "default",
         describe_failure: Callable[[Exception], str] | None = None,
         trace: bool = False,
+        passes: int | None = None,
+        pad_id: int | None = None,
     ):
         # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
         # the main process; here each worker runs its own passes and must not move its peers' epoch.
@@ -122,6 +124,11 @@ class WorkerPipeline:
         self.head, self.tail = separators  # wrapped around each document: [CLS] x [SEP] or x <eos>
         self.describe_failure = describe_failure
         self.trace = trace
+        # Finite use (``hf-streamlm stats``, counting the blocks of an epoch): stop after ``passes``
+        # passes; the last batch may be short, and with a ``pad_id`` the last block is padded.
+        self.passes = passes
+        self.pad_id = pad_id
+        self.documents: list[tuple[int, int, int]] | None = None  # set to a list: (source, tokens, bytes) per doc
         # Skipped documents: counted by the source filters in this process; carried in the state.
         self._skips = skip_counter(skips_key)
         self._skips_at_start = Counter(self._skips)
@@ -276,6 +283,8 @@ class WorkerPipeline:
         """Start reading the next pass; False when the pass just read was empty (nothing to cycle)."""
         empty = self.pass_rows == 0 and not self._resumed_pass
         self._resumed_pass = False
+        if self.passes is not None and self.epoch + 1 >= self.passes:
+            return False
         self.epoch += 1
         self.pass_rows = 0
         self.pass_done = False
@@ -372,19 +381,33 @@ class WorkerPipeline:
             if self.with_documents:
                 self.serials.extend([self.next_serial] * (len(ids) + extra))
             self.next_serial += 1
+            if self.documents is not None:
+                self.documents.append((source, len(ids) + extra, len(doc.text.encode("utf-8"))))
             self.doc_ends.append((self.cut + len(tokens), source, doc.key, doc.epoch))
         return True
 
     def next_block(self) -> dict[str, list[int]] | None:
+        pad = 0
         while len(self.tokens) < self.block_size:
             if not self._fill():
-                return None
-        block = {"input_ids": self.tokens[: self.block_size]}  # full blocks: the collator adds the all-ones mask
-        del self.tokens[: self.block_size]
-        self.cut += self.block_size
+                if not self.tokens or self.pad_id is None:
+                    return None
+                pad = self.block_size - len(self.tokens)  # the end of a finite stream, kept (drop_last false)
+                break
+        size = self.block_size - pad
+        block = {"input_ids": self.tokens[:size]}  # full blocks: the collator adds the all-ones mask
+        del self.tokens[:size]
+        self.cut += size
         if self.with_documents:
-            block["position_ids"], block["document_ids"] = document_positions(self.serials[: self.block_size])
-            del self.serials[: self.block_size]
+            block["position_ids"], block["document_ids"] = document_positions(self.serials[:size])
+            del self.serials[:size]
+        if pad:
+            block["input_ids"] += [self.pad_id] * pad
+            block["attention_mask"] = [1] * size + [0] * pad
+            if self.with_documents:  # padding continues the last segment; it is masked out anyway
+                last = block["position_ids"][-1]
+                block["position_ids"] += list(range(last + 1, last + 1 + pad))
+                block["document_ids"] += [block["document_ids"][-1]] * pad
         # The documents whose last token is in this block end here; the block's epoch is the pass of
         # the document that holds its last token.
         ends, last = self.doc_ends, None
@@ -402,8 +425,13 @@ class WorkerPipeline:
         for _ in range(self.batch_size):
             block = self.next_block()
             if block is None:
+                if blocks and self.passes is not None:
+                    break  # the short last batch of a finite stream
                 return None
             blocks.append(block)
+        if any("attention_mask" in b for b in blocks):  # one padded block: every block gets a mask
+            for b in blocks:
+                b.setdefault("attention_mask", [1] * self.block_size)
         batch = self.collate(blocks)
         batch["_epoch"] = self.batch_epoch
         batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens), self.skipped())
