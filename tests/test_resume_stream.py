@@ -148,7 +148,12 @@ def test_state_holds_references_and_resumes_from_mid_pass_anchors(corpus, tokeni
         assert b"doc00" not in blob and b"alpha beta" not in blob  # no text in the state
         resumed = loader(config, tok)
         resumed.load_state_dict(state)
-        assert same(head + take(resumed, 60 - point), reference), f"resume at batch {point} diverged"
+        it = iter(resumed)
+        middle = [next(it) for _ in range(2)]
+        again = loader(config, tok)  # a second resume, right after one from a mid-pass anchor
+        again.load_state_dict(resumed.state_dict())
+        tail = take(again, 60 - point - 2)
+        assert same(head + middle + tail, reference), f"resume at batch {point} diverged"
     assert mid_pass
 
 

@@ -208,6 +208,7 @@ class WorkerPipeline:
         if source is not None:
             self.texts.load_state_dict(source)  # applied when the pass's iteration starts
             self._resumed_pass = True
+            self.anchors.append((serial, epoch, source))  # still the oldest one needed (a pass start re-adds itself)
         self._rows = None
         found: dict[int, Doc] = {}
         empty_passes = 0
@@ -526,13 +527,13 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_workers"] != self.num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's data state is for data.num_workers={state['num_workers']}, not {self.num_workers}: "
                 "resume with the same number of workers"
             )
         if any("anchor" not in w["snapshot"] for w in state["workers"].values()):
-            raise ValueError("the checkpoint's data state was written by an older hf_streamlm (text in the state); "
-                             "start the run afresh or resume it with the version that wrote it")
+            raise ConfigError("the checkpoint's data state was written by an older hf_streamlm (text in the state): "
+                              "resume it with the version that wrote it, or start a new runtime.output_dir")
         self.workers = copy.deepcopy(state["workers"])
         self.next_worker = state["next_worker"]
         self.turns = list(state.get("turns", range(max(1, self.num_workers))))
