@@ -191,7 +191,7 @@ def test_trace_lists_every_document_of_a_pass_once_across_resumes(corpus, tokeni
         it = iter(part)
         for _ in range(n):
             next(it)
-            traced.append(part.last_docs)
+            traced.append(part.take_documents())
         state = part.state_dict()
     texts = [json.loads(line)["text"] for p in sorted(corpus.glob("*.jsonl")) for line in p.read_text().splitlines()]
     keys = sorted(hashlib.blake2b(t.encode("utf-8"), digest_size=8).hexdigest() for t in texts)

@@ -509,7 +509,7 @@ class ResumableLoader:
         self.turns = list(range(max(1, num_workers)))  # the workers that produce, in turn order
         self.next_worker = 0
         self.epoch = 0
-        self.last_docs: list[list] = []  # with data.trace_documents: the documents that ended in the last batch
+        self.docs: list[list] = []  # with data.trace_documents: documents that ended in the batches handed out
         self.sources: dict[int, tuple[dict, dict]] = {}  # per worker: cumulative (docs, tokens) by source
 
     def state_dict(self) -> dict[str, Any]:
@@ -539,6 +539,12 @@ class ResumableLoader:
         self.turns = list(state.get("turns", range(max(1, self.num_workers))))
         self.epoch = state.get("epoch", 0)
         self.sources = copy.deepcopy(state["sources"])
+
+    def take_documents(self) -> list[list]:
+        """``[source_index, key, epoch]`` of the documents whose last token was in the batches handed out
+        since the last call (``data.trace_documents``): an optimizer step's, called once per step."""
+        docs, self.docs = self.docs, []
+        return docs
 
     def source_counts(self) -> tuple[dict[int, int], dict[int, int]]:
         """Documents and tokens tokenized so far, per source index, summed over this rank's workers."""
@@ -584,7 +590,7 @@ class ResumableLoader:
                 elif self.num_workers:
                     self.workers[worker]["skip"] += 1
                 self.epoch = out.pop("_epoch")
-                self.last_docs = out.pop("_docs", [])
+                self.docs.extend(out.pop("_docs", ()))
                 self.sources[worker] = out.pop("_sources")
                 self.next_worker = (self.next_worker + 1) % len(self.turns)
                 yield out

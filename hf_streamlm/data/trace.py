@@ -15,12 +15,11 @@ from pathlib import Path
 
 
 class DocumentTrace:
-    """Collects the documents of an optimizer step's micro-batches and appends the step's line."""
+    """Appends one line per optimizer step to ``trace/rank-<r>.jsonl``."""
 
     def __init__(self, folder: Path, rank: int, resume_step: int = 0):
         self.path = Path(folder) / f"rank-{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.docs: list[list] = []
         if self.path.exists():
             kept = []
             for line in self.path.read_text().splitlines():
@@ -32,14 +31,10 @@ class DocumentTrace:
                     kept.append(line + "\n")
             self.path.write_text("".join(kept))
 
-    def add(self, docs: list[list]) -> None:
-        """The documents that ended in one micro-batch."""
-        self.docs.extend(docs)
-
-    def write(self, step: int) -> None:
+    def write(self, step: int, docs: list[list]) -> None:
+        """The step's line: the documents that ended in its micro-batches (``loader.take_documents()``)."""
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "docs": self.docs}, separators=(",", ":")) + "\n")
-        self.docs = []
+            f.write(json.dumps({"step": step, "docs": docs}, separators=(",", ":")) + "\n")
 
 
 def read_trace(path: str | Path) -> list[dict]:

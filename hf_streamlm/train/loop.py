@@ -220,8 +220,6 @@ def train(config: Config, command: str | None = None) -> Path:
                         "or data.sequence_length x data.batch_size is more than the corpus holds"
                     )
                 state["epoch"] = loader.epoch
-                if trace:
-                    trace.add(loader.last_docs)
                 window["wait"] += time.perf_counter() - t_wait
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
@@ -249,7 +247,7 @@ def train(config: Config, command: str | None = None) -> Path:
             scheduler.step()
             state["step"] += 1
             if trace:
-                trace.write(state["step"])
+                trace.write(state["step"], loader.take_documents())
             bar.update(1)
 
             if state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps:
