@@ -20,7 +20,8 @@ COMMANDS = {
     "tokenizer": "train the recipe's tokenizer from its stream: tokenizer recipe=NAME [key=value ...] [--output DIR]",
     "stats": "measure the recipe's data pipeline: stats recipe=NAME [key=value ...] [--json] [--plot FILE]",
     "models": "list the named model shapes (model.preset=NAME) with parameter counts",
-    "eval": "score a model on the held-out stream: eval PATH [recipe=NAME] [key=value ...] [--json FILE]",
+    "eval": "score a model on the held-out stream: eval PATH [recipe=NAME] [key=value ...] [--json FILE]; or on "
+            "lm-evaluation-harness tasks: eval PATH --tasks NAMES [--include-path DIR] [--limit N]",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
     "push": "upload an export folder (or a run's export/) to the Hub: push DIR --repo-id USER/NAME [--private|--public] "
             "[--revision BRANCH]",
@@ -33,30 +34,53 @@ def usage() -> str:
     return "usage: hf-streamlm COMMAND [args]\n\ncommands:\n" + "\n".join(f"  {k:<{width}}{v}" for k, v in COMMANDS.items())
 
 
+EVAL_USAGE = ("usage: hf-streamlm eval PATH [recipe=NAME] [key=value ...] [--json FILE]\n"
+              "       hf-streamlm eval PATH --tasks NAMES [--include-path DIR] [--limit N] [--json FILE]")
+
+
 def eval_command(args: list[str]) -> int:
     """Eval loss, perplexity and (MicroBERT) masked-token accuracy of an export or a checkpoint on the
-    held-out stream the training loop evaluates on, through the ``evaluate`` modules in hf_streamlm.metrics."""
+    held-out stream the training loop evaluates on, through the ``evaluate`` modules in hf_streamlm.metrics;
+    with ``--tasks``, lm-evaluation-harness tasks on a decoder instead."""
     import json
     from pathlib import Path
 
-    from hf_streamlm.evaluation import evaluate_model
-
     path, json_file, overrides = None, None, []
+    tasks, include_path, limit = None, None, None
     rest = iter(args)
+
+    def value_of(option: str, what: str, example: str) -> str:
+        value = next(rest, None)
+        if value is None or value.startswith("-"):
+            fail(f"{option} needs {what} (e.g. {option} {example})")
+        return value
+
     for arg in rest:
         if arg in ("-h", "--help"):
-            print("usage: hf-streamlm eval PATH [recipe=NAME] [key=value ...] [--json FILE]\n\n"
+            print(EVAL_USAGE + "\n\n"
                   "Score a model on the held-out stream: eval loss, perplexity, MicroBERT's masked-token accuracy.\n"
                   "PATH: an export folder (Hub format), a checkpoint (checkpoints/step-N) or a run directory (its\n"
                   "newest checkpoint). Without recipe=NAME the training config saved with the model is used;\n"
-                  "key=value overrides apply on top (e.g. runtime.evaluation.max_batches=20).")
+                  "key=value overrides apply on top (e.g. runtime.evaluation.max_batches=20).\n\n"
+                  "--tasks NAMES: run lm-evaluation-harness tasks (comma-separated names or globs) on a decoder\n"
+                  "instead (pip install 'hf_streamlm[eval]'). A run directory gives its export (else its newest\n"
+                  "checkpoint). --include-path DIR adds your own task YAMLs (e.g. over a local JSONL: offline);\n"
+                  "--limit N scores the first N documents of each task. The results go to the run's history.jsonl\n"
+                  "(lm_eval/<task>/<metric>) and, for an export, to its model card.")
             return 0
         if arg == "--json":
-            json_file = next(rest, None)
-            if json_file is None or json_file.startswith("-"):
-                fail("--json needs a file name (e.g. --json eval.json)")
+            json_file = value_of("--json", "a file name", "eval.json")
+        elif arg == "--tasks":
+            tasks = [t.strip() for t in value_of("--tasks", "task names", "hellaswag,my_task").split(",") if t.strip()]
+        elif arg == "--include-path":
+            include_path = value_of("--include-path", "a folder", "my_tasks/")
+        elif arg == "--limit":
+            limit = value_of("--limit", "a number", "100")
+            if not limit.isdigit() or int(limit) < 1:
+                fail(f"--limit takes a positive number of documents per task, got '{limit}'")
+            limit = int(limit)
         elif arg.startswith("-"):
-            fail(f"unknown option '{arg}' for eval; options: --json FILE")
+            fail(f"unknown option '{arg}' for eval; options: --json FILE, --tasks NAMES, --include-path DIR, --limit N")
         elif "=" in arg:
             overrides.append(arg)
         elif path is None:
@@ -64,7 +88,19 @@ def eval_command(args: list[str]) -> int:
         else:
             fail(f"eval takes one model folder, got '{path}' and '{arg}' (overrides are key=value)")
     if path is None:
-        fail("eval needs a model folder: hf-streamlm eval PATH [recipe=NAME] [key=value ...] [--json FILE]")
+        fail("eval needs a model folder: " + EVAL_USAGE.split("\n")[0].removeprefix("usage: "))
+    if tasks is None and (include_path or limit):
+        fail("--include-path and --limit go with --tasks NAMES (lm-evaluation-harness tasks)")
+    if tasks is not None:
+        if not tasks:
+            fail("--tasks needs at least one task name (e.g. --tasks hellaswag,my_task)")
+        if overrides:
+            fail(f"--tasks runs lm-evaluation-harness tasks; key=value overrides ({overrides[0]}) choose the "
+                 "held-out stream of the other mode: drop them or drop --tasks")
+        return tasks_command(path, tasks, include_path, limit, json_file)
+
+    from hf_streamlm.evaluation import evaluate_model
+
     result = evaluate_model(path, overrides)
     if json_file:
         Path(json_file).parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +111,33 @@ def eval_command(args: list[str]) -> int:
     for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):
         if key in result:
             print(f"  {key.removeprefix('eval_'):<10} {result[key]:.6g}")
+    if json_file:
+        print(f"  written to {json_file}")
+    return 0
+
+
+def tasks_command(path: str, tasks: list[str], include_path: str | None, limit: int | None,
+                  json_file: str | None) -> int:
+    """``eval PATH --tasks``: lm-evaluation-harness on a decoder, the results printed and recorded."""
+    import json
+    from pathlib import Path
+
+    from hf_streamlm.evaluation import HARNESS_PREFIX, evaluate_tasks
+
+    result = evaluate_tasks(path, tasks, include_path, limit)
+    if json_file:
+        Path(json_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_file).write_text(json.dumps(result, indent=2) + "\n")
+    at = f" (step {result['step']})" if result["step"] is not None else ""
+    print(f"{result['kind']} {result['model']}{at}: lm-evaluation-harness {', '.join(tasks)}")
+    figures = {k: v for k, v in result.items() if k.startswith(HARNESS_PREFIX + "/")}
+    width = max(map(len, figures), default=0)
+    for key, value in figures.items():
+        task = key.split("/")[1]
+        print(f"  {key:<{width}}  {value:.4f}  ({result['samples'].get(task, '?')} samples)")
+    for what in ("history", "model_card"):
+        if what in result:
+            print(f"  written to {result[what]}")
     if json_file:
         print(f"  written to {json_file}")
     return 0

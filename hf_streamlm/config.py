@@ -75,6 +75,11 @@ class ModelConfig:
     """Rotary base frequency for the decoder; ``null`` means 10000."""
     rope_factor: float | None = None
     """Scaling factor of ``rope_mode`` (e.g. 2.0 doubles the usable context); required with it."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: ``sdpa`` (PyTorch's fused attention), ``eager`` (explicit softmax; the reference), and
+    for the decoder also ``flex_attention`` (packed documents as a block mask that skips masked blocks) or
+    ``flash_attention_2``/``flash_attention_3`` (packed documents from restarting positions; needs the
+    flash-attn package and a CUDA GPU), or any name registered with transformers' ``AttentionInterface``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     tie_word_embeddings: bool = True
@@ -263,6 +268,14 @@ class EvaluationConfig:
     """Evaluate every N passes over the stream."""
     max_batches: int = 8
     """Batches of the held-out stream per evaluation (the same batches each time)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the main process at every evaluation (decoder only; needs
+    ``pip install 'hf_streamlm[eval]'``); results go to history.jsonl as ``lm_eval/<task>/<metric>``."""
+    tasks_include_path: str | None = None
+    """A folder of your own lm-evaluation-harness task YAMLs (e.g. over a local JSONL), added to the
+    built-in tasks."""
+    tasks_limit: int | None = None
+    """Score at most N documents per task at each evaluation (``null``: all); keeps in-loop evals short."""
     best: BestConfig = field(default_factory=BestConfig)
     """Best-checkpoint retention."""
 
@@ -680,6 +693,14 @@ def validate(c: Config) -> None:
         value = getattr(m, key)
         if value is not None and not 0 <= value < 1:
             raise ConfigError(f"'model.{key}' must be in [0, 1), got {value}")
+    if m.type == "microbert" and m.attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(
+            f"'model.attn_implementation' of a microbert must be sdpa or eager; got {m.attn_implementation!r}"
+        )
+    if m.attn_implementation == "flex_attention" and (m.attn_dropout or 0) > 0:
+        raise ConfigError(
+            "'model.attn_implementation' flex_attention has no attention dropout: set 'model.attn_dropout' to 0"
+        )
     if m.type == "microbert" and (m.rope_mode or m.rope_theta or m.rope_factor):
         raise ConfigError("'model.rope_mode'/'model.rope_theta'/'model.rope_factor' apply to model.type=decoder")
     if m.rope_mode is not None and m.rope_mode not in ("linear", "dynamic"):
@@ -750,6 +771,10 @@ def validate(c: Config) -> None:
     _positive("runtime.evaluation.every_n_steps", r.evaluation.every_n_steps)
     _positive("runtime.evaluation.max_batches", r.evaluation.max_batches)
     _positive("runtime.evaluation.best.max_keep", r.evaluation.best.max_keep, allow_zero=True)
+    _positive("runtime.evaluation.tasks_limit", r.evaluation.tasks_limit)
+    if r.evaluation.tasks and m.type != "decoder":
+        raise ConfigError("'runtime.evaluation.tasks' applies to model.type=decoder: lm-evaluation-harness scores "
+                          "causal LMs; MicroBERT's downstream figure is its masked-token accuracy (eval_accuracy)")
     _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
     _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():

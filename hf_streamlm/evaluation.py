@@ -1,4 +1,5 @@
-"""``hf-streamlm eval``: score an export or a checkpoint on the held-out stream of a recipe.
+"""``hf-streamlm eval``: score an export or a checkpoint on the held-out stream of a recipe, or (``--tasks``,
+``runtime.evaluation.tasks``) on lm-evaluation-harness tasks (see "downstream tasks" below).
 
 The held-out blocks, the collator (MicroBERT's masks seeded by ``runtime.seed``) and the batching are
 the training loop's own (``build_eval_blocks``, ``make_collator``), and the figures go through the
@@ -9,6 +10,7 @@ the training loop's own (``build_eval_blocks``, ``make_collator``), and the figu
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +82,12 @@ def _device() -> torch.device:
 
 def load_export(path: Path) -> tuple[PreTrainedModel, Any, str]:
     """The model and tokenizer of a Hub-format folder, and its family (``microbert``/``decoder``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    import hf_streamlm.models  # noqa: F401  (registers model_type microbert/streamlm_decoder: custom exports load)
     from hf_streamlm.models.export_formats import from_native
 
-    try:
-        hf_config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"'{path}/config.json' is not a model config transformers can read: {err}") from None
-    archs = hf_config.architectures or []
-    if any(a.endswith("ForMaskedLM") for a in archs) or (not archs and hf_config.model_type in ("bert", "microbert")):
-        family, auto = MASKED, AutoModelForMaskedLM
-    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
-        family, auto = CAUSAL, AutoModelForCausalLM
-    else:
-        raise ConfigError(f"'{path}' holds a {', '.join(archs)}: eval scores masked or causal language models")
+    family = export_family(path)
+    auto = AutoModelForMaskedLM if family == MASKED else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -179,3 +171,209 @@ def evaluate_model(path: str | Path, overrides: list[str]) -> dict[str, Any]:
         "batches": -(-len(blocks) // d.batch_size),
         **metrics,
     }
+
+
+# ----------------------------------------------------------------------------------- downstream tasks
+# lm-evaluation-harness (EleutherAI) through its Python API, on causal LMs: an export as lm_eval loads any
+# Hub model (``HFLM(pretrained=PATH)``), or the model object of a checkpoint or of the training loop.
+# MicroBERT has no path there (the harness scores log-likelihoods and generations of causal and seq2seq
+# models); its downstream figure stays the masked-token accuracy above.
+
+HARNESS_PREFIX = "lm_eval"
+"""History keys of downstream results: ``lm_eval/<task>/<metric>``."""
+HARNESS_MISSING = ("downstream tasks need lm-evaluation-harness, which is not installed: "
+                   "pip install 'hf_streamlm[eval]' (or: pip install lm_eval)")
+
+
+def _harness():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        if getattr(err, "name", "") and not str(err.name).startswith("lm_eval"):
+            raise  # lm_eval is there but broken: a bug to see whole
+        raise ConfigError(HARNESS_MISSING) from None
+    return lm_eval, HFLM, TaskManager
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, include_defaults: bool):
+    _, _, TaskManager = _harness()
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager(tasks: list[str], include_path: str | Path | None = None, key: str = "--include-path"):
+    """lm_eval's ``TaskManager`` with ``include_path`` added, after checking that every task name (or glob)
+    matches a task, group or tag there or among the built-in ones. Indexing lm_eval's thousands of built-in
+    task YAMLs takes 10-40 s, so tasks that are all in ``include_path`` get a manager of that folder alone;
+    managers are kept for the next evaluation."""
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ConfigError(f"{key} '{include_path}' is not a folder (of lm-evaluation-harness task YAMLs)")
+    own = str(Path(include_path).resolve()) if include_path else None
+    manager = _task_manager(own, False) if own else None
+    if manager is None or not all(manager.match_tasks([t]) for t in tasks):
+        manager = _task_manager(own, True)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        where = f"in {include_path} or " if include_path else ""
+        raise ConfigError(f"unknown lm-evaluation-harness task{'s' * (len(unknown) > 1)} {', '.join(unknown)}: not "
+                          f"{where}among the built-in tasks (list them: lm_eval ls tasks; your own task YAMLs: "
+                          "--include-path DIR)")
+    return manager
+
+
+def flatten_harness_results(results: dict) -> dict[str, float]:
+    """``{task: {"acc,none": 0.7, "alias": ...}}`` from lm_eval as ``{"lm_eval/<task>/acc": 0.7}``; a metric
+    under a filter other than ``none`` keeps it (``lm_eval/<task>/exact_match/strict-match``)."""
+    flat = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue  # alias, name, sample_len
+            metric, filter_name = key.split(",", 1)
+            suffix = metric if filter_name == "none" else f"{metric}/{filter_name}"
+            flat[f"{HARNESS_PREFIX}/{task}/{suffix}"] = float(value)
+    return flat
+
+
+def run_harness(model: PreTrainedModel | str | Path, tokenizer, tasks: list[str],
+                include_path: str | Path | None = None, device: torch.device | str = "cpu", batch_size: int = 8,
+                limit: int | None = None, log_samples: bool = False) -> dict[str, Any]:
+    """Run lm-evaluation-harness ``tasks`` on a causal LM; returns ``{"results": flat figures, "samples": n per
+    task, "raw": lm_eval's output}``. ``model`` is an export folder (loaded by lm_eval itself, as a user's
+    ``lm_eval --model hf --model_args pretrained=PATH`` would) or a model object with its ``tokenizer``. A model
+    object is put back in the training mode it had."""
+    lm_eval, HFLM, _ = _harness()
+    manager = task_manager(tasks, include_path)
+    if isinstance(model, (str, Path)):
+        lm = HFLM(pretrained=str(model), backend="causal", device=str(device), batch_size=batch_size)
+        training = None
+    else:
+        training = model.training
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      log_samples=log_samples)
+    finally:
+        if training:
+            model.train()
+    samples = {task: int(n.get("effective", 0)) for task, n in (out.get("n-samples") or {}).items()}
+    return {"results": flatten_harness_results(out["results"]), "samples": samples, "raw": out}
+
+
+def _run_of(folder: Path) -> Path | None:
+    """The run directory holding ``folder`` (an export, ``checkpoints/step-N``, ``best/step-N``, the run itself)."""
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "history.jsonl").is_file() and (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def _last_step(run: Path | None) -> int | None:
+    from hf_streamlm.train.history import read_history
+
+    if run is None:
+        return None
+    steps = [row["step"] for row in read_history(run / "history.jsonl") if isinstance(row.get("step"), int)]
+    return max(steps) if steps else None
+
+
+def evaluate_tasks(path: str | Path, tasks: list[str], include_path: str | Path | None = None,
+                   limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Run lm-evaluation-harness ``tasks`` on the decoder at ``path`` and record the results where the model
+    lives: a row ``{"step", "lm_eval/<task>/<metric>": ...}`` in its run's ``history.jsonl``, and a table in
+    the export's model card (``README.md``) when the model scored is an export.
+
+    ``path``: an export folder; a checkpoint (``checkpoints/step-N``, ``best/step-N``); a run directory (its
+    export when the run finished, else its newest checkpoint)."""
+    import json
+
+    from hf_streamlm.export import find_checkpoint, load_checkpoint_model, write_harness_card
+    from hf_streamlm.train.checkpoint import STATE_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"'{path}' is not a folder: give an export folder, a checkpoint or a run directory")
+    _harness()  # the missing-package line before any model is loaded
+    export = next((f for f in (path, path / "export") if (f / "config.json").is_file()), None)
+    run = _run_of(export or path)
+    if export is not None:
+        kind, where, step = "export", export, _last_step(run)
+        family = export_family(export)
+        model, tokenizer = export, None
+    else:
+        checkpoint = find_checkpoint(path)
+        model, tokenizer, config = load_checkpoint_model(checkpoint)
+        family = config.model.type
+        kind, where = "checkpoint", checkpoint
+        step = json.loads((checkpoint / STATE_FILE).read_text()).get("step")
+    if family != CAUSAL:
+        raise ConfigError(f"'{where}' holds a masked LM (MicroBERT/BERT): lm-evaluation-harness scores causal LMs. "
+                          f"Its downstream figure is the masked-token accuracy: hf-streamlm eval {path}")
+    device = _device()
+    if not isinstance(model, Path):
+        model.to(device)
+    out = run_harness(model, tokenizer, tasks, include_path, device, batch_size, limit)
+    row = {"step": step, **out["results"], f"{HARNESS_PREFIX}_model": str(where)}
+    result = {"model": str(where), "kind": kind, "step": step, "tasks": tasks, "samples": out["samples"],
+              **out["results"]}
+    if run is not None:
+        with (run / "history.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        result["history"] = str(run / "history.jsonl")
+    if export is not None and (export / "README.md").is_file():
+        write_harness_card(export / "README.md", out["results"], out["samples"], step)
+        result["model_card"] = str(export / "README.md")
+    return result
+
+
+def export_family(path: Path) -> str:
+    """The family (``microbert``/``decoder``) of the export at ``path``, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    import hf_streamlm.models  # noqa: F401  (registers model_type microbert/streamlm_decoder: custom exports load)
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"'{path}/config.json' is not a model config transformers can read: {err}") from None
+    archs = hf_config.architectures or []
+    if any(a.endswith("ForMaskedLM") for a in archs) or (not archs and hf_config.model_type in ("bert", "microbert")):
+        return MASKED
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
+        return CAUSAL
+    raise ConfigError(f"'{path}' holds a {', '.join(archs)}: eval scores masked or causal language models")
+
+
+# --------------------------------------------------------------------------- in the training loop
+
+
+def check_loop_tasks(config: Config, accelerator) -> None:
+    """Before training: ``runtime.evaluation.tasks`` can run (lm_eval installed, every task found, not
+    under ZeRO-3), so that a bad name fails now rather than at the first evaluation hours in."""
+    e = config.runtime.evaluation
+    if not e.tasks:
+        return
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        raise ConfigError("'runtime.evaluation.tasks' runs the model on the main process alone, which ZeRO-3's "
+                          "sharded parameters do not allow; score the checkpoints with hf-streamlm eval PATH --tasks")
+    if accelerator.is_main_process:
+        task_manager(e.tasks, e.tasks_include_path, "'runtime.evaluation.tasks_include_path'")
+
+
+def loop_tasks(model, tokenizer, config: Config, step: int, accelerator) -> dict[str, Any] | None:
+    """Run ``runtime.evaluation.tasks`` on the main process (the others wait) on the model being trained, as
+    OLMo-core and llm-foundry run downstream evals in the loop; the main process gets ``{"step", "results":
+    {"lm_eval/<task>/<metric>": ...}, "samples"}`` (also kept in the checkpoint state and the model card), the
+    others None."""
+    e = config.runtime.evaluation
+    result = None
+    if accelerator.is_main_process:
+        net = accelerator.unwrap_model(model, keep_torch_compile=False)
+        out = run_harness(net, tokenizer, e.tasks, e.tasks_include_path, accelerator.device, config.data.batch_size,
+                          e.tasks_limit)
+        result = {"step": step, "results": out["results"], "samples": out["samples"]}
+    accelerator.wait_for_everyone()
+    return result

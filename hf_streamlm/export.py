@@ -42,6 +42,8 @@ def model_card(model: PreTrainedModel, config: Config, fmt: str, summary: dict |
     results = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in figures.items())
     results = f"| metric | value |\n|---|---|\n{results}" if results else "No evaluation was recorded."
     command = summary.get("command") or f"accelerate launch -m hf_streamlm.run recipe={config.recipe}"
+    harness = summary.get("lm_eval") or {}
+    downstream = harness_section(harness.get("results", {}), harness.get("samples", {}), harness.get("step"))
     return f"""---
 library_name: transformers
 pipeline_tag: {task}
@@ -72,7 +74,7 @@ pipe = pipeline("{task}", model="path/or/repo"{remote})
 ## Evaluation (held-out stream, last evaluation of the run)
 
 {results}
-
+{downstream}
 ## Training command
 
 ```bash
@@ -83,15 +85,56 @@ The full training configuration is in `{TRAINING_CONFIG}`.
 """
 
 
+HARNESS_BEGIN, HARNESS_END = "<!-- lm_eval results -->", "<!-- /lm_eval results -->"
+"""Markers around the model card's lm-evaluation-harness table, which ``hf-streamlm eval --tasks`` replaces."""
+
+
+def harness_section(results: dict[str, float], samples: dict[str, int], step: int | None) -> str:
+    """The model card's table of lm-evaluation-harness results (``lm_eval/<task>/<metric>`` figures), or ""."""
+    if not results:
+        return ""
+    rows = []
+    for key, value in sorted(results.items()):
+        _, task, metric = key.split("/", 2)
+        if metric.endswith("_stderr") or "_stderr/" in metric:
+            continue  # shown beside its metric
+        name, _, filter_name = metric.partition("/")
+        stderr = results.get(f"lm_eval/{task}/{name}_stderr" + (f"/{filter_name}" if filter_name else ""))
+        shown = f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+        rows.append(f"| {task} | {metric} | {shown} | {samples.get(task, '')} |")
+    at = f" at step {step}" if step is not None else ""
+    return (f"{HARNESS_BEGIN}\n## Downstream evaluation (lm-evaluation-harness{at})\n\n"
+            "| task | metric | value | samples |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n{HARNESS_END}\n")
+
+
+def write_harness_card(readme: Path, results: dict[str, float], samples: dict[str, int], step: int | None) -> None:
+    """Put the lm-evaluation-harness table into the model card ``readme`` (before the training command),
+    replacing the one an earlier evaluation wrote."""
+    text = readme.read_text()
+    section = harness_section(results, samples, step)
+    if HARNESS_BEGIN in text and HARNESS_END in text:
+        head, rest = text.split(HARNESS_BEGIN, 1)
+        text = head + section + rest.split(HARNESS_END, 1)[1].removeprefix("\n")
+    elif "## Training command" in text:
+        head, tail = text.split("## Training command", 1)
+        text = head + section + "\n## Training command" + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    readme.write_text(text)
+
+
 def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Path, fmt: str = "native",
                summary: dict | None = None) -> Path:
-    """Write ``output_dir`` so that ``AutoModel*.from_pretrained(output_dir)`` and ``pipeline`` work."""
+    """Write ``output_dir`` so that ``AutoModel*.from_pretrained(output_dir)``, ``AutoTokenizer`` and ``pipeline``
+    work, in transformers 4.x as in 5.x (native format; the custom format's code needs 5.x)."""
     from hf_streamlm.models.export_formats import save_model
+    from hf_streamlm.tokenizer.export import save_export_tokenizer
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, output_dir, format=fmt)
-    tokenizer.save_pretrained(output_dir)
+    # model_max_length = the positions the model has: truncation=True then cuts where the model ends.
+    save_export_tokenizer(tokenizer, output_dir, config.model.type, model.config.max_position_embeddings)
     config.save(output_dir / TRAINING_CONFIG)
     (output_dir / "README.md").write_text(model_card(model, config, fmt, summary))
     return output_dir

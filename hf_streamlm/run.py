@@ -1,7 +1,9 @@
 """``python -m hf_streamlm.run recipe=NAME key=value ...``: train (also under ``accelerate launch``).
 
-Bad input (unknown key, wrong type, unknown recipe, impossible combination) exits with status 2 and
-one line naming what is wrong, before anything is built.
+Exit statuses (docs/troubleshooting.md): 0 finished or stopped by a signal with a checkpoint; 2 bad
+input (unknown key, wrong type, unknown recipe, impossible combination, unreadable data before any
+step, a refused resume), one line naming what is wrong; 3 stopped on a NaN/inf with the last good state
+saved; 4 a data source failed after training started, with the last completed step saved.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         fail(str(err))
     setup_logging()
-    from hf_streamlm.train.loop import train
+    from hf_streamlm.train.loop import DataFailure, train
     from hf_streamlm.train.monitor import NonFiniteError
 
     try:
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:  # diverged; the last good state is saved
         print(f"hf-streamlm: error: {err}", file=sys.stderr)
         raise SystemExit(3) from None
+    except DataFailure as err:  # a source failed mid-run; the last completed step is saved
+        print(f"hf-streamlm: error: {err}", file=sys.stderr)
+        raise SystemExit(4) from None
     return 0
 
 

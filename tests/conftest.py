@@ -23,6 +23,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The packages whose releases move the APIs this project builds on (docs/dependencies.md): every pytest run names
+# the versions it tested in its header, so a CI log says what a fresh install resolved to that day.
+TESTED_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "huggingface_hub",
+    "evaluate",
+    "safetensors",
+)
+
+
+def tested_with() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return "tested with: " + ", ".join(f"{name} {installed(name)}" for name in TESTED_PACKAGES)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    # At the end rather than in the header: `pytest -q` (the README's command) prints no header.
+    terminalreporter.write_line(tested_with())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m hf_streamlm.run ARGS`` (or another module via args[0]='-m', ...) for real."""
     cmd = [sys.executable, *args] if args and args[0] == "-m" else [sys.executable, "-m", "hf_streamlm.run", *args]
@@ -46,3 +78,120 @@ def shards(tmp_path_factory) -> Path:
     for i in range(4):
         (root / f"part-{i}.jsonl").write_text("\n".join(lines[i::4]) + "\n")
     return root
+
+
+# Tiny runs shared by every test that needs a trained model, its checkpoints or its export: each takes
+# ~20 s of the suite's time, so they are trained once per session. Tests that write into a run (eval
+# results, model card) copy it first (``copy_run``).
+TINY = [
+    "scheduler.total_steps=4",
+    "scheduler.warmup_steps=1",
+    "runtime.log_every_n_steps=2",
+    "runtime.evaluation.every_n_steps=2",
+    "runtime.evaluation.max_batches=3",
+    "runtime.checkpoint.every_n_steps=2",
+    "runtime.logging.progress_bar=false",
+    "runtime.logging.tensorboard=false",
+    "runtime.demo_sentences=[]",
+    "tokenizer.vocab_size=800",
+    "tokenizer.train_samples=300",
+    "data.shuffle_buffer_size=50",
+    "data.batch_size=4",
+    "data.sequence_length=64",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.max_position_embeddings=64",
+]
+MLM = ["recipe=quickstart", *TINY, "optimizer.learning_rate=1e-2"]  # a few right guesses: accuracy > 0
+# document_masking (the recipe's): packed-document inputs in the eval batches. A non-default rotary base:
+# an export that loses it (transformers 4.x reads only rope_theta) gives other logits.
+DECODER = ["recipe=quickstart_decoder", *TINY, "model.rope_theta=500000"]
+DECODER_LINEAR_ROPE = ["recipe=quickstart_decoder", *TINY, "model.rope_mode=linear", "model.rope_factor=2.0"]
+
+
+def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
+    out = tmp_path_factory.mktemp("runs") / name
+    proc = run_cli(*args, f"runtime.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of a shared run that a test may write into (its config.yaml keeps the original output_dir,
+    which nothing a test runs on a finished run reads)."""
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+@pytest.fixture(scope="session")
+def mlm_run(tmp_path_factory) -> Path:
+    return trained(tmp_path_factory, "mlm", MLM)
+
+
+CLOZE_TASK = "pydocs_cloze"
+
+
+@pytest.fixture(scope="session")
+def cloze_task(tmp_path_factory) -> Path:
+    """A local lm-evaluation-harness task (offline): a YAML over a JSONL of 40 four-way cloze items from the
+    last documents of the shipped corpus (the context: a document's first 8-15 words; the choices: the next
+    word and 3 other words of the corpus)."""
+    import json
+    import random
+
+    from hf_streamlm.data.corpus import BUILTIN_CORPORA
+
+    root = tmp_path_factory.mktemp("lm_eval_tasks")
+    docs = [json.loads(line)["text"] for line in gzip.open(BUILTIN_CORPORA["pydocs"], "rt")][-200:]
+    rng = random.Random(0)
+    pool = sorted({w for d in docs for w in d.split() if w.isalpha()})
+    items = []
+    for words in (d.split() for d in docs):
+        if len(words) < 20:
+            continue
+        k = rng.randrange(8, 16)
+        choices = [words[k], *rng.sample([w for w in pool if w != words[k]], 3)]
+        rng.shuffle(choices)
+        items.append({"context": " ".join(words[:k]), "choices": choices, "label": choices.index(words[k])})
+        if len(items) == 40:
+            break
+    (root / "cloze.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (root / "cloze.yaml").write_text(f"""task: {CLOZE_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root / "cloze.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+""")
+    return root
+
+
+@pytest.fixture(scope="session")
+def decoder_run(tmp_path_factory, cloze_task) -> Path:
+    """DECODER, with the cloze task run in the loop (lm-evaluation-harness) at each evaluation."""
+    tasks = [f"runtime.evaluation.tasks=[{CLOZE_TASK}]", f"runtime.evaluation.tasks_include_path={cloze_task}"]
+    return trained(tmp_path_factory, "decoder", [*DECODER, *tasks])
+
+
+@pytest.fixture(scope="session")
+def decoder_linear_rope_run(tmp_path_factory) -> Path:
+    return trained(tmp_path_factory, "decoder-linear-rope", DECODER_LINEAR_ROPE)
+
+
+@pytest.fixture(scope="session")
+def compat_python() -> Path:
+    """The ``python`` of the environment with transformers 4.57, optimum-onnx and onnxruntime
+    (tests/compat_env.py), built from the package index on first use and reused after."""
+    from tests.compat_env import compat_python as build
+
+    return build(log=lambda message: print(f"\n[compat env] {message}", file=sys.stderr))

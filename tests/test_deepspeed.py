@@ -145,3 +145,27 @@ def test_export_holds_the_trained_weights(runs, tmp_path):
     a, b = load_file(full / "export" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(t.numel() > 0 for t in a.values())  # whole tensors, not ZeRO-3 partitions
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_step_under_deepspeed_never_becomes_the_last_good_state(tmp_path, shards, precision):
+    """DeepSpeed steps inside ``backward()``: by the time the loop sees a NaN loss, the engine has applied
+    it (DeepSpeed 0.19's ZeRO-2 skips a non-finite gradient norm itself in fp32, not in bf16). The checkpoint named
+    as the last good state must hold the weights from before the bad step (a learning rate of 1e30 makes
+    step 1's update huge but finite, and step 2's gradient norm inf). Today's main overwrote step-1 with
+    the weights after the bad step."""
+    from hf_streamlm.train.zero import zero_checkpoint_weights
+
+    run = tmp_path / "run"
+    args = [*tiny("quickstart_decoder", shards), "data.gradient_accumulation_steps=1", "optimizer.learning_rate=1e30",
+            "optimizer.max_grad_norm=null", "scheduler.strategy=constant", "scheduler.warmup_steps=0",
+            "scheduler.total_steps=6", "runtime.checkpoint.every_n_steps=1", "runtime.evaluation.every_n_steps=null",
+            "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128", "tokenizer.vocab_size=500",
+            f"runtime.precision={precision}", f"runtime.output_dir={run}"]
+    proc = launch(2, args)
+    assert "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # the rank's status; torchrun itself exits 1
+    (message,) = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert "non-finite loss or gradient norm at step 2" in message and "step-1 (DeepSpeed may have" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
+    weights = zero_checkpoint_weights(run / "checkpoints" / "step-1")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())

@@ -15,32 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import MLM, REPO
 
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")  # read when evaluate is imported: before any test imports it
 
-TINY = [
-    "scheduler.total_steps=4",
-    "scheduler.warmup_steps=1",
-    "runtime.log_every_n_steps=2",
-    "runtime.evaluation.every_n_steps=2",
-    "runtime.evaluation.max_batches=3",
-    "runtime.checkpoint.every_n_steps=2",
-    "runtime.logging.progress_bar=false",
-    "runtime.logging.tensorboard=false",
-    "runtime.demo_sentences=[]",
-    "tokenizer.vocab_size=800",
-    "tokenizer.train_samples=300",
-    "data.shuffle_buffer_size=50",
-    "data.batch_size=4",
-    "data.sequence_length=64",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.max_position_embeddings=64",
-]
-MLM = ["recipe=quickstart", *TINY, "optimizer.learning_rate=1e-2"]  # a few right guesses: accuracy > 0
-DECODER = ["recipe=quickstart_decoder", *TINY]  # document_masking: packed-document inputs in the eval batches
 
 # Runs the eval command in a process whose sockets refuse to connect, recording any attempt.
 GUARDED_EVAL = """
@@ -81,23 +59,6 @@ def eval_cli(capsys, *args: str) -> tuple[int, str, str]:
 def assert_same_figures(result: dict, logged: dict, keys: tuple[str, ...]) -> None:
     for key in keys:
         assert result[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-7), key
-
-
-def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
-    out = tmp_path_factory.mktemp("runs") / name
-    proc = run_cli(*args, f"runtime.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def mlm_run(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, "mlm", MLM)
-
-
-@pytest.fixture(scope="module")
-def decoder_run(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, "decoder", DECODER)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -88,7 +88,10 @@ def assert_same_logits(server, repo_id: str, revision: str, export: Path, cache_
     ids = tokenizer("def main(): return the value", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(pulled(ids).logits, local(ids).logits)
-    assert [r.path for r in server.requests() if r.path.startswith(f"/api/models/{repo_id}/tree/{revision}")]
+    # The files came from the branch: recent clients list its tree (/api/models/ID/tree/BRANCH), older ones
+    # (huggingface_hub 1.x) resolve each file on it (/ID/resolve/BRANCH/FILE).
+    branch_reads = (f"/api/models/{repo_id}/tree/{revision}", f"/{repo_id}/resolve/{revision}/")
+    assert [r.path for r in server.requests() if r.path.startswith(branch_reads)]
     assert server.unhandled == []  # every call transformers made was answered, from the branch
 
 

@@ -570,8 +570,17 @@ class ResumableLoader:
         # Batches are made by the pipeline; the identity collate keeps the snapshots as they are
         # (the default conversion would turn the RNG's tuples into lists).
         context = self.start_method if self.num_workers and self.start_method else None
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            multiprocessing_context=context)
+        loader = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                 multiprocessing_context=context))
+        try:
+            yield from self._in_turn(loader)
+        finally:
+            # Workers stopped now, not whenever the iterator is collected: a worker error's traceback keeps
+            # it alive until exit, where multiprocessing's SIGTERM cannot stop workers that block it
+            # (hf_streamlm.train.signals) and its join would wait forever.
+            getattr(loader, "_shutdown_workers", lambda: None)()
+
+    def _in_turn(self, loader) -> Iterator[dict[str, torch.Tensor]]:
         pending: dict[int, deque] = {w: deque() for w in range(max(1, self.num_workers))}
         for batch in loader:
             pending[batch["_worker"]].append(batch)

@@ -11,6 +11,7 @@
 """
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -92,6 +93,30 @@ def to_llama_config(config: DecoderConfig) -> LlamaConfig:
     )
 
 
+def legacy_rope_fields(rope_parameters: dict) -> dict:
+    """``rope_theta`` and ``rope_scaling``: the rotary settings as transformers 4.x reads them.
+
+    transformers 5 writes only ``rope_parameters``, which 4.x ignores: it would run a model trained with
+    ``rope_theta=500000`` (or linear scaling) at 10000 (or unscaled), silently. 5.x reads both forms and
+    lets a non-null ``rope_scaling`` replace ``rope_parameters``, taking ``rope_theta`` beside it
+    (``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict``), so the two forms written here say the
+    same thing to both. ``rope_scaling`` leaves out ``rope_theta`` (4.x warns on keys it does not know
+    there) and is null for plain RoPE, as 4.x configs have it.
+    """
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    scaling = {k: v for k, v in rope_parameters.items() if k not in ("rope_theta", "type")}
+    return {
+        "rope_theta": rope_parameters.get("rope_theta", 10000.0),
+        "rope_scaling": None if rope_type == "default" else {**scaling, "rope_type": rope_type},
+    }
+
+
+def _write_legacy_rope_fields(config_file: Path, rope_parameters: dict) -> None:
+    settings = json.loads(config_file.read_text())
+    settings.update(legacy_rope_fields(rope_parameters))
+    config_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 # Project class -> (stock class, config translation, bare-model class advertised as AutoModel in the custom format,
 # Auto class of the head model).
 _FAMILIES = {
@@ -161,7 +186,10 @@ def save_model(
 
     if format == "native":
         # transformers 5 always writes safetensors (the `safe_serialization` argument is gone).
-        to_native(model).save_pretrained(output_dir)
+        native = to_native(model)
+        native.save_pretrained(output_dir)
+        if isinstance(native, LlamaForCausalLM):  # readable by transformers 4.x too
+            _write_legacy_rope_fields(output_dir / "config.json", native.config.rope_parameters)
         return output_dir
 
     # Importing hf_streamlm.models already registered these; repeated here so that saving does not depend on it.
@@ -176,4 +204,4 @@ def save_model(
     return output_dir
 
 
-__all__ = ["EXPORT_FORMATS", "from_native", "save_model", "to_bert_config", "to_llama_config", "to_native"]
+__all__ = ["EXPORT_FORMATS", "from_native", "legacy_rope_fields", "save_model", "to_bert_config", "to_llama_config", "to_native"]

@@ -94,6 +94,18 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
     else:
         ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         model = auto.from_config(hf_model_config(m, resolve_vocab_size(config, tokenizer), ids))
+    if m.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError(
+            "'model.attn_implementation' flex_attention trains on a GPU: PyTorch has no FlexAttention backward on the "
+            "CPU (use sdpa here; the model still runs flex_attention on the CPU for inference)"
+        )
+    if m.attn_implementation != model.config._attn_implementation:
+        try:
+            model.set_attn_implementation(m.attn_implementation)
+        except (ImportError, ValueError) as err:  # e.g. flash-attn not installed, or no CUDA
+            reason = str(err).strip().splitlines()[0]
+            message = f"'model.attn_implementation' {m.attn_implementation!r} cannot be used here: {reason}"
+            raise ConfigError(message) from None
     if m.gradient_checkpointing:  # renamed in recent transformers; the old name warns
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model
@@ -109,8 +121,15 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> int:
     return model.num_parameters()
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in GPT-2/BERT practice."""
+def build_optimizer(
+    model: torch.nn.Module, config: Config, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in GPT-2/BERT practice.
+
+    `device` is where training runs (`accelerator.device`). The optimizer is built before `accelerator.prepare`
+    moves the parameters there, so it is the device, not the parameters, that decides the fused CUDA kernel (one
+    launch for all parameters instead of a loop of small ones).
+    """
     o = config.optimizer
     # Under DeepSpeed ZeRO-3 a model built in zero.Init holds empty partitions; ds_shape is the real shape.
     ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
@@ -118,7 +137,8 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     no_decay = [p for p in model.parameters() if p.requires_grad and ndim[id(p)] < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     peak = config.scheduler.max_lr if config.scheduler.max_lr is not None else o.learning_rate
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+    on_cuda = device.type == "cuda" if device is not None else all(p.is_cuda for p in model.parameters())
+    fused = on_cuda and all(p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(groups, lr=peak, betas=(o.beta1, o.beta2), eps=o.epsilon, fused=fused or None)
 
 

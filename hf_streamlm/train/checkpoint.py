@@ -1,5 +1,7 @@
-"""Checkpoints under ``<run>/checkpoints/step-<N>/``: written to a temporary folder and renamed
-when complete, so a folder named ``step-<N>`` is always whole; the newest N are kept."""
+"""Checkpoints under ``<run>/checkpoints/step-<N>/``: written to a temporary folder, flushed to disk
+and renamed when complete, so a folder named ``step-<N>`` is always whole; the newest N are kept.
+A manifest of file sizes lets a resume tell a checkpoint damaged afterwards (a file lost or cut short
+by a crash of the file system, a partial copy) and fall back to the previous one."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"  # {relative path: size in bytes} of every other file; written before STATE_FILE
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -58,15 +61,84 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states, scaler; per rank
     if loader is not None:
         torch.save(loader.state_dict(), data_state_file(tmp, accelerator.process_index))
+    # Each rank flushes what it wrote (on a network file system only the writer's fsync counts); files
+    # of other ranks still being written are flushed again by their writers.
+    sync_tree(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         config.save(tmp / "config.yaml")
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+        write_synced(tmp / MANIFEST, json.dumps(manifest(tmp), indent=1))
+        write_synced(tmp / STATE_FILE, json.dumps(state, indent=2))  # written last: marks completeness
+        sync_tree(tmp)  # the files, then the folders: the rename below must not outrun their contents
         replace_dir(tmp, final)
+        sync_dir(directory)  # the rename itself
         rotate(directory, max_keep, rank_by)
     accelerator.wait_for_everyone()
     return final
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a folder: makes the names in it (a rename, a new file) durable (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; nothing more can be done there
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every folder, deepest first."""
+    if not root.is_dir():
+        return
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except FileNotFoundError:  # removed meanwhile by another rank's save_state
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(Path(folder))
+
+
+def write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def manifest(root: Path) -> dict[str, int]:
+    """Size of every file under ``root`` (but the manifest and the state file), by relative path."""
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, STATE_FILE)}
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing or of another size than written), or None.
+    Checkpoints written before the manifest existed are taken as they are."""
+    try:
+        json.loads((path / STATE_FILE).read_text())
+        if not (path / MANIFEST).exists():
+            return None
+        expected = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} or {MANIFEST} unreadable ({type(err).__name__})"
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def rotate(directory: Path, max_keep: int, rank_by: str | None = None) -> None:
@@ -136,14 +208,26 @@ def save_best(accelerator: Accelerator, config: Config, tokenizer, directory: Pa
         except OSError:  # another file system, or no hard links: copy
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(saved, tmp)
+        sync_tree(tmp)  # hard links: only the new folder entries still need flushing
         replace_dir(tmp, final)
+        sync_dir(directory)
         rotate(directory, max_keep, rank_by="eval_loss")
     accelerator.wait_for_everyone()
     return final
 
 
+def resume_choice(config: Config, directory: Path) -> tuple[Path | None, str | None]:
+    """``(checkpoint, None)`` to resume from (``None`` for a fresh start), or ``(None, why)`` when the
+    resume is refused: a value to share from the main process, which alone reads the folder."""
+    try:
+        return resolve_resume(config, directory), None
+    except ConfigError as err:
+        return None, str(err)
+
+
 def resolve_resume(config: Config, directory: Path) -> Path | None:
-    """The checkpoint to resume from according to ``runtime.resume``, or None."""
+    """The checkpoint to resume from according to ``runtime.resume``, or None. ``auto`` passes over
+    damaged checkpoints (a warning each) to the newest intact one."""
     mode = config.runtime.resume
     if mode == "never":
         found = list_checkpoints(directory)
@@ -154,8 +238,15 @@ def resolve_resume(config: Config, directory: Path) -> Path | None:
             )
         return None
     if mode == "auto":
-        found = list_checkpoints(directory)
-        return found[-1] if found else None
+        for candidate in reversed(list_checkpoints(directory)):
+            why = damage(candidate)
+            if why is None:
+                return candidate
+            logger.warning("skipping checkpoint %s: %s; resuming from an earlier one", candidate, why)
+        return None
+    why = damage(Path(mode)) if (Path(mode) / STATE_FILE).is_file() else f"it has no {STATE_FILE}"
+    if why:
+        raise ConfigError(f"runtime.resume={mode}: not a complete checkpoint ({why})")
     return Path(mode)
 
 
@@ -168,9 +259,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[s
             raise ConfigError(f"checkpoint {path} was written by {written} process(es) and this run has "
                               f"{accelerator.num_processes}: resume with {written} (each rank's stream position is "
                               "its own), or start a new runtime.output_dir")
+    if loader is not None:
+        # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
+        data_state = torch.load(data_state_file(path, accelerator.process_index), weights_only=False)
+        written = data_state.get("num_workers")
+        if written is not None and written != getattr(loader, "num_workers", written):
+            raise ConfigError(f"checkpoint {path} was written with {written} DataLoader worker(s) per process and "
+                              f"this run has {loader.num_workers}: resume with data.num_workers={written} (each "
+                              "worker's stream position is its own), or start a new runtime.output_dir")
     accelerator.load_state(str(path))
     if loader is not None:
-        data_state = data_state_file(path, accelerator.process_index)
-        # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
-        loader.load_state_dict(torch.load(data_state, weights_only=False))
+        loader.load_state_dict(data_state)
     return json.loads((path / STATE_FILE).read_text())

@@ -7,9 +7,7 @@ import functools
 import logging
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +22,15 @@ from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, bui
 from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_names
 from hf_streamlm.data.trace import DocumentTrace
 from hf_streamlm.data.quality import SKIP_KINDS
+from hf_streamlm.evaluation import check_loop_tasks, loop_tasks
 from hf_streamlm.export import export_run
 from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler, estimate
-from hf_streamlm.train.checkpoint import (list_checkpoints, load_checkpoint, qualifies_as_best, resolve_resume,
+from hf_streamlm.train.checkpoint import (list_checkpoints, load_checkpoint, qualifies_as_best, resume_choice,
                                           save_best, save_checkpoint)
 from hf_streamlm.train.monitor import NonFiniteError, NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.history import History, plot_history
+from hf_streamlm.train.signals import StopSignal, shielded
 from hf_streamlm.train.zero import accelerator_placement, configure_deepspeed, trained_model
 
 logger = logging.getLogger(__name__)
@@ -41,54 +41,6 @@ def has_accelerator() -> bool:
     processes started by ``accelerate launch``/torchrun each train alone instead of together."""
     probe = getattr(torch, "accelerator", None)
     return probe.is_available() if probe is not None else torch.cuda.is_available()
-
-
-class StopSignal:
-    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop checks it at step boundaries, so a
-    signal during eval or a checkpoint write is honoured at the next boundary."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-            follow_launcher()
-
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else ""
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
-        flag = torch.tensor([1 if self.received else 0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        if flag.item() and not self.received:
-            self.received = signal.SIGTERM  # another rank's signal
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def follow_launcher() -> None:
-    """Under ``accelerate launch``, get SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``). A
-    one-process launch does not forward the SIGTERM a pod stop sends it: the launcher just dies, and
-    without this the run would go on orphaned, then be killed with nothing saved."""
-    from hf_streamlm.run import launched_by_accelerate
-
-    if not launched_by_accelerate() or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def make_collator(config: Config, tokenizer, seed: int):
@@ -127,10 +79,36 @@ def prepare_tokenizer(config: Config, accelerator: Accelerator, out: Path):
     return AutoTokenizer.from_pretrained(saved)
 
 
-def count_steps_per_epoch(blocks: PackedBlocks, config: Config) -> int:
-    """One pass over the stream to size an epoch-based schedule (streams have no length)."""
+def count_steps_per_epoch(blocks: PackedBlocks, config: Config, accelerator: Accelerator) -> int:
+    """One pass over this rank's stream to size an epoch-based schedule (streams have no length), then
+    the smallest count over the ranks, shared by all.
+
+    Ranks read different shards, so their counts differ (43 and 42 steps at 2 ranks): with one count
+    per rank, one rank leaves the loop while the other waits in a collective, forever. The minimum
+    (not the maximum) keeps ``total_epochs`` an upper bound on passes: no rank starts reading its
+    shard a second time within an epoch, as with ``DistributedSampler(drop_last=True)``; a longer
+    rank's last blocks open its next epoch instead of being repeated."""
     n_blocks = sum(1 for _ in blocks)
-    return max(1, n_blocks // (config.data.batch_size * config.data.gradient_accumulation_steps))
+    steps = max(1, n_blocks // (config.data.batch_size * config.data.gradient_accumulation_steps))
+    if accelerator.num_processes > 1:
+        count = torch.tensor([steps], dtype=torch.long, device=accelerator.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+        if accelerator.is_main_process and int(count) != steps:
+            logger.info("epoch length: %d steps on this rank, %d on the shortest; all ranks use %d",
+                        steps, int(count), int(count))
+        steps = int(count)
+    return steps
+
+
+def main_decides(accelerator: Accelerator, value):
+    """``value`` as the main process computed it, on every rank: decisions that read the file system
+    (which checkpoint to resume, whether an eval makes best/) are taken once, since a network volume
+    can show two nodes different listings and ranks that disagree wait in different collectives."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value if accelerator.is_main_process else None])[0]
 
 
 def evaluate(model, eval_blocks: list[dict], collator, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
@@ -166,16 +144,18 @@ def train(config: Config, command: str | None = None) -> Path:
     if tensorboard:
         accelerator.init_trackers("tensorboard" if tensorboard is True else Path(tensorboard).name)
 
+    check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
     tokenizer = prepare_tokenizer(config, accelerator, out)
     model = build_model(config, tokenizer)
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, accelerator.device)
     if r.compile:
         model = torch.compile(model, backend=r.compile_backend)
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = build_train_loader(config, tokenizer, functools.partial(make_collator, config, tokenizer), rank, world)
     tokens_per_step = d.batch_size * d.sequence_length * d.gradient_accumulation_steps * world
     total_steps = total_steps_for(
-        config, tokens_per_step, lambda: count_steps_per_epoch(build_train_blocks(config, tokenizer, rank, world), config)
+        config, tokens_per_step,
+        lambda: count_steps_per_epoch(build_train_blocks(config, tokenizer, rank, world), config, accelerator),
     )
     scheduler = build_scheduler(optimizer, config, total_steps)
     # The loader is not prepared: ranks already read disjoint shards (split_dataset_by_node), and the
@@ -189,7 +169,9 @@ def train(config: Config, command: str | None = None) -> Path:
     ckpt_dir = Path(r.checkpoint.directory or out / "checkpoints")
     best_dir = Path(r.evaluation.best.directory or out / "best")
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0, "nonfinite_skips": 0}
-    resume_from = resolve_resume(config, ckpt_dir)
+    resume_from, refusal = main_decides(accelerator, resume_choice(config, ckpt_dir) if accelerator.is_main_process else None)
+    if refusal:
+        raise ConfigError(refusal)
     if resume_from is not None:
         state = {**state, **load_checkpoint(accelerator, resume_from, loader)}
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
@@ -199,8 +181,9 @@ def train(config: Config, command: str | None = None) -> Path:
     guard = NonFiniteGuard(config, accelerator)
     history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
 
+    resumed_at = state["step"]
     stop = StopSignal()  # SIGTERM (RunPod preemption) / SIGINT: checkpoint at the next step boundary, exit 0
-    batches = iter(loader)  # endless; continues exactly where the checkpoint's data state says
+    batches = shielded(iter(loader))  # endless; continues exactly where the checkpoint's data state says
     trace = DocumentTrace(out / "trace", rank, state["step"]) if d.trace_documents else None
     names = source_names(config)
 
@@ -211,16 +194,13 @@ def train(config: Config, command: str | None = None) -> Path:
     grad_norm = None
     try:  # the bar ends its line even when an error stops the run
         while state["step"] < total_steps:
-            for _ in range(d.gradient_accumulation_steps):
-                t_wait = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    raise ConfigError(
-                        "the training stream produced no full batch: the sources are empty, everything was filtered out, "
-                        "or data.sequence_length x data.batch_size is more than the corpus holds"
-                    )
-                state["epoch"] = loader.epoch
-                window["wait"] += time.perf_counter() - t_wait
+            t_wait = time.perf_counter()
+            step_batches, failure = fetch_step(batches, d.gradient_accumulation_steps)
+            window["wait"] += time.perf_counter() - t_wait
+            if shared_failure(accelerator, failure):  # a source failed on some rank: no rank trains this step
+                raise stop_on_data_failure(accelerator, config, tokenizer, ckpt_dir, state, loader, failure, resumed_at)
+            state["epoch"] = loader.epoch
+            for batch in step_batches:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
@@ -279,21 +259,30 @@ def train(config: Config, command: str | None = None) -> Path:
                 log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
                 if metrics:
                     state["eval"] = metrics
-                    best = qualifies_as_best(best_dir, metrics["eval_loss"], r.evaluation.best.max_keep)
+                    best = main_decides(accelerator, accelerator.is_main_process
+                                        and qualifies_as_best(best_dir, metrics["eval_loss"], r.evaluation.best.max_keep))
+            if r.evaluation.tasks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
+                if downstream := loop_tasks(model, tokenizer, config, state["step"], accelerator):
+                    state["lm_eval"] = downstream  # -> checkpoint state, model card
+                    log_row({"step": state["step"], **downstream["results"]}, accelerator, history, bar,
+                            r.logging.enable_stdout)
 
             every = r.checkpoint.every_n_steps
             stopping = stop.agreed(accelerator)
-            saved = None
+            saved, t_save = None, time.perf_counter()
             if (every and state["step"] % every == 0) or state["step"] == total_steps or stopping:
                 saved = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
             if best:  # among the best.max_keep by eval loss: best/step-<N>
                 save_best(accelerator, config, tokenizer, best_dir, dict(state), r.evaluation.best.max_keep, loader, saved)
             if stopping:
-                accelerator.print(f"Stopped by {stop.name} at step {state['step']}; checkpoint saved in {ckpt_dir}. "
-                                  "Run the same command again to resume.")
+                # The launcher's grace period (torchrun 30 s, docker 10 s, ...) must cover this: see resume.md.
+                accelerator.print(f"Stopped by {stop.name} at step {state['step']}; checkpoint saved in {ckpt_dir} "
+                                  f"(save {time.perf_counter() - t_save:.1f} s, {stop.elapsed():.1f} s after the "
+                                  "signal). Run the same command again to resume.")
                 break
     finally:
         bar.close()
+        batches.close()  # DataLoader workers stopped here, on every way out (hf_streamlm.train.signals)
         stop.restore()
     if stop.received:
         accelerator.wait_for_everyone()
@@ -317,11 +306,81 @@ def train(config: Config, command: str | None = None) -> Path:
     return out
 
 
+class DataFailure(RuntimeError):
+    """A source could not be read after training had started; the last completed step was saved."""
+
+
+def fetch_step(batches, micro_batches: int) -> tuple[list[dict], str | None]:
+    """The micro-batches of one optimizer step, or the one-line reason the stream failed. Fetched before
+    the step trains, so that a failure leaves the step untouched on every rank (and with workers, the
+    loader's state still at the step boundary)."""
+    fetched = []
+    try:
+        for _ in range(micro_batches):
+            batch = next(batches, None)
+            if batch is None:
+                raise ConfigError(
+                    "the training stream produced no full batch: the sources are empty, everything was filtered out, "
+                    "or data.sequence_length x data.batch_size is more than the corpus holds"
+                )
+            fetched.append(batch)
+    except ConfigError as err:  # a read failure, reported as one line by the data pipeline
+        return fetched, one_line(str(err))
+    return fetched, None
+
+
+def one_line(message: str) -> str:
+    if "Original Traceback" in message:  # raised in a DataLoader worker: torch appended its traceback
+        message = message.strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
+    return message
+
+
+def shared_failure(accelerator: Accelerator, failure: str | None) -> str | None:
+    """``failure`` of any rank, on every rank (one small all-reduce per step with several processes; the
+    message itself travels only when there is one)."""
+    if accelerator.num_processes == 1:
+        return failure
+    flag = accelerator.reduce(torch.tensor([1 if failure else 0], device=accelerator.device), reduction="sum")
+    if not flag.item():
+        return None
+    from accelerate.utils import gather_object
+
+    return failure or next(m for m in gather_object([failure]) if m)
+
+
+def stop_on_data_failure(accelerator, config, tokenizer, ckpt_dir, state, loader, failure: str,
+                         resumed_at: int) -> Exception:
+    """Before any step: the plain one-line error (bad input, exit 2). After: save the last completed step
+    (unless it is the checkpoint just resumed from), then the error the run exits with (status 4)."""
+    if state["step"] == 0:
+        return ConfigError(failure)
+    where = "the checkpoint it resumed from"
+    if state["step"] > resumed_at:
+        t0 = time.perf_counter()
+        where = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state),
+                                config.runtime.checkpoint.max_keep, loader)
+        logger.info("data failure: step %d saved in %.1f s", state["step"], time.perf_counter() - t0)
+    return DataFailure(f"{failure}; training stopped after step {state['step']}, saved in {where}: run the same "
+                       "command again to resume once the source can be read")
+
+
 def stop_nonfinite(accelerator, config, tokenizer, ckpt_dir, state, loader, loss, grad_norm, guard) -> NonFiniteError:
     """Save the last good state (the weights before the bad step; the data state past its batch) and
-    build the error the run stops with."""
-    path = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), config.runtime.checkpoint.max_keep,
-                           loader)
+    build the error the run stops with.
+
+    Under DeepSpeed the engine steps inside ``backward()``, before the loop sees the loss: whether it
+    applied the bad gradients depends on its version and precision (DeepSpeed 0.19's ZeRO-2 skips a
+    non-finite gradient norm in fp32, not in bf16). Saving the weights in memory (as ``step-<N>`` of
+    the last good step, too) could make the next resume start from a NaN update, so the newest
+    checkpoint on disk, written before the bad step, is the last good state then."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        found = main_decides(accelerator, list_checkpoints(ckpt_dir)[-1:] if accelerator.is_main_process else None)
+        path = found[0] if found else "no checkpoint (the next run starts from step 0)"
+        if found:
+            path = f"{path} (DeepSpeed may have applied the bad step already: the steps since that checkpoint are lost)"
+    else:
+        path = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state),
+                               config.runtime.checkpoint.max_keep, loader)
     why = "with runtime.on_nonfinite=stop" if guard.mode == "stop" else \
         f"after {guard.in_a_row} skipped steps in a row (runtime.max_nonfinite_skips)"
     return NonFiniteError(

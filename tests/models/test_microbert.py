@@ -195,7 +195,8 @@ def test_gradient_checkpointing_same_gradients():
     def gradients(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
         model = tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            # `activation_checkpointing_enable` is the name from transformers 5.2x on; older 5.x call it gradient_.
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
             assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
         calls = []
         # A checkpointed layer re-runs its forward during backward, so its submodules are called twice.

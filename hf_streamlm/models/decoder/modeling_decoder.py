@@ -14,14 +14,19 @@ What this file adds to (or does differently from) the stock implementation, for 
   RoPE. Without `document_ids`, the document boundaries are read off restarting `position_ids` the way
   transformers 5.23's `create_causal_mask` does (no attention mask, nothing cached), so the two models agree.
 - `residual_dropout` on the embeddings and on each sublayer output (Llama has no dropout there).
-- Attention chosen by `config._attn_implementation`, "eager" (softmax in float32) or "sdpa"; a boolean mask
-  shared by both; no mask at all when the plain causal pattern suffices, so SDPA can use its fastest kernels.
+- Attention chosen by `config._attn_implementation`: "eager" (softmax in float32) and "sdpa" here, sharing a
+  boolean mask, with no mask at all when the plain causal pattern suffices (so SDPA can use its fastest kernels);
+  any other name through transformers' attention interface, each handed the mask format it takes (`mask_format`):
+  "flex_attention" a document-causal `BlockMask`, "flash_attention_2/3" the padding mask and the restarting
+  `position_ids` (transformers' padding-free path), so packed documents never build a dense T x T mask there.
 - A float32 shifted cross-entropy that honours the `num_items_in_batch` the Trainer passes under gradient
   accumulation.
 
 This file is copied next to the weights by the "custom" export and imported with `trust_remote_code=True` in
 processes where `hf_streamlm` is not installed: it imports only torch, transformers and, relatively, its config.
 """
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,8 +37,13 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_decoder import DecoderConfig
+
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 # transformers 5.24 renamed the key/value cache from `past_key_values` to `cache`: the argument `generate` passes to
@@ -221,8 +231,29 @@ def sdpa_attention_forward(
     return output, None
 
 
+def mask_format(attn_implementation: str, output_attentions: bool = False) -> str:
+    """The attention mask each attention implementation takes, as transformers' `masking_utils` hands them out:
+
+    - "block": a FlexAttention `BlockMask`, built from the document/padding/causal rule (never a dense T x T);
+    - "padding": the 2D padding mask or None; the flash kernels read packed documents off `position_ids` that
+      restart at 0 (transformers' padding-free path computes `cu_seqlens` from them), so nothing else is needed;
+    - "dense": a boolean `(batch, 1, q, k)` mask, or None when the plain causal pattern suffices (eager, sdpa, and
+      any other function registered with transformers' `AttentionInterface`).
+    """
+    if output_attentions:
+        return "dense"  # probabilities only exist on the eager path
+    if attn_implementation == "flex_attention":
+        return "block"
+    if attn_implementation.startswith("flash_attention") or attn_implementation.endswith("flash_attention_2"):
+        return "padding"
+    return "dense"
+
+
 class DecoderAttention(nn.Module):
     """Causal multi-head self-attention with grouped-query K/V heads, RoPE on queries and keys, and a KV cache."""
+
+    # Read by transformers' attention functions (flash) when no `is_causal` is passed.
+    is_causal = True
 
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -232,6 +263,8 @@ class DecoderAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
+        # Query heads per K/V head; transformers' attention functions read it from the module (as Llama's).
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
 
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
@@ -247,6 +280,7 @@ class DecoderAttention(nn.Module):
         is_causal: bool = True,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_length, _ = hidden_states.shape
         head_shape = (batch_size, seq_length, -1, self.head_dim)
@@ -263,20 +297,30 @@ class DecoderAttention(nn.Module):
 
         # Read at call time (not cached in __init__) so `model.set_attn_implementation(...)` takes effect at once.
         # Probabilities only exist on the eager path, so asking for them selects it for this call.
-        if self.config._attn_implementation == "sdpa" and not output_attentions:
-            attention_fn = sdpa_attention_forward
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if implementation in ("eager", "sdpa"):
+            attention_fn = sdpa_attention_forward if implementation == "sdpa" else eager_attention_forward
+            context, probs = attention_fn(
+                query, key, value, attention_mask, is_causal=is_causal, scaling=self.scaling, dropout=dropout
+            )
+            context = context.transpose(1, 2)
         else:
-            attention_fn = eager_attention_forward
-        context, probs = attention_fn(
-            query,
-            key,
-            value,
-            attention_mask,
-            is_causal=is_causal,
-            scaling=self.scaling,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-        )
-        context = context.transpose(1, 2).reshape(batch_size, seq_length, -1)
+            # Any other name is dispatched through transformers' attention interface (flex_attention,
+            # flash_attention_2/3, kernels registered by the user), with the module-first signature and the
+            # (batch, q_len, heads, head_dim) output its functions share.
+            context, probs = ALL_ATTENTION_FUNCTIONS[implementation](
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=self.scaling,
+                dropout=dropout,
+                is_causal=is_causal,
+                position_ids=position_ids,
+            )
+        context = context.reshape(batch_size, seq_length, -1)
         return self.o_proj(context), probs
 
 
@@ -320,6 +364,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         is_causal: bool = True,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention_output, probs = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -328,6 +373,7 @@ class DecoderLayer(GradientCheckpointingLayer):
             is_causal=is_causal,
             cache=cache,
             output_attentions=output_attentions,
+            position_ids=position_ids,
         )
         hidden_states = hidden_states + self.residual_dropout(attention_output)
         mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -343,6 +389,10 @@ class DecoderPreTrainedModel(PreTrainedModel):
     # The cache is created on the first layer's device and grows there (accelerate must not move it).
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    # Through transformers' attention interface (see `DecoderAttention.forward`); names of transformers 5.x.
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -464,6 +514,56 @@ class DecoderModel(DecoderPreTrainedModel):
         mask = mask | ~mask.any(dim=-1, keepdim=True)
         return mask, False
 
+    @staticmethod
+    def _build_block_mask(
+        attention_mask: torch.Tensor | None,
+        document_ids: torch.Tensor | None,
+        batch_size: int,
+        query_length: int,
+        past_length: int,
+        key_length: int,
+        device: torch.device,
+    ) -> tuple["BlockMask", bool]:
+        """The rule of `_build_attention_mask` (causal, padding, same document) as a FlexAttention `BlockMask`.
+
+        The mask function is evaluated per (query, key) block, and FlexAttention skips blocks that are wholly
+        masked: the upper triangle and, with packed documents, every cross-document block (torchtitan's document
+        masking). A query with nothing to attend (left padding) gets a zero output instead of NaN.
+        """
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("flex_attention takes a 2D padding `attention_mask` (or `document_ids`), not a 4D mask.")
+        keep = attention_mask.to(device=device, dtype=torch.bool) if attention_mask is not None else None
+        documents = document_ids.to(device) if document_ids is not None else None
+        for name, tensor in (("attention_mask", keep), ("document_ids", documents)):
+            if tensor is not None and tensor.shape != (batch_size, key_length):
+                raise ValueError(
+                    f"`{name}` must have shape (batch_size, past + current sequence length) = "
+                    f"({batch_size}, {key_length}), got {tuple(tensor.shape)}."
+                )
+
+        def document_causal(batch, head, query, key):
+            allowed = key <= query + past_length
+            if documents is not None:
+                allowed = allowed & (documents[batch, query + past_length] == documents[batch, key])
+            if keep is not None:
+                allowed = allowed & keep[batch, key]
+            return allowed
+
+        per_row = keep is not None or documents is not None
+        block_mask = create_block_mask(
+            document_causal,
+            B=batch_size if per_row else None,
+            H=None,
+            Q_LEN=query_length,
+            KV_LEN=key_length,
+            device=device,
+            # Compiled, the mask is built block by block instead of materialising (B, Q, KV) first.
+            _compile=device.type == "cuda",
+        )
+        return block_mask, False
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -546,15 +646,25 @@ class DecoderModel(DecoderPreTrainedModel):
         elif document_ids is None and attention_mask is None and past_length == 0 and query_length > 1:
             document_ids = self._documents_from_positions(position_ids, batch_size)
 
-        mask, is_causal = self._build_attention_mask(
-            attention_mask,
-            document_ids,
-            batch_size=batch_size,
-            query_length=query_length,
-            past_length=past_length,
-            key_length=key_length,
-            device=inputs_embeds.device,
-        )
+        mask_kind = mask_format(self.config._attn_implementation, output_attentions)
+        if mask_kind == "block":
+            mask, is_causal = self._build_block_mask(
+                attention_mask, document_ids, batch_size, query_length, past_length, key_length, inputs_embeds.device
+            )
+        elif mask_kind == "padding":
+            if attention_mask is not None and attention_mask.dim() != 2:
+                raise ValueError(f"{self.config._attn_implementation} takes a 2D padding `attention_mask`.")
+            mask, is_causal = attention_mask, True
+        else:
+            mask, is_causal = self._build_attention_mask(
+                attention_mask,
+                document_ids,
+                batch_size=batch_size,
+                query_length=query_length,
+                past_length=past_length,
+                key_length=key_length,
+                device=inputs_embeds.device,
+            )
         position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
 
         hidden_states = self.dropout(inputs_embeds)
@@ -570,6 +680,7 @@ class DecoderModel(DecoderPreTrainedModel):
                 is_causal=is_causal,
                 cache=cache,
                 output_attentions=output_attentions,
+                position_ids=position_ids if mask_kind == "padding" else None,
             )
             if output_attentions:
                 all_attentions += (probs,)

@@ -1,0 +1,268 @@
+"""The GPU check: the `runpod_1b` decoder shape on one GPU, bf16, sequence 2048, packed documents, in one command.
+
+    python benchmarks/bench_gpu.py                       # on a GPU: the table, in a few minutes
+    python benchmarks/bench_gpu.py --json gpu.json       # the table and the raw figures
+    python benchmarks/bench_gpu.py --dry-run             # a tiny shape on the CPU (CI runs this)
+
+Each variant trains the model of `recipe=runpod_1b` (1.11B parameters, the recipe's vocabulary) with the loop's
+own pieces (`build_model`'s config, `build_optimizer`: fused AdamW on CUDA, bf16 autocast as `runtime.precision:
+bf16`) on synthetic packed rows: FineWeb-sized documents (~850 tokens on average) whose `position_ids` restart and
+whose `document_ids` keep attention inside each document, as `data.document_masking: true` makes them. Variants
+cross the attention implementation (`model.attn_implementation`), document masking on/off and `torch.compile`
+on/off. The micro-batch is the largest of --batch-sizes that fits (found once, on the first variant).
+
+One table row per variant: tokens/s, MFU (against --peak-tflops, default the device's dense 16-bit peak: 989.5
+for H100 SXM and H200), peak memory, the share of time waiting for the next batch (host -> device copy of pinned
+memory, `non_blocking`), and the attention kernel the profiler saw take the most time in one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_streamlm.config import load_config  # noqa: E402
+from hf_streamlm.train.builders import build_optimizer, estimate, hf_model_config  # noqa: E402
+from hf_streamlm.train.monitor import PEAK_TFLOPS_16BIT  # noqa: E402
+
+MEAN_DOCUMENT_TOKENS = 850
+"""FineWeb's ~3.4 KB documents at ~4 bytes per byte-level BPE token."""
+
+ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|flex|sdpa|scaled_dot_product", re.I)
+
+
+@dataclass
+class Variant:
+    attention: str
+    documents: bool
+    compile: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.attention} docs={'on' if self.documents else 'off'} compile={'on' if self.compile else 'off'}"
+
+
+@dataclass
+class Row:
+    variant: str
+    batch_size: int
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_memory_gib: float | None = None
+    data_wait_pct: float | None = None
+    kernel: str = ""
+    note: str = ""
+
+
+def variants(device: torch.device) -> list[Variant]:
+    out = [
+        Variant("sdpa", documents=False, compile=False),  # plain causal blocks: no mask, SDPA's flash kernel
+        Variant("sdpa", documents=True, compile=False),  # documents as a dense boolean mask
+        Variant("flex_attention", documents=True, compile=False),  # documents as a block mask
+        Variant("sdpa", documents=False, compile=True),
+        Variant("flex_attention", documents=True, compile=True),
+    ]
+    if device.type == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            out.append(Variant("flash_attention_2", documents=True, compile=False))
+    return out
+
+
+def packed_rows(batch_size: int, length: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """One batch of packed rows: documents of exponentially distributed length (mean MEAN_DOCUMENT_TOKENS)."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.empty(batch_size, length, dtype=torch.long)
+    documents = torch.empty(batch_size, length, dtype=torch.long)
+    for row in range(batch_size):
+        start, document = 0, 0
+        while start < length:
+            size = 1 + int(torch.empty(1).exponential_(1 / MEAN_DOCUMENT_TOKENS, generator=generator).item())
+            end = min(length, start + size)
+            positions[row, start:end] = torch.arange(end - start)
+            documents[row, start:end] = document
+            start, document = end, document + 1
+    input_ids = torch.randint(3, vocab, (batch_size, length), generator=generator)
+    return {"input_ids": input_ids, "labels": input_ids, "position_ids": positions, "document_ids": documents}
+
+
+def kernel_seen(prof) -> str:
+    """The attention-looking kernel (or CPU op, without a GPU) with the most self time in the profiled step."""
+    best, best_time = "", -1.0
+    for event in prof.key_averages():
+        if not ATTENTION_KERNEL.search(event.key) or "backward" in event.key.lower():
+            continue
+        spent = getattr(event, "self_device_time_total", 0) or 0
+        spent = spent or event.self_cpu_time_total
+        if spent > best_time:
+            best, best_time = event.key, spent
+    return best[:80]
+
+
+def run_variant(variant: Variant, config, vocab: int, batch_size: int, args, device: torch.device) -> Row:
+    from transformers import AutoModelForCausalLM
+
+    row = Row(variant.name, batch_size)
+    if device.type == "cpu" and variant.attention == "flex_attention":
+        row.note = "needs a GPU (no FlexAttention backward on the CPU)"
+        return row
+    torch.manual_seed(0)
+    config.model.attn_implementation = variant.attention
+    model = AutoModelForCausalLM.from_config(hf_model_config(config.model, vocab)).to(device).train()
+    model.set_attn_implementation(variant.attention)
+    optimizer = build_optimizer(model, config, device)
+    forward = torch.compile(model, backend=args.compile_backend) if variant.compile else model
+    length = config.data.sequence_length
+    batches = [packed_rows(batch_size, length, vocab, seed) for seed in range(4)]
+    if not variant.documents:  # the same tokens, one causal block per row
+        batches = [{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batches]
+    if device.type == "cuda":
+        batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+    def step(i: int) -> float:
+        """One optimizer step; returns the seconds spent getting the batch onto the device."""
+        waited = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
+        waited = time.perf_counter() - waited
+        with autocast:
+            loss = forward(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return waited
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for i in range(args.warmup):
+        step(i)
+    synchronize()
+    start, waited = time.perf_counter(), 0.0
+    for i in range(args.steps):
+        waited += step(i)
+    synchronize()
+    elapsed = time.perf_counter() - start
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step(0)
+        synchronize()
+
+    tokens_per_s = args.steps * batch_size * length / elapsed
+    row.tokens_per_s = round(tokens_per_s, 1)
+    flops_per_token = estimate(config.model, vocab, length, batch_size)["flops_per_token"]
+    if args.peak_tflops:
+        row.mfu = round(flops_per_token * tokens_per_s / (args.peak_tflops * 1e12), 4)
+    if device.type == "cuda":
+        row.peak_memory_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    row.data_wait_pct = round(100 * waited / elapsed, 3)
+    row.kernel = kernel_seen(prof)
+    del model, optimizer, forward
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def largest_batch(variant: Variant, config, vocab: int, args, device: torch.device) -> tuple[int, Row]:
+    """The first batch size of --batch-sizes whose step fits, with that variant's row."""
+    for batch_size in args.batch_sizes:
+        try:
+            return batch_size, run_variant(variant, config, vocab, batch_size, args, device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"batch {batch_size}: out of memory", file=sys.stderr)
+    raise SystemExit("bench_gpu: not even the smallest --batch-sizes fits")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU, fp32, a few steps")
+    parser.add_argument("--recipe", default="runpod_1b", help="recipe whose model and sequence length are trained")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 12, 8, 6, 4, 2, 1],
+                        help="micro-batch sizes to try, largest first")
+    parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 8; dry run 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; dry run 2)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak dense 16-bit TFLOP/s of the device for MFU (default: from the device name)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; dry run aot_eager)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the variants whose name contains one of these")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    overrides = [f"recipe={args.recipe}"]
+    if args.dry_run:
+        device = torch.device("cpu")
+        overrides += ["model.preset=null", "model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",
+                      "model.num_key_value_heads=4", "model.intermediate_size=128",
+                      "model.max_position_embeddings=128", "data.sequence_length=128"]
+        args.batch_sizes = [2]
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.steps = 2 if args.steps is None else args.steps
+        args.compile_backend = args.compile_backend or "aot_eager"
+        args.bf16 = False
+        vocab = 512
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_gpu: no CUDA device; use --dry-run for the CPU check")
+        device = torch.device("cuda")
+        args.warmup = 8 if args.warmup is None else args.warmup
+        args.steps = 20 if args.steps is None else args.steps
+        args.compile_backend = args.compile_backend or "inductor"
+        args.bf16 = True
+        if args.peak_tflops is None:
+            name = torch.cuda.get_device_name(device)
+            args.peak_tflops = next((tflops for key, tflops in PEAK_TFLOPS_16BIT if key in name), None)
+    config = load_config(overrides)
+    if not args.dry_run:
+        vocab = config.tokenizer.vocab_size
+    selected = [v for v in variants(device) if not args.only or any(o in v.name for o in args.only)]
+
+    started = time.perf_counter()
+    rows: list[Row] = []
+    batch_size = None
+    for variant in selected:
+        if batch_size is None and not (device.type == "cpu" and variant.attention == "flex_attention"):
+            batch_size, row = largest_batch(variant, config, vocab, args, device)
+        else:
+            try:
+                row = run_variant(variant, config, vocab, batch_size or args.batch_sizes[-1], args, device)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                row = Row(variant.name, batch_size or 0, note="out of memory at this batch size")
+        rows.append(row)
+        print(f"{row.variant}: {row.tokens_per_s} tokens/s {row.note}", file=sys.stderr, flush=True)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{device_name}, recipe={args.recipe}, sequence {config.data.sequence_length}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.steps} timed steps after {args.warmup}, "
+          f"peak {args.peak_tflops or '-'} TFLOP/s, {time.perf_counter() - started:.0f} s in all\n")
+    print("| variant | micro-batch | tokens/s | MFU | peak memory (GiB) | data wait % | attention kernel | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        mfu = f"{100 * row.mfu:.1f}%" if row.mfu is not None else "-"
+        cells = [row.variant, row.batch_size, row.tokens_per_s or "-", mfu, row.peak_memory_gib or "-",
+                 row.data_wait_pct if row.data_wait_pct is not None else "-", f"`{row.kernel}`" if row.kernel else "-",
+                 row.note]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "rows": [asdict(r) for r in rows]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
