@@ -7,6 +7,8 @@
   ``tokenizer._tokenizer.encode_batch`` on the same documents already in memory, batches of 1000,
   same tokenizer. The two alternate ``--repeats`` times; the best pass of each gives docs/s and
   the ratio pipeline / raw (goal >= 0.90).
+- ``hf-streamlm stats`` (:func:`pipeline_stats`, the training stream's own stages in one process) on
+  the same documents, against the same raw pass (goal >= 0.90; issue #13).
 - memory: RSS once ~10k documents' tokens have come out of the pipeline and once ~200k have
   (one pass), and their ratio (goal <= 1.05: the stream must not hold what it has read).
 - ``--profile``: cProfile over a pipeline pass, top 15 functions by cumulative time (and the top
@@ -41,6 +43,7 @@ import torch
 from hf_streamlm.config import Config, load_config
 from hf_streamlm.data.pipeline import build_train_loader
 from hf_streamlm.data.corpus import BUILTIN_CORPORA
+from hf_streamlm.data.stats import pipeline_stats
 from hf_streamlm.tokenizer import train_tokenizer
 from hf_streamlm.train.loop import make_collator
 
@@ -219,12 +222,13 @@ def main() -> None:
         config = bench_config(files, args.docs)
         want = cum_tokens[args.docs - 1] // config.data.sequence_length
         texts = [doc_text(i, base) for i in range(args.docs)]
-        pipe_times, raw_times = [], []
+        pipe_times, raw_times, stats_times = [], [], []
         for _ in range(args.repeats):  # alternate, so load from other processes hits both alike
             blocks, seconds = run_pipeline(config, tokenizer, want)
             pipe_times.append(seconds)
             raw_tokens, seconds = run_raw(tokenizer, texts)
             raw_times.append(seconds)
+            stats_times.append(pipeline_stats(config, tokenizer, args.docs)["seconds"])
         if raw_tokens != cum_tokens[args.docs - 1]:  # the block targets above rest on the prediction
             print(f"warning: predicted {cum_tokens[args.docs - 1]:,} tokens, the raw pass counted {raw_tokens:,}")
         del texts
@@ -236,7 +240,10 @@ def main() -> None:
               f"(all: {', '.join(f'{t:.1f}' for t in pipe_times)} s)")
         print(f"  raw encode_batch (in memory)         {raw_rate:>10,.0f} docs/s  {raw_s:6.1f} s  "
               f"(all: {', '.join(f'{t:.1f}' for t in raw_times)} s)")
-        print(f"  ratio pipeline/raw {pipe_rate / raw_rate:.3f} (goal >= 0.90)")
+        stats_rate = args.docs / min(stats_times)
+        print(f"  hf-streamlm stats (same stages)      {stats_rate:>10,.0f} docs/s  {min(stats_times):6.1f} s  "
+              f"(all: {', '.join(f'{t:.1f}' for t in stats_times)} s)")
+        print(f"  ratio pipeline/raw {pipe_rate / raw_rate:.3f}, stats/raw {stats_rate / raw_rate:.3f} (goal >= 0.90)")
 
         resume = measure_resume(files, tokenizer, args.resume_at[0], args.resume_at[1])
         print(f"resume: first batch {resume['resume_early_s']:.3f} s after resuming at batch {args.resume_at[0]:,}, "
@@ -254,6 +261,7 @@ def main() -> None:
         "pipeline_docs_per_s": round(pipe_rate, 1),
         "raw_docs_per_s": round(raw_rate, 1),
         "ratio_pipeline_over_raw": round(pipe_rate / raw_rate, 3),
+        "ratio_stats_over_raw": round(stats_rate / raw_rate, 3),
         "pipeline_tokens_per_s": round(cum_tokens[args.docs - 1] / pipe_s, 1),
         "pipeline_s": [round(t, 2) for t in pipe_times],
         "raw_s": [round(t, 2) for t in raw_times],

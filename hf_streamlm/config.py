@@ -161,9 +161,17 @@ class DataConfig:
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimizer step."""
     shuffle_buffer_size: int = 1000
-    """Documents held in the shuffle buffer; 0 disables shuffling."""
+    """Documents held in the shuffle buffer **per rank** (its DataLoader workers share it equally; a
+    buffer larger than the share it shuffles is clamped to it, with a warning); 0 disables shuffling.
+    The buffer never mixes passes of the data. The data state holds references, not the text."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None
+    """How DataLoader workers start; ``null``: the platform's default (Linux: ``fork``, ``forkserver``
+    from Python 3.14)."""
+    trace_documents: bool = False
+    """Write ``<run>/trace/rank-<r>.jsonl``: per optimizer step, the documents whose last token it
+    trained on, as ``[source_index, blake2b-64 hex key of the text, epoch]``."""
     cache_dir: str | None = None
     """Cache folder: ``datasets`` downloads go here, and processed sources (``cache: true``) go to
     ``<cache_dir>/processed``; ``null``: the ``datasets`` default for downloads and

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from hf_streamlm.data.trace import read_trace
 from tests.conftest import REPO
 
 KILL_SEED = int(os.environ.get("KILL_SEED", "20261123"))
@@ -27,7 +28,8 @@ def common(recipe: str, shards, workers: int) -> list[str]:
             f"data.num_workers={workers}", "data.shuffle_buffer_size=300", "data.batch_size=8",
             f"scheduler.total_steps={TOTAL_STEPS}", "scheduler.warmup_steps=2", "runtime.log_every_n_steps=1",
             "runtime.checkpoint.every_n_steps=3", "runtime.checkpoint.max_keep=2", "runtime.evaluation.every_n_steps=5",
-            "runtime.evaluation.max_batches=1", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]"]
+            "runtime.evaluation.max_batches=1", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]",
+            "data.trace_documents=true"]
 
 
 def free_port() -> int:
@@ -100,6 +102,11 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path,
     if kills[-1] > 3:  # step 3's checkpoint was complete before step 4 was logged
         assert "Resuming from" in proc.stdout, (kills, proc.stdout[-2000:])
     assert history(run) == history(full), f"KILL_SEED={KILL_SEED} kills after steps {kills}"
+    # The document trace survives the kills: one line per step, none lost or repeated, same documents.
+    for rank in range(processes):
+        killed, uninterrupted = (read_trace(r / "trace" / f"rank-{rank}.jsonl") for r in (run, full))
+        assert [row["step"] for row in killed] == list(range(1, TOTAL_STEPS + 1))
+        assert killed == uninterrupted and sum(len(row["docs"]) for row in killed) > TOTAL_STEPS
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, shards):

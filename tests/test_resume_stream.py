@@ -5,14 +5,16 @@ points inside a tokenization batch / with a full shuffle buffer / mid-block, and
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
+import pickle
 import re
 
 import pytest
 import torch
 
-from hf_streamlm.config import load_config
+from hf_streamlm.config import ConfigError, load_config
 from hf_streamlm.data.pipeline import build_train_loader
 from hf_streamlm.tokenizer import train_tokenizer
 from hf_streamlm.train.loop import make_collator
@@ -121,3 +123,79 @@ def test_two_ranks_are_disjoint_and_each_resumes(corpus, tokenizers):
         assert same(head + take(resumed, 7), reference)
         per_rank[rank] = set(doc_ids(reference[:6], tok))
     assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
+
+
+def test_state_holds_references_and_resumes_from_mid_pass_anchors(corpus, tokenizers, monkeypatch):
+    """The data state holds no document text, only positions and references; resuming re-reads the
+    source from a mid-pass anchor (a small ANCHOR_EVERY makes the anchors fall inside passes and
+    inside shards) and still gives the uninterrupted batches."""
+    from hf_streamlm.data import stream
+
+    monkeypatch.setattr(stream, "ANCHOR_EVERY", 11)
+    config = config_for(corpus, "decoder", 0, **{"data.shuffle_buffer_size": 40, "data.document_masking": "true"})
+    tok = tokenizers["decoder"]
+    reference = take(loader(config, tok), 60)
+    mid_pass = 0
+    for point in (9, 23, 38, 47):
+        first = loader(config, tok)
+        it = iter(first)
+        head = [next(it) for _ in range(point)]
+        state = first.state_dict()
+        snapshots = [w["snapshot"] for w in state["workers"].values()]
+        mid_pass += sum(s["anchor"][2] is not None for s in snapshots)  # a datasets position inside a pass
+        assert all(len(s["buffer"]) <= 40 for s in snapshots)  # as references
+        blob = pickle.dumps(state)
+        assert b"doc00" not in blob and b"alpha beta" not in blob  # no text in the state
+        resumed = loader(config, tok)
+        resumed.load_state_dict(state)
+        it = iter(resumed)
+        middle = [next(it) for _ in range(2)]
+        again = loader(config, tok)  # a second resume, right after one from a mid-pass anchor
+        again.load_state_dict(resumed.state_dict())
+        tail = take(again, 60 - point - 2)
+        assert same(head + middle + tail, reference), f"resume at batch {point} diverged"
+    assert mid_pass
+
+
+def test_a_changed_source_stops_the_resume_with_one_line(corpus, tokenizers, tmp_path):
+    """Positions that point at other documents (the source changed under the checkpoint) are caught by
+    the documents' content keys: one line, no silent training on other text."""
+    for p in corpus.glob("*.jsonl"):
+        (tmp_path / p.name).write_text(p.read_text())
+    config = config_for(tmp_path, "decoder", 0)
+    tok = tokenizers["decoder"]
+    first = loader(config, tok)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    lines = (tmp_path / "part-0.jsonl").read_text().splitlines()
+    (tmp_path / "part-0.jsonl").write_text("\n".join([json.dumps({"text": "a new dump of the web"})] + lines) + "\n")
+    resumed = loader(config, tok)
+    resumed.load_state_dict(state)
+    with pytest.raises(ConfigError, match="source changed since the checkpoint.*revision"):
+        take(resumed, 1)
+
+
+def test_trace_lists_every_document_of_a_pass_once_across_resumes(corpus, tokenizers):
+    """data.trace_documents: the documents that end in each batch, with their pass; stopped and resumed
+    twice, passes 0 and 1 each list each of the 360 documents exactly once."""
+    config = config_for(corpus, "decoder", 2, **{"data.trace_documents": "true", "data.batch_size": 8,
+                                                 "data.sequence_length": 64, "data.shuffle_buffer_size": 100})
+    tok = tokenizers["decoder"]
+    traced, state = [], None
+    for n in (13, 34, 40):  # ~40 batches per pass: stops inside pass 0 and inside pass 1
+        part = loader(config, tok)
+        if state is not None:
+            part.load_state_dict(state)
+        it = iter(part)
+        for _ in range(n):
+            next(it)
+            traced.append(part.take_documents())
+        state = part.state_dict()
+    texts = [json.loads(line)["text"] for p in sorted(corpus.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    keys = sorted(hashlib.blake2b(t.encode("utf-8"), digest_size=8).hexdigest() for t in texts)
+    docs = [d for batch in traced for d in batch]
+    assert all(source == 0 and len(key) == 16 for source, key, _ in docs)
+    for epoch in (0, 1):  # each document of a pass listed once, across the stops
+        assert sorted(key for _, key, e in docs if e == epoch) == keys, f"pass {epoch}"

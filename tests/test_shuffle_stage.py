@@ -37,3 +37,28 @@ def test_stream_cycles_passes_and_keeps_every_token():
     tokens = [t for _ in range(15) for t in p.next_batch()["input_ids"].flatten().tolist()]
     assert tokens == (list(range(30)) * 2)[:60]  # two passes, blocks cut across documents and passes
     assert p.epoch >= 1  # the reader is on a later pass (it reads ahead of the blocks handed out)
+
+
+def traced_pipeline(n_docs: int, buffer: int) -> WorkerPipeline:
+    texts = datasets.Dataset.from_dict({"text": [str(i) for i in range(n_docs)]}).to_iterable_dataset()
+    return WorkerPipeline(texts, lambda batch: [[int(t)] for t in batch], ids_collate, batch_size=1, block_size=1,
+                          shuffle_buffer_size=buffer, seed=0, tokenize_batch=7, trace=True)
+
+
+def test_buffer_never_mixes_passes_and_clamps_to_a_smaller_share(caplog):
+    """A buffer larger than the pass it shuffles (100 > 60 documents) is clamped with one warning, and
+    no pass mixes with the next: the first 60 documents out are pass 0, a permutation of all 60, and
+    the batches carry the pass of the document they train on (``epoch`` in history)."""
+    p = traced_pipeline(60, buffer=100)
+    with caplog.at_level("WARNING"):
+        out = []
+        for _ in range(120):
+            batch = p.next_batch()
+            (_, _, epoch), = batch["_docs"]
+            out.append((int(batch["input_ids"]), epoch, batch["_epoch"]))
+    assert [m for m in caplog.messages if "clamped" in m] and len(caplog.messages) == 1
+    first, second = out[:60], out[60:]
+    assert sorted(d for d, _, _ in first) == list(range(60)) == sorted(d for d, _, _ in second)
+    assert {e for _, e, _ in first} == {0} and {e for _, e, _ in second} == {1}
+    assert all(e == batch_epoch for _, e, batch_epoch in out)
+    assert [d for d, _, _ in first] != [d for d, _, _ in second]  # each pass reshuffled

@@ -71,12 +71,22 @@ def _shard_source(files: list[str]) -> SourceConfig:
     return SourceConfig(path=builder, data_files=list(files))
 
 
+class HeldoutFilter:
+    """Batched filter keeping the held-out (or the training) documents; a class, not a lambda, so
+    that the stream pickles for spawned DataLoader workers."""
+
+    def __init__(self, share: float, heldout: bool):
+        self.share, self.heldout = share, heldout
+
+    def __call__(self, batch: dict[str, list]) -> list[bool]:
+        return [is_heldout(t, self.share) == self.heldout for t in batch["text"]]
+
+
 def _split(config: Config, ds: datasets.IterableDataset, heldout: bool) -> datasets.IterableDataset:
     share = config.data.eval_holdout
     if share <= 0:
         return ds
-    return ds.filter(lambda batch: [is_heldout(t, share) == heldout for t in batch["text"]], batched=True,
-                     batch_size=ROW_BATCH)
+    return ds.filter(HeldoutFilter(share, heldout), batched=True, batch_size=ROW_BATCH)
 
 
 def iter_rows(config: Config, limit: int | None = None, skips_key: str = "default") -> Iterator[tuple[str, int]]:
@@ -146,12 +156,17 @@ class Encoder:
         return [self.head + ids + self.tail for ids in encoded] if wrap else encoded
 
 
+class _EncodeRows:
+    def __init__(self, encode: Encoder):
+        self.encode = encode
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {"input_ids": self.encode(batch["text"])}
+
+
 def _tokenize(ds: datasets.IterableDataset, tokenizer, mlm: bool) -> datasets.IterableDataset:
-    encode = Encoder(tokenizer, mlm)
-    return ds.map(
-        lambda batch: {"input_ids": encode(batch["text"])}, batched=True, batch_size=TOKENIZE_BATCH,
-        remove_columns=["text"],
-    )
+    return ds.map(_EncodeRows(Encoder(tokenizer, mlm)), batched=True, batch_size=TOKENIZE_BATCH,
+                  remove_columns=["text"])
 
 
 class PackedBlocks(torch.utils.data.IterableDataset):
@@ -183,19 +198,43 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         return pack(documents, self.block_size, self.drop_last, self.pad_id, self.with_documents)
 
 
-def build_train_blocks(config: Config, tokenizer, rank: int = 0, world_size: int = 1) -> PackedBlocks:
-    data = config.data
-    ds = _split(config, open_mixture(config), heldout=False)
-    if data.max_samples is not None:
-        ds = ds.take(data.max_samples)
-    if data.shuffle_buffer_size:
-        ds = ds.shuffle(seed=config.runtime.seed, buffer_size=data.shuffle_buffer_size)
-    if world_size > 1:
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    mlm = config.model.type == "microbert"
-    return PackedBlocks(
-        _tokenize(ds, tokenizer, mlm), data.sequence_length, data.drop_last, tokenizer.pad_token_id, data.document_masking
-    )
+class PassBlocks:
+    """One pass over a rank's training stream, as the training loader reads it (the same sources,
+    shuffle buffer, tokenization and packing, in this process): the blocks, for counting an epoch.
+    ``documents`` holds ``(source, tokens, bytes)`` per document after a pass (``hf-streamlm stats``)."""
+
+    def __init__(self, config: Config, tokenizer, rank: int = 0, world_size: int = 1, collator_factory=None):
+        self.config, self.tokenizer, self.rank, self.world_size = config, tokenizer, rank, world_size
+        self.collator_factory = collator_factory
+        self.documents: list[tuple[int, int, int]] = []
+        self.skips_key = ""
+
+    def pipeline(self) -> WorkerPipeline:
+        """A fresh one-pass pipeline (``batch_size`` blocks per batch, short last batch, the last block
+        padded unless ``data.drop_last``)."""
+        self.skips_key = f"pass-{uuid.uuid4().hex}"
+        ds, _ = _rank_texts(self.config, self.rank, self.world_size, self.skips_key)
+        collate = self.collator_factory or (lambda seed: _identity_collate)
+        # The whole rank's buffer in this one process (no warning: the training loader gives it).
+        factory = PipelineFactory(ds, self.tokenizer, self.config, self.rank, collate, self.skips_key,
+                                  buffer_per_worker(self.config, self.world_size, 1, rank=-1))
+        pipeline = factory(0, passes=1, pad_id=None if self.config.data.drop_last else self.tokenizer.pad_token_id)
+        pipeline.documents = self.documents = []
+        return pipeline
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        pipeline = self.pipeline()
+        while (block := pipeline.next_block()) is not None:
+            yield block
+
+
+def _identity_collate(blocks: list[dict]) -> list[dict]:
+    return blocks
+
+
+def build_train_blocks(config: Config, tokenizer, rank: int = 0, world_size: int = 1) -> PassBlocks:
+    """One pass of the rank's training blocks, through the training stream's own stages."""
+    return PassBlocks(config, tokenizer, rank, world_size)
 
 
 def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[str, list[int]]]:
@@ -223,7 +262,8 @@ class PipelineFactory:
     """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers)."""
 
     def __init__(
-        self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str
+        self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str,
+        buffer_per_worker: int | None = None,
     ):
         self.texts = texts
         self.skips_key = skips_key
@@ -231,9 +271,11 @@ class PipelineFactory:
         self.config = config
         self.rank = rank
         self.collator_factory = collator_factory
+        self.buffer_per_worker = config.data.shuffle_buffer_size if buffer_per_worker is None else buffer_per_worker
 
-    def __call__(self, worker: int) -> WorkerPipeline:
+    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None) -> WorkerPipeline:
         d, seed = self.config.data, self.config.runtime.seed
+        apply_network_settings(d.retries, d.retry_backoff)  # module settings: a spawned worker starts without them
         # Distinct, reproducible streams per (rank, worker) for the shuffle buffer and the masking.
         stream_seed = seed * 1_000_003 + self.rank * 1009 + worker
         return WorkerPipeline(
@@ -244,12 +286,15 @@ class PipelineFactory:
             self.collator_factory(stream_seed),
             batch_size=d.batch_size,
             block_size=d.sequence_length,
-            shuffle_buffer_size=d.shuffle_buffer_size,
+            shuffle_buffer_size=self.buffer_per_worker,
             seed=stream_seed,
             with_documents=d.document_masking,
             separators=(self.encode.head, self.encode.tail),
             skips_key=self.skips_key,
             describe_failure=functools.partial(describe_read_failure, self.config),
+            trace=d.trace_documents,
+            passes=passes,
+            pad_id=pad_id,
         )
 
 
@@ -290,6 +335,24 @@ def build_train_loader(
     """The endless, exactly resumable training batches of one rank."""
     data = config.data
     skips_key = f"train-{uuid.uuid4().hex}"
+    ds, names = _rank_texts(config, rank, world_size, skips_key)
+    workers = usable_workers(ds.num_shards, data.num_workers, rank)
+    readers = world_size * max(1, workers)
+    if data.max_samples is not None and data.max_samples < readers:
+        raise ConfigError(
+            f"data.max_samples={data.max_samples} is fewer than the {readers} readers of {names} ({world_size} rank(s) "
+            f"x {max(1, workers)} DataLoader worker(s)): some would get no document; raise data.max_samples or lower "
+            "data.num_workers"
+        )
+    factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key,
+                              buffer_per_worker(config, world_size, max(1, workers), rank))
+    return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank)
+
+
+def _rank_texts(config: Config, rank: int, world_size: int, skips_key: str) -> tuple[datasets.IterableDataset, str]:
+    """The rank's part of the training documents (no shuffle yet), and the sources' names for messages."""
+    data = config.data
+    names = ", ".join(f"'{n}'" for n in source_names(config))
     ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
     if data.max_samples is not None:
         ds = ds.take(data.max_samples)
@@ -300,6 +363,25 @@ def build_train_loader(
                 "example in %d (correct, but each rank downloads everything)", ds.num_shards, world_size, world_size
             )
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    workers = usable_workers(ds.num_shards, data.num_workers, rank)
-    factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key)
-    return ResumableLoader(BlockStream(factory), workers)
+    return ds, names
+
+
+def buffer_per_worker(config: Config, world_size: int, workers: int, rank: int = 0) -> int:
+    """``data.shuffle_buffer_size`` counts per rank: each of its ``workers`` shuffles in an equal part.
+    With ``data.max_samples`` the share each worker reads per pass is known, and a larger buffer is
+    clamped to it (a pass that turns out smaller than the buffer is clamped while reading, too)."""
+    size = config.data.shuffle_buffer_size
+    if size <= 0:
+        return 0
+    per_worker = max(1, size // workers)
+    if config.data.max_samples is not None:
+        share = config.data.max_samples // (world_size * workers)
+        if per_worker > share:
+            if rank == 0:  # (-1: a caller that does not warn)
+                logger.warning(
+                    "data.shuffle_buffer_size=%d (per rank, %d per DataLoader worker) is more than each worker's "
+                    "share of data.max_samples=%d (%d over %d rank(s) x %d worker(s)): clamped to %d per worker",
+                    size, per_worker, config.data.max_samples, share, world_size, workers, share,
+                )
+            per_worker = max(1, share)
+    return per_worker

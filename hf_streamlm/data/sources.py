@@ -138,6 +138,17 @@ def _processed(source: SourceConfig, cache_dir: str | None, skips_key: str) -> d
                          extra={})
 
 
+class SourceTag:
+    """Batched map adding the ``source`` column (a class, not a lambda: the stream must pickle for
+    spawned DataLoader workers)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {"source": [self.index] * len(batch["text"])}
+
+
 def load_source(
     source: SourceConfig, cache_dir: str | None = None, index: int = 0, skips_key: str = "default"
 ) -> datasets.IterableDataset:
@@ -159,7 +170,7 @@ def load_source(
         if len(chain) > 1 and message not in _reported:
             _reported.add(message)
             (logger.warning if failures else logger.info)(message)
-        return ds.map(lambda batch: {"source": [index] * len(batch["text"])}, batched=True, batch_size=ROW_BATCH)
+        return ds.map(SourceTag(index), batched=True, batch_size=ROW_BATCH)
     if len(chain) == 1:
         raise ConfigError(f"data source {failures[0]}")
     raise ConfigError(f"no source of data.sources[{index}] could be opened: " + "; ".join(failures))

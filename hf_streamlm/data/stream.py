@@ -1,4 +1,4 @@
-"""The training stream with exact, cheap resume.
+"""The training stream with exact, cheap resume and a state that does not hold text.
 
 ``datasets`` keeps the position of its sources, mixture and ``map``/``filter`` stages
 (``IterableDataset.state_dict``), but its shuffle buffer comes back empty on resume (measured with
@@ -6,27 +6,41 @@ datasets 5.2: a resumed stream repeated and skipped examples). So the stages tha
 here, with their own state: the shuffle buffer (contents and RNG), the packing remainder, the
 collator's RNG. ``datasets`` below them is used without its shuffle.
 
+The state holds **references, not text** (issue #13: at ``runpod_1b``'s 65,536-document buffer and
+~3.4 KB FineWeb documents, text in the state was 218 MB per worker and halved throughput). Every
+document a worker reads gets a serial number; every ``ANCHOR_EVERY`` documents (and at each pass start)
+the worker notes ``datasets``' source position. The state is: the oldest anchor still needed, how many
+documents have been read, and the serials (plus 8-byte content keys) of the documents in the buffer
+and in the tokenizer. A resume loads the anchor and reads forward to where the worker was, keeping the
+buffered documents' texts on the way; their keys are checked, so a source that changed under the
+checkpoint stops the run with one line instead of training on other documents. A snapshot is ~1 MB
+whatever the buffer holds; a resume re-reads the span of the stream the buffer covers (at most one
+pass: the buffer never mixes passes, see below).
+
 One :class:`WorkerPipeline` runs per rank and DataLoader worker (``datasets`` gives each worker its
-own shards). A worker attaches a snapshot of its state to every ``snapshot_every``-th batch; the
-:class:`ResumableLoader` in the training process keeps, per worker, the newest snapshot it has
-consumed and how many batches that worker produced since. Resuming loads the snapshot and replays
-at most ``snapshot_every - 1`` batches: the cost does not grow with the position in the stream.
-With ``num_workers=0`` the pipeline runs in the training process and its state is read directly
-when a checkpoint is written: no snapshots at all.
+own shards). ``data.shuffle_buffer_size`` counts documents **per rank**: each of the rank's workers
+shuffles in an equal part of it. A worker attaches a snapshot of its state to every
+``snapshot_every``-th batch; the :class:`ResumableLoader` in the training process keeps, per worker,
+the newest snapshot it has consumed and how many batches that worker produced since. Resuming loads
+the snapshot and replays at most ``snapshot_every - 1`` batches. With ``num_workers=0`` the pipeline
+runs in the training process and its state is read directly when a checkpoint is written.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import os
 import random
 import weakref
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -39,13 +53,44 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_EVERY = 16
 """Batches between state snapshots sent from a DataLoader worker (bounds the replay on resume)."""
 
+ANCHOR_EVERY = 1024
+"""Documents between the source positions a worker notes (bounds the extra re-read on resume)."""
+
+
+def document_key(text: str) -> int:
+    """The document's 8-byte content key (``hashlib.blake2b(text, digest_size=8)`` as an integer; its
+    ``f"{key:016x}"`` is the hexdigest the document trace writes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def _runs(values: list[int]) -> np.ndarray:
+    """``[[value, ...], [run length, ...]]`` of a list made of runs (a document serial per token)."""
+    arr = np.asarray(values, dtype=np.int64)
+    if not len(arr):
+        return np.zeros((2, 0), dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, arr[1:] != arr[:-1]])
+    return np.stack([arr[starts], np.diff(np.r_[starts, len(arr)])])
+
+
+class Doc(NamedTuple):
+    """A document read from the source: its text and where it came from."""
+
+    text: str
+    source: int  # index in data.sources
+    serial: int  # the n-th document this worker read (across passes)
+    epoch: int  # the pass it was read in (0 first)
+    key: int  # document_key(text)
+
 
 class WorkerPipeline:
     """shuffle buffer -> batched tokenization -> packing -> collation, over a ``datasets`` text stream.
 
     The text stream is cycled forever (one pass = one epoch, reshuffled by ``set_epoch``), so a
     worker never runs dry while its peers still produce and the round-robin order of the
-    DataLoader stays fixed.
+    DataLoader stays fixed. The shuffle buffer never mixes passes: at the end of a pass it is
+    emptied before the next pass is read, so every document of pass ``e`` is trained before any of
+    pass ``e + 1`` and ``epoch`` is exact. A pass smaller than the buffer is shuffled whole (the
+    buffer is clamped to it, with a warning).
     """
 
     def __init__(
@@ -62,6 +107,9 @@ class WorkerPipeline:
         separators: tuple[list[int], list[int]] = ([], []),
         skips_key: str = "default",
         describe_failure: Callable[[Exception], str] | None = None,
+        trace: bool = False,
+        passes: int | None = None,
+        pad_id: int | None = None,
     ):
         # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
         # the main process; here each worker runs its own passes and must not move its peers' epoch.
@@ -75,65 +123,131 @@ class WorkerPipeline:
         self.tokenize_batch = tokenize_batch
         self.head, self.tail = separators  # wrapped around each document: [CLS] x [SEP] or x <eos>
         self.describe_failure = describe_failure
+        self.trace = trace
+        # Finite use (``hf-streamlm stats``, counting the blocks of an epoch): stop after ``passes``
+        # passes; the last batch may be short, and with a ``pad_id`` the last block is padded.
+        self.passes = passes
+        self.pad_id = pad_id
+        self.documents: list[tuple[int, int, int]] | None = None  # set to a list: (source, tokens, bytes) per doc
         # Skipped documents: counted by the source filters in this process; carried in the state.
         self._skips = skip_counter(skips_key)
         self._skips_at_start = Counter(self._skips)
         self.skipped_before: dict[str, int] = {}
         self.rng = random.Random(seed)
+        # Reading: the pass being read, documents read so far (the next serial), rows of this pass.
         self.epoch = 0
-        self.buffer: list[tuple[str, int]] = []  # (text, source index)
+        self.read = 0
+        self.pass_rows = 0
+        self.pass_done = False  # this pass is read to its end; the buffer drains before the next one
+        self.anchors: deque[tuple[int, int, dict | None]] = deque()  # (serial, epoch, source state)
+        self.buffer: list[Doc] = []
         self.source_docs: dict[int, int] = {}  # documents and tokens tokenized so far, per source
         self.source_tokens: dict[int, int] = {}
         self.tokens: list[int] = []
         self.serials: list[int] = []  # document serial of each buffered token (with_documents)
         self.next_serial = 0
+        # Documents whose tokens are in the packing buffer: (end offset in the token stream, source,
+        # key, epoch); `cut` is the stream offset of tokens[0].
+        self.doc_ends: deque[tuple[int, int, int, int]] = deque()
+        self.cut = 0
+        self.batch_epoch = 0
+        self.batch_docs: list[list] = []
         self._rows: Iterator[dict] | None = None
-        self._rows_this_epoch = 0
-        self._source_resumed = False  # a pass resumed at its very end yields no rows yet is not empty
-        self._fresh_pass = True
-        self._loaded_source: dict | None = None
+        self._resumed_pass = False  # a pass resumed at its very end yields no rows yet is not empty
+        self._clamp_warned = False
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: tuple[list[tuple[str, int]], Future] | None = None
+        self._inflight: tuple[list[Doc], Future] | None = None
 
     # -- state ------------------------------------------------------------------------------------
 
+    def _live_anchor(self) -> tuple[int, int, dict | None]:
+        """The newest anchor at or before the oldest document still held (buffer or tokenizer); older
+        anchors are dropped."""
+        held = [d.serial for d in self.buffer]
+        if self._inflight is not None:
+            held += [d.serial for d in self._inflight[0]]
+        oldest = min(held, default=self.read)
+        while len(self.anchors) > 1 and self.anchors[1][0] <= oldest:
+            self.anchors.popleft()
+        return self.anchors[0] if self.anchors else (self.read, self.epoch, None)
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly here. Lists are copied (their items are immutable)."""
+        """Everything needed to continue exactly here: positions and document references, no text."""
+        pending = self._inflight[0] if self._inflight is not None else []
         return {
+            "anchor": self._live_anchor(),
             "epoch": self.epoch,
-            # Until this pass starts reading, the source is where the loaded state left it.
-            "source": self.texts.state_dict() if self._rows is not None else self._loaded_source,
-            "buffer": list(self.buffer),
-            "rng": self.rng.getstate(),
-            "tokens": list(self.tokens),
-            "serials": list(self.serials),
+            "read": self.read,
+            "pass_rows": self.pass_rows,
+            "pass_done": self.pass_done,
+            # Serials and content keys of the documents held, in buffer-slot / tokenizer order.
+            "buffer": np.array([(d.serial, d.key) for d in self.buffer], dtype=np.uint64).reshape(-1, 2),
+            "pending": np.array([(d.serial, d.key) for d in pending], dtype=np.uint64).reshape(-1, 2),
+            # Arrays rather than Python objects: torch.save pickles each object through a Python hook.
+            "rng": np.array(self.rng.getstate()[1], dtype=np.int64),
+            "tokens": np.array(self.tokens, dtype=np.int32),  # the packing remainder: < one tokenized chunk
+            "serials": _runs(self.serials),
             "next_serial": self.next_serial,
+            "doc_ends": np.array(self.doc_ends, dtype=np.uint64).reshape(-1, 4),
+            "cut": self.cut,
+            "batch_epoch": self.batch_epoch,
             "collate_rng": self.collate.get_rng_state() if hasattr(self.collate, "get_rng_state") else None,
             "source_docs": dict(self.source_docs),
             "source_tokens": dict(self.source_tokens),
-            "pending": list(self._inflight[0]) if self._inflight is not None else [],
             "skipped": self.skipped(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: re-read the source from the state's anchor to where it stood,
+        taking the held documents' texts on the way."""
+        held = {int(s): int(k) for s, k in state["buffer"]}
+        held.update((int(s), int(k)) for s, k in state["pending"])
+        serial, epoch, source = state["anchor"]
+        self.read, self.epoch, self.pass_rows, self.pass_done = serial, epoch, 0, False
+        self.anchors.clear()
+        if source is not None:
+            self.texts.load_state_dict(source)  # applied when the pass's iteration starts
+            self._resumed_pass = True
+            self.anchors.append((serial, epoch, source))  # still the oldest one needed (a pass start re-adds itself)
+        self._rows = None
+        found: dict[int, Doc] = {}
+        empty_passes = 0
+        while self.read < state["read"]:
+            doc = self._read()
+            if doc is None:  # end of a pass inside the span
+                empty_passes = empty_passes + 1 if self.pass_rows == 0 else 0
+                if empty_passes > 1:
+                    break
+                self._next_pass()
+                continue
+            if doc.serial in held:
+                found[doc.serial] = doc
+        missing = [s for s, k in held.items() if s not in found or found[s].key != k]
+        if missing or self.read != state["read"]:
+            raise ConfigError(
+                f"the data source no longer holds the documents this checkpoint points at ({len(missing)} of the "
+                f"{len(held)} documents in flight differ or are gone): the source changed since the checkpoint was "
+                "written; pin the source's `revision` (or restore its files) to resume exactly"
+            )
         self.epoch = state["epoch"]
-        if state["source"] is not None:
-            self.texts.load_state_dict(state["source"])  # applied when the epoch's iteration starts
-            self._source_resumed = True
-        self._loaded_source = state["source"]
-        self.buffer = list(state["buffer"])
-        self.rng.setstate(state["rng"])
-        self.tokens = list(state["tokens"])
-        self.serials = list(state["serials"])
+        self.pass_rows, self.pass_done = state["pass_rows"], state["pass_done"]
+        self.buffer = [found[int(s)] for s, _ in state["buffer"]]
+        version, _, gauss = self.rng.getstate()
+        self.rng.setstate((version, tuple(state["rng"].tolist()), gauss))
+        self.tokens = state["tokens"].tolist()
+        self.serials = np.repeat(*state["serials"]).tolist()
         self.next_serial = state["next_serial"]
+        self.doc_ends = deque(tuple(d) for d in state["doc_ends"].tolist())
+        self.cut = state["cut"]
+        self.batch_epoch = state["batch_epoch"]
         if state["collate_rng"] is not None:
             self.collate.set_rng_state(state["collate_rng"])
         self.source_docs = dict(state["source_docs"])
         self.source_tokens = dict(state["source_tokens"])
-        if state["pending"]:
-            self._submit(list(state["pending"]))
+        if len(state["pending"]):
+            self._submit([found[int(s)] for s, _ in state["pending"]])
         self.skipped_before = dict(state["skipped"])
-        self._skips_at_start = Counter(self._skips)
+        self._skips_at_start = Counter(self._skips)  # the re-read counted its skips again
 
     def skipped(self) -> dict[str, int]:
         """Documents skipped so far by kind (none, not_text, empty, short)."""
@@ -143,43 +257,69 @@ class WorkerPipeline:
 
     # -- stages -----------------------------------------------------------------------------------
 
-    def _next_text(self) -> tuple[str, int] | None:
-        """The next document of the source, moving on to the next epoch at the end of a pass."""
-        while True:
-            if self._rows is None:
-                self.texts.set_epoch(self.epoch)
-                self._rows = iter(self.texts)
-                self._rows_this_epoch = 0
-                self._fresh_pass, self._source_resumed = not self._source_resumed, False
-                self._loaded_source = None
-            try:
-                row = next(self._rows, None)
-            except Exception as err:  # noqa: BLE001 - a file that cannot be read: one line naming it
-                if self.describe_failure is None:
-                    raise
-                raise ConfigError(self.describe_failure(err)) from err
-            if row is not None:
-                self._rows_this_epoch += 1
-                return row["text"], row.get("source", 0)
-            if self._rows_this_epoch == 0 and self._fresh_pass:
-                return None  # a whole pass yielded nothing: this worker's share is empty
-            self.epoch += 1
-            self._rows = None
-
-    def _next_document(self) -> tuple[str, int] | None:
-        """Seeded shuffle buffer: fill it, then each new document takes the place of a random one."""
-        if self.shuffle_buffer_size <= 0:
-            return self._next_text()
-        while len(self.buffer) < self.shuffle_buffer_size:
-            text = self._next_text()
-            if text is None:
-                break
-            self.buffer.append(text)
-        if not self.buffer:
+    def _read(self) -> Doc | None:
+        """The next document of the pass being read; None at its end."""
+        if self._rows is None:
+            if not self._resumed_pass:
+                self.anchors.append((self.read, self.epoch, None))  # a pass start: no position needed
+            self.texts.set_epoch(self.epoch)
+            self._rows = iter(self.texts)
+        elif self.read % ANCHOR_EVERY == 0 and (not self.anchors or self.anchors[-1][0] != self.read):
+            self.anchors.append((self.read, self.epoch, self.texts.state_dict()))
+        try:
+            row = next(self._rows, None)
+        except Exception as err:  # noqa: BLE001 - a file that cannot be read: one line naming it
+            if self.describe_failure is None:
+                raise
+            raise ConfigError(self.describe_failure(err)) from err
+        if row is None:
             return None
+        text = row["text"]
+        doc = Doc(text, row.get("source", 0), self.read, self.epoch, document_key(text))
+        self.read += 1
+        self.pass_rows += 1
+        return doc
+
+    def _next_pass(self) -> bool:
+        """Start reading the next pass; False when the pass just read was empty (nothing to cycle)."""
+        empty = self.pass_rows == 0 and not self._resumed_pass
+        self._resumed_pass = False
+        if self.passes is not None and self.epoch + 1 >= self.passes:
+            return False
+        self.epoch += 1
+        self.pass_rows = 0
+        self.pass_done = False
+        self._rows = None
+        return not empty
+
+    def _next_document(self) -> Doc | None:
+        """Seeded shuffle buffer: fill it, then each new document takes the place of a random one. At
+        the end of a pass the buffer is emptied before the next pass is read."""
+        while True:
+            if self.shuffle_buffer_size <= 0:
+                doc = self._read()
+                if doc is not None:
+                    return doc
+                if not self._next_pass():
+                    return None
+                continue
+            while not self.pass_done and len(self.buffer) < self.shuffle_buffer_size:
+                doc = self._read()
+                if doc is None:
+                    self._end_of_pass()
+                    break
+                self.buffer.append(doc)
+            if self.buffer:
+                break
+            if not self._next_pass():
+                return None
         i = self.rng.randrange(len(self.buffer))
         out = self.buffer[i]
-        incoming = self._next_text() if len(self.buffer) == self.shuffle_buffer_size else None
+        incoming = None
+        if not self.pass_done:
+            incoming = self._read()
+            if incoming is None:
+                self._end_of_pass()
         if incoming is None:
             self.buffer[i] = self.buffer[-1]
             self.buffer.pop()
@@ -187,7 +327,17 @@ class WorkerPipeline:
             self.buffer[i] = incoming
         return out
 
-    def _take_documents(self) -> list[tuple[str, int]]:
+    def _end_of_pass(self) -> None:
+        self.pass_done = True
+        if self.epoch == 0 and self.pass_rows < self.shuffle_buffer_size and self.pass_rows and not self._clamp_warned:
+            self._clamp_warned = True
+            logger.warning(
+                "data.shuffle_buffer_size: this worker's share of the stream is %d documents, fewer than its buffer "
+                "of %d: the buffer is clamped to the share (each pass is shuffled whole)",
+                self.pass_rows, self.shuffle_buffer_size,
+            )
+
+    def _take_documents(self) -> list[Doc]:
         docs = []
         for _ in range(self.tokenize_batch):
             doc = self._next_document()
@@ -196,13 +346,13 @@ class WorkerPipeline:
             docs.append(doc)
         return docs
 
-    def _submit(self, docs: list[tuple[str, int]]) -> None:
+    def _submit(self, docs: list[Doc]) -> None:
         """Start tokenizing ``docs`` on the helper thread. The Rust tokenizer releases the GIL, so
         reading, shuffling, packing and masking go on meanwhile in this thread."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_streamlm-tokenize")
             weakref.finalize(self, self._executor.shutdown, wait=False)
-        self._inflight = (docs, self._executor.submit(self.encode, [text for text, _ in docs]))
+        self._inflight = (docs, self._executor.submit(self.encode, [d.text for d in docs]))
 
     def _fill(self) -> bool:
         """Move the next tokenized chunk into the packing buffer and start tokenizing the one after it;
@@ -222,7 +372,8 @@ class WorkerPipeline:
             self._inflight = None
         head, tail, tokens = self.head, self.tail, self.tokens
         extra = len(head) + len(tail)
-        for (_, source), ids in zip(docs, encoded):
+        for doc, ids in zip(docs, encoded):
+            source = doc.source
             self.source_docs[source] = self.source_docs.get(source, 0) + 1
             self.source_tokens[source] = self.source_tokens.get(source, 0) + len(ids) + extra
             tokens.extend(head)
@@ -231,35 +382,70 @@ class WorkerPipeline:
             if self.with_documents:
                 self.serials.extend([self.next_serial] * (len(ids) + extra))
             self.next_serial += 1
+            if self.documents is not None:
+                self.documents.append((source, len(ids) + extra, len(doc.text.encode("utf-8"))))
+            self.doc_ends.append((self.cut + len(tokens), source, doc.key, doc.epoch))
         return True
 
     def next_block(self) -> dict[str, list[int]] | None:
+        pad = 0
         while len(self.tokens) < self.block_size:
             if not self._fill():
-                return None
-        block = {"input_ids": self.tokens[: self.block_size]}  # full blocks: the collator adds the all-ones mask
-        del self.tokens[: self.block_size]
+                if not self.tokens or self.pad_id is None:
+                    return None
+                pad = self.block_size - len(self.tokens)  # the end of a finite stream, kept (drop_last false)
+                break
+        size = self.block_size - pad
+        block = {"input_ids": self.tokens[:size]}  # full blocks: the collator adds the all-ones mask
+        del self.tokens[:size]
+        self.cut += size
         if self.with_documents:
-            block["position_ids"], block["document_ids"] = document_positions(self.serials[: self.block_size])
-            del self.serials[: self.block_size]
+            block["position_ids"], block["document_ids"] = document_positions(self.serials[:size])
+            del self.serials[:size]
+        if pad:
+            block["input_ids"] += [self.pad_id] * pad
+            block["attention_mask"] = [1] * size + [0] * pad
+            if self.with_documents:  # padding continues the last segment; it is masked out anyway
+                last = block["position_ids"][-1]
+                block["position_ids"] += list(range(last + 1, last + 1 + pad))
+                block["document_ids"] += [block["document_ids"][-1]] * pad
+        # The documents whose last token is in this block end here; the block's epoch is the pass of
+        # the document that holds its last token.
+        ends, last = self.doc_ends, None
+        while ends and ends[0][0] <= self.cut:
+            end, source, key, epoch = ends.popleft()
+            if self.trace:
+                self.batch_docs.append([source, f"{key:016x}", epoch])
+            last = epoch if end == self.cut else None
+        self.batch_epoch = last if last is not None else ends[0][3] if ends else self.batch_epoch
         return block
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
         blocks = []
+        self.batch_docs = []
         for _ in range(self.batch_size):
             block = self.next_block()
             if block is None:
+                if blocks and self.passes is not None:
+                    break  # the short last batch of a finite stream
                 return None
             blocks.append(block)
+        if any("attention_mask" in b for b in blocks):  # one padded block: every block gets a mask
+            for b in blocks:
+                b.setdefault("attention_mask", [1] * self.block_size)
         batch = self.collate(blocks)
-        batch["_epoch"] = self.epoch
+        batch["_epoch"] = self.batch_epoch
         batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens), self.skipped())
+        if self.trace:
+            batch["_docs"] = self.batch_docs
         return batch
 
 
 class BlockStream(torch.utils.data.IterableDataset):
     """Batches of one rank: a :class:`WorkerPipeline` per DataLoader worker, resumable from
-    per-worker snapshots (see the module docstring)."""
+    per-worker snapshots (see the module docstring). A worker whose share of the stream is empty
+    sends one ``{"_empty": True}`` marker and stops, so the loader drops it from its turns instead of
+    waiting on it."""
 
     def __init__(self, make_pipeline: Callable[[int], WorkerPipeline], snapshot_every: int = SNAPSHOT_EVERY):
         self.make_pipeline = make_pipeline
@@ -270,6 +456,11 @@ class BlockStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
+        if info is not None:
+            # A forked worker must not use the tokenizer's Rust thread pool: its threads stayed in the
+            # parent, and with TOKENIZERS_PARALLELISM=true (which disables the library's own fork guard)
+            # encode_batch would wait on them forever. Each worker encodes on its own thread instead.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         # In this process the loader reads the state from the live pipeline when asked; only worker
         # processes need to send snapshots along with their batches.
         every = self.snapshot_every if info else None
@@ -288,6 +479,8 @@ class BlockStream(torch.utils.data.IterableDataset):
                 batch["_state"] = pipeline.state_dict()
             produced += 1
             yield batch
+        if produced == 0 and start is None:
+            yield {"_worker": worker, "_empty": True}
 
 
 def _identity(batch: dict) -> dict:
@@ -300,14 +493,23 @@ class ResumableLoader:
     The DataLoader asks its workers in turn (0, 1, ..., 0, 1, ...); since every worker's stream is
     endless, batch ``i`` always comes from worker ``i % num_workers``. After a resume the loader
     starts again at worker 0, so batches are re-ordered here to continue the turn where it stopped.
+    A worker with an empty share leaves the turns (its marker comes at its first turn, so the order
+    stays fixed); when every worker of the rank is empty, the rank has nothing to train on and the
+    loader stops with one line naming the sources.
     """
 
-    def __init__(self, stream: BlockStream, num_workers: int = 0):
+    def __init__(self, stream: BlockStream, num_workers: int = 0, start_method: str | None = None,
+                 describe_sources: str = "the data sources", rank: int = 0):
         self.stream = stream
         self.num_workers = num_workers
+        self.start_method = start_method
+        self.describe_sources = describe_sources
+        self.rank = rank
         self.workers: dict[int, dict[str, Any]] = {}
+        self.turns = list(range(max(1, num_workers)))  # the workers that produce, in turn order
         self.next_worker = 0
         self.epoch = 0
+        self.docs: list[list] = []  # with data.trace_documents: documents that ended in the batches handed out
         self.sources: dict[int, tuple[dict, dict]] = {}  # per worker: cumulative (docs, tokens) by source
 
     def state_dict(self) -> dict[str, Any]:
@@ -317,19 +519,32 @@ class ResumableLoader:
         return {
             "num_workers": self.num_workers,
             "next_worker": self.next_worker,
+            "turns": list(self.turns),
+            "epoch": self.epoch,
             "workers": copy.deepcopy(self.workers),
             "sources": copy.deepcopy(self.sources),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_workers"] != self.num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's data state is for data.num_workers={state['num_workers']}, not {self.num_workers}: "
                 "resume with the same number of workers"
             )
+        if any("anchor" not in w["snapshot"] for w in state["workers"].values()):
+            raise ConfigError("the checkpoint's data state was written by an older hf_streamlm (text in the state): "
+                              "resume it with the version that wrote it, or start a new runtime.output_dir")
         self.workers = copy.deepcopy(state["workers"])
         self.next_worker = state["next_worker"]
+        self.turns = list(state.get("turns", range(max(1, self.num_workers))))
+        self.epoch = state.get("epoch", 0)
         self.sources = copy.deepcopy(state["sources"])
+
+    def take_documents(self) -> list[list]:
+        """``[source_index, key, epoch]`` of the documents whose last token was in the batches handed out
+        since the last call (``data.trace_documents``): an optimizer step's, called once per step."""
+        docs, self.docs = self.docs, []
+        return docs
 
     def source_counts(self) -> tuple[dict[int, int], dict[int, int]]:
         """Documents and tokens tokenized so far, per source index, summed over this rank's workers."""
@@ -354,7 +569,9 @@ class ResumableLoader:
         self.stream.live = None
         # Batches are made by the pipeline; the identity collate keeps the snapshots as they are
         # (the default conversion would turn the RNG's tuples into lists).
-        loader = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity))
+        context = self.start_method if self.num_workers and self.start_method else None
+        loader = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                 multiprocessing_context=context))
         try:
             yield from self._in_turn(loader)
         finally:
@@ -364,19 +581,31 @@ class ResumableLoader:
             getattr(loader, "_shutdown_workers", lambda: None)()
 
     def _in_turn(self, loader) -> Iterator[dict[str, torch.Tensor]]:
-        turns = max(1, self.num_workers)
-        pending: dict[int, deque] = {w: deque() for w in range(turns)}
+        pending: dict[int, deque] = {w: deque() for w in range(max(1, self.num_workers))}
         for batch in loader:
             pending[batch["_worker"]].append(batch)
-            while pending[self.next_worker]:
-                out = pending[self.next_worker].popleft()
+            while self.turns and pending[self.turns[self.next_worker]]:
+                out = pending[self.turns[self.next_worker]].popleft()
                 worker = out.pop("_worker")
+                if out.get("_empty"):
+                    self.turns.remove(worker)  # this worker's share is empty: its peers carry on
+                    logger.warning("rank %d: DataLoader worker %d has no documents of %s; the other workers carry "
+                                   "on", self.rank, worker, self.describe_sources)
+                    self.next_worker = self.next_worker % len(self.turns) if self.turns else 0
+                    continue
                 snapshot = out.pop("_state", None)
                 if snapshot is not None:
                     self.workers[worker] = {"snapshot": snapshot, "skip": 0}
                 elif self.num_workers:
                     self.workers[worker]["skip"] += 1
                 self.epoch = out.pop("_epoch")
+                self.docs.extend(out.pop("_docs", ()))
                 self.sources[worker] = out.pop("_sources")
-                self.next_worker = (self.next_worker + 1) % turns
+                self.next_worker = (self.next_worker + 1) % len(self.turns)
                 yield out
+            if not self.turns:
+                break
+        if not self.turns:
+            raise ConfigError(f"rank {self.rank} has no documents to train on: {self.describe_sources} gave its "
+                              "DataLoader workers nothing (fewer shards or documents than ranks x workers, or "
+                              "everything filtered out)")

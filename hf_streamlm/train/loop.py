@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, build_train_blocks
 from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_names
+from hf_streamlm.data.trace import DocumentTrace
 from hf_streamlm.data.quality import SKIP_KINDS
 from hf_streamlm.evaluation import check_loop_tasks, loop_tasks
 from hf_streamlm.export import export_run
@@ -183,6 +184,7 @@ def train(config: Config, command: str | None = None) -> Path:
     resumed_at = state["step"]
     stop = StopSignal()  # SIGTERM (RunPod preemption) / SIGINT: checkpoint at the next step boundary, exit 0
     batches = shielded(iter(loader))  # endless; continues exactly where the checkpoint's data state says
+    trace = DocumentTrace(out / "trace", rank, state["step"]) if d.trace_documents else None
     names = source_names(config)
 
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (accelerator.is_main_process and r.logging.progress_bar),
@@ -224,6 +226,8 @@ def train(config: Config, command: str | None = None) -> Path:
                                state["nonfinite_skips"])
             scheduler.step()
             state["step"] += 1
+            if trace:
+                trace.write(state["step"], loader.take_documents())
             bar.update(1)
 
             if state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps:

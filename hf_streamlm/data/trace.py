@@ -1,0 +1,48 @@
+"""The document trace (``data.trace_documents``): which documents each optimizer step trained on.
+
+``<run>/trace/rank-<r>.jsonl`` holds one line per optimizer step, ``{"step": N, "docs": [[source_index,
+key, epoch], ...]}``: ``key`` is ``hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()`` of
+the document as read from its source, ``epoch`` the pass it was read in (0 first), and a document is
+listed once, at the step whose batch holds its last token. The audit for exact (and later elastic)
+resume, and the lineage of a model: a resume drops the lines past its checkpoint's step first, so
+the file reads as one uninterrupted run (no line lost or repeated).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class DocumentTrace:
+    """Appends one line per optimizer step to ``trace/rank-<r>.jsonl``."""
+
+    def __init__(self, folder: Path, rank: int, resume_step: int = 0):
+        self.path = Path(folder) / f"rank-{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill mid-write: past the checkpoint
+                    continue
+                if row["step"] <= resume_step:
+                    kept.append(line + "\n")
+            self.path.write_text("".join(kept))
+
+    def write(self, step: int, docs: list[list]) -> None:
+        """The step's line: the documents that ended in its micro-batches (``loader.take_documents()``)."""
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "docs": docs}, separators=(",", ":")) + "\n")
+
+
+def read_trace(path: str | Path) -> list[dict]:
+    """The rows of a trace file (a last line cut short by a kill is dropped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
