@@ -9,6 +9,7 @@ directory, the default layout of a named experiment (seed 004's ``runs/runpod-1b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,8 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
+from hf_streamlm.data.trace import read_trace
 from tests.conftest import REPO
 
 EXPERIMENT = "two-machines"
@@ -38,7 +38,7 @@ def recipe_args(shards: Path) -> list[str]:
             "model.intermediate_size=128", "tokenizer.vocab_size=500", "scheduler.total_steps=6",
             "scheduler.warmup_steps=1", "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=3",
             "runtime.checkpoint.max_keep=5", "runtime.evaluation.every_n_steps=3", "runtime.evaluation.max_batches=1",
-            "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]"]
+            "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]", "data.trace_documents=true"]
 
 
 def launch_two_machines(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
@@ -71,20 +71,19 @@ def history(run: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("tokens")) for r in rows]
 
 
-def documents_by_rank(checkpoint: Path, shards: Path) -> list[set[int]]:
-    """The files each rank's documents came from: the texts in its shuffle buffer and tokenizer queue
-    (its data state in the checkpoint), looked up in the shard files."""
+def documents_by_rank(run: Path, shards: Path) -> list[set[int]]:
+    """The files each rank's trained documents came from: the keys in its document trace
+    (``data.trace_documents``), looked up in the shard files."""
     file_of = {}
     for i in range(N_FILES):
         for line in (shards / f"part-{i}.jsonl").read_text().splitlines():
-            file_of[json.loads(line)["text"]] = i
+            text = json.loads(line)["text"]
+            file_of[hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()] = i
     files = []
     for rank in (0, 1):
-        state = torch.load(checkpoint / f"data_state_{rank}.pt", weights_only=False)
-        texts = [text for worker in state["workers"].values()
-                 for text, _ in worker["snapshot"]["buffer"] + worker["snapshot"]["pending"]]
-        assert texts, f"rank {rank} holds no documents"
-        files.append({file_of[t] for t in texts})
+        keys = [doc[1] for row in read_trace(run / "trace" / f"rank-{rank}.jsonl") for doc in row["docs"]]
+        assert keys, f"rank {rank} traced no documents"
+        files.append({file_of[key] for key in keys})
     return files
 
 
@@ -107,7 +106,7 @@ def test_two_machines_train_together_on_disjoint_data_and_resume_exactly(tmp_pat
     assert {p.name for p in checkpoint.glob("data_state_*.pt")} == {"data_state_0.pt", "data_state_1.pt"}
 
     # Disjoint data: the two machines' documents come from different shard files.
-    files0, files1 = documents_by_rank(checkpoint, shards)
+    files0, files1 = documents_by_rank(run, shards)
     assert files0.isdisjoint(files1), (files0, files1)
 
     # Machines restarted after step 3 (the later checkpoints lost): the second pair of launches resumes
@@ -120,3 +119,6 @@ def test_two_machines_train_together_on_disjoint_data_and_resume_exactly(tmp_pat
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resuming from" in results[0].stdout and "step-3" in results[0].stdout
     assert history(resumed) == rows  # max |delta loss| = 0: same floats, steps and token counts
+    for rank in (0, 1):  # and the same documents at the same steps on each machine
+        trace = f"trace/rank-{rank}.jsonl"
+        assert read_trace(resumed / trace) == read_trace(run / trace)
