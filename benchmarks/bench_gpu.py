@@ -172,10 +172,7 @@ def run_variant(variant: Variant, config, vocab: int, batch_size: int, args, dev
         row.peak_memory_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     row.data_wait_pct = round(100 * waited / elapsed, 3)
     row.kernel = kernel_seen(prof)
-    del model, optimizer, forward
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return row  # the model, its optimizer and their memory go with this frame; the caller empties the CUDA cache
 
 
 def largest_batch(variant: Variant, config, vocab: int, args, device: torch.device) -> tuple[int, Row]:
@@ -245,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
                 row = Row(variant.name, batch_size or 0, note="out of memory at this batch size")
         rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(f"{row.variant}: {row.tokens_per_s} tokens/s {row.note}", file=sys.stderr, flush=True)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -14,26 +14,12 @@ import pytest
 import torch
 
 from tests.conftest import CLOZE_TASK, REPO, copy_run
+from tests.test_eval import GUARDED_EVAL
 
 ACC = f"lm_eval/{CLOZE_TASK}/acc"
 
-# The eval command in a process whose sockets refuse to connect, recording any attempt.
-GUARDED = """
-import json, socket, sys
-attempts = []
-def refuse(*args, **kwargs):
-    attempts.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args))
-    raise OSError("network refused by the test")
-socket.socket.connect = socket.socket.connect_ex = refuse
-socket.create_connection = socket.getaddrinfo = refuse
-from hf_streamlm.cli import main
-try:
-    rc = main(sys.argv[1:])
-except SystemExit as exit:
-    rc = exit.code
-print("NETWORK_ATTEMPTS", json.dumps(attempts))
-sys.exit(rc)
-"""
+# The eval command in a process whose sockets refuse to connect (tests/test_eval.py): offline means no attempt.
+GUARDED = GUARDED_EVAL
 
 
 def by_hand(export, items: list[dict]) -> list[list[float]]:

@@ -13,15 +13,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.test_resume_run import command  # `accelerate launch` for 2+ processes, on a free port
 
 
 REFERENCE_STEPS = 24
@@ -36,20 +35,6 @@ def tiny(shards: Path, workers: int = 2) -> list[str]:
             "tokenizer.vocab_size=500", "scheduler.strategy=constant", "scheduler.warmup_steps=0",
             "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=5", "runtime.checkpoint.max_keep=5",
             "runtime.evaluation.every_n_steps=null", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def command(args: list[str], processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "hf_streamlm.run", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "hf_streamlm.run", *args]
 
 
 def start(args: list[str], processes: int = 1) -> subprocess.Popen:
