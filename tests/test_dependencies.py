@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -16,13 +17,11 @@ API_MOVERS = ("transformers", "datasets", "accelerate", "deepspeed", "huggingfac
 
 
 def declared() -> dict[str, Requirement]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    specs = [*project["dependencies"], *(s for extra in project["optional-dependencies"].values() for s in extra)]
-    out: dict[str, Requirement] = {}
-    for spec in specs:
-        requirement = Requirement(spec)
-        out.setdefault(requirement.name, requirement)
-    return out
+    """pyproject.toml's runtime and extra requirements, as tools/check_dependencies.py reads them."""
+    spec = importlib.util.spec_from_file_location("check_dependencies", REPO / "tools" / "check_dependencies.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return {requirement.name: requirement for requirement in tool.requirements(REPO / "pyproject.toml")}
 
 
 def test_api_moving_packages_have_lower_and_upper_bounds():

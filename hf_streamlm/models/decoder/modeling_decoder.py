@@ -231,6 +231,15 @@ def sdpa_attention_forward(
     return output, None
 
 
+def check_key_shape(name: str, tensor: torch.Tensor | None, batch_size: int, key_length: int) -> None:
+    """A 2D per-key input (`attention_mask`, `document_ids`) covers the cached and the current tokens."""
+    if tensor is not None and (tensor.dim() != 2 or tensor.shape[-1] != key_length):
+        raise ValueError(
+            f"`{name}` must have shape (batch_size, past + current sequence length) = "
+            f"({batch_size}, {key_length}), got {tuple(tensor.shape)}."
+        )
+
+
 def mask_format(attn_implementation: str, output_attentions: bool = False) -> str:
     """The attention mask each attention implementation takes, as transformers' `masking_utils` hands them out:
 
@@ -244,7 +253,7 @@ def mask_format(attn_implementation: str, output_attentions: bool = False) -> st
         return "dense"  # probabilities only exist on the eager path
     if attn_implementation == "flex_attention":
         return "block"
-    if attn_implementation.startswith("flash_attention") or attn_implementation.endswith("flash_attention_2"):
+    if attn_implementation.startswith("flash_attention"):
         return "padding"
     return "dense"
 
@@ -477,23 +486,14 @@ class DecoderModel(DecoderPreTrainedModel):
                 raise ValueError("`document_ids` cannot be combined with a 4D `attention_mask`.")
             return attention_mask.to(device), False
 
+        check_key_shape("attention_mask", attention_mask, batch_size, key_length)
+        check_key_shape("document_ids", document_ids, batch_size, key_length)
         keep = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[-1] != key_length:
-                raise ValueError(
-                    "`attention_mask` must have shape (batch_size, past + current sequence length) = "
-                    f"({batch_size}, {key_length}), got {tuple(attention_mask.shape)}."
-                )
             keep = attention_mask.to(device=device, dtype=torch.bool)
             # Without padding there is nothing to mask. The check reads the tensor, so it is skipped while compiling.
             if not torch.compiler.is_compiling() and bool(keep.all()):
                 keep = None
-
-        if document_ids is not None and (document_ids.dim() != 2 or document_ids.shape[-1] != key_length):
-            raise ValueError(
-                "`document_ids` must have shape (batch_size, past + current sequence length) = "
-                f"({batch_size}, {key_length}), got {tuple(document_ids.shape)}."
-            )
 
         plain_causal = query_length == key_length or (query_length == 1 and key_length == past_length + 1)
         if keep is None and document_ids is None and plain_causal:
@@ -534,14 +534,11 @@ class DecoderModel(DecoderPreTrainedModel):
 
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("flex_attention takes a 2D padding `attention_mask` (or `document_ids`), not a 4D mask.")
-        keep = attention_mask.to(device=device, dtype=torch.bool) if attention_mask is not None else None
-        documents = document_ids.to(device) if document_ids is not None else None
-        for name, tensor in (("attention_mask", keep), ("document_ids", documents)):
-            if tensor is not None and tensor.shape != (batch_size, key_length):
-                raise ValueError(
-                    f"`{name}` must have shape (batch_size, past + current sequence length) = "
-                    f"({batch_size}, {key_length}), got {tuple(tensor.shape)}."
-                )
+        check_key_shape("attention_mask", attention_mask, batch_size, key_length)
+        check_key_shape("document_ids", document_ids, batch_size, key_length)
+        # Rows of 1 broadcast over the batch, as in the dense mask; the mask function indexes by batch row.
+        keep = attention_mask.to(device, torch.bool).expand(batch_size, -1) if attention_mask is not None else None
+        documents = document_ids.to(device).expand(batch_size, -1) if document_ids is not None else None
 
         def document_causal(batch, head, query, key):
             allowed = key <= query + past_length
