@@ -45,7 +45,7 @@ from hf_streamlm.data.pipeline import build_train_loader
 from hf_streamlm.data.corpus import BUILTIN_CORPORA
 from hf_streamlm.data.stats import pipeline_stats
 from hf_streamlm.tokenizer import train_tokenizer
-from hf_streamlm.train.loop import make_collator
+from hf_streamlm.data.collate import make_collator
 
 RAW_BATCH = 1000
 SEPARATORS = 2  # MicroBERT documents are [CLS] x [SEP]

@@ -41,7 +41,7 @@ import torch
 from hf_streamlm.config import load_config
 from hf_streamlm.data.pipeline import build_train_loader
 from hf_streamlm.tokenizer import train_tokenizer
-from hf_streamlm.train.loop import make_collator
+from hf_streamlm.data.collate import make_collator
 
 SHARDS = 64
 WINDOW = 16

@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_streamlm.config import Config, ConfigError, load_config
-from hf_streamlm.data import CausalCollator
+from hf_streamlm.data.collate import CausalCollator, make_collator
+from hf_streamlm.env import default_device
 
 MASKED, CAUSAL = "microbert", "decoder"
 """The two families, named by their ``model.type``."""
@@ -71,15 +72,6 @@ def _held_out(config: Config) -> str:
     return f"data.eval_holdout={d.eval_holdout} (documents held out of the training sources by a hash of the text)"
 
 
-def _device() -> torch.device:
-    from hf_streamlm.train.loop import has_accelerator
-
-    if not has_accelerator():
-        return torch.device("cpu")
-    probe = getattr(torch, "accelerator", None)
-    return probe.current_accelerator() if probe is not None else torch.device("cuda")
-
-
 def load_export(path: Path) -> tuple[PreTrainedModel, Any, str]:
     """The model and tokenizer of a Hub-format folder, and its family (``microbert``/``decoder``)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
@@ -107,8 +99,8 @@ def load_export(path: Path) -> tuple[PreTrainedModel, Any, str]:
 def load_model(path: str | Path) -> tuple[PreTrainedModel, Any, str, Path | None, str]:
     """Model, tokenizer, family, the training config it carries (or None) and what ``path`` is:
     ``export`` (Hub format), ``checkpoint`` (``checkpoints/step-N``; a run directory gives its newest)."""
-    from hf_streamlm.export import TRAINING_CONFIG, find_checkpoint, load_checkpoint_model
-    from hf_streamlm.train.checkpoint import STATE_FILE
+    from hf_streamlm.export import TRAINING_CONFIG
+    from hf_streamlm.train.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint_model
 
     path = Path(path)
     if not path.is_dir():
@@ -141,7 +133,6 @@ def eval_config(overrides: list[str], saved: Path | None, path: str | Path) -> C
 def evaluate_model(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """Score the export or checkpoint at ``path`` on the held-out stream; the figures and what was scored."""
     from hf_streamlm.data import build_eval_blocks
-    from hf_streamlm.train.loop import make_collator
 
     model, tokenizer, family, saved, kind = load_model(path)
     config = eval_config(overrides, saved, path)
@@ -157,7 +148,7 @@ def evaluate_model(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     if not blocks:
         raise ConfigError(f"the held-out stream ({_held_out(config)}) holds less than one block of "
                           f"data.sequence_length={d.sequence_length} tokens")
-    device = _device()
+    device = default_device()
     model.to(device)
     collator = make_collator(config, tokenizer, seed=r.seed)  # the loop's eval masks: same seed, fresh generator
     metrics = score(model, blocks, collator, d.batch_size, device, r.precision)
@@ -289,8 +280,8 @@ def evaluate_tasks(path: str | Path, tasks: list[str], include_path: str | Path 
     export when the run finished, else its newest checkpoint)."""
     import json
 
-    from hf_streamlm.export import find_checkpoint, load_checkpoint_model, write_harness_card
-    from hf_streamlm.train.checkpoint import STATE_FILE
+    from hf_streamlm.export import write_harness_card
+    from hf_streamlm.train.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint_model
 
     path = Path(path)
     if not path.is_dir():
@@ -311,7 +302,7 @@ def evaluate_tasks(path: str | Path, tasks: list[str], include_path: str | Path 
     if family != CAUSAL:
         raise ConfigError(f"'{where}' holds a masked LM (MicroBERT/BERT): lm-evaluation-harness scores causal LMs. "
                           f"Its downstream figure is the masked-token accuracy: hf-streamlm eval {path}")
-    device = _device()
+    device = default_device()
     if not isinstance(model, Path):
         model.to(device)
     out = run_harness(model, tokenizer, tasks, include_path, device, batch_size, limit)

@@ -178,52 +178,10 @@ def push_export(export_dir: Path, config: Config) -> str:
     return str(info.commit_url)
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint, else the newest complete checkpoint of a run directory."""
-    from hf_streamlm.config import ConfigError, load_config
-    from hf_streamlm.train.checkpoint import STATE_FILE, list_checkpoints
-
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    if (path / "config.yaml").is_file():
-        config = load_config([f"recipe={path / 'config.yaml'}", "runtime.resume=never"])
-        found = list_checkpoints(Path(config.runtime.checkpoint.directory or path / "checkpoints"))
-        if found:
-            return found[-1]
-    raise ConfigError(f"'{path}' is neither a checkpoint (step-<N>/ with {STATE_FILE}) nor a run directory with one")
-
-
-def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Config]:
-    """Rebuild the model of a checkpoint (or the newest one of a run directory) on the CPU."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    from hf_streamlm.config import load_config
-    from hf_streamlm.train.builders import build_model
-    from hf_streamlm.train.zero import is_zero_checkpoint, zero_checkpoint_weights
-
-    ckpt = find_checkpoint(path)
-    config = load_config([f"recipe={ckpt / 'config.yaml'}", "runtime.resume=never"])
-    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
-    model = build_model(config, tokenizer)
-    # A run with runtime.compile=true saves the compiled wrapper's keys ("_orig_mod." prefix).
-    # DeepSpeed checkpoints hold ZeRO shards instead of model.safetensors (hf_streamlm.train.zero).
-    weights = zero_checkpoint_weights(ckpt) if is_zero_checkpoint(ckpt) else load_file(ckpt / "model.safetensors")
-    state = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Accelerate drops tied copies (e.g. the MLM decoder that shares the embedding) when saving.
-    tied = set(getattr(model, "all_tied_weights_keys", None) or model._tied_weights_keys or {})
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model.eval(), tokenizer, config
-
-
 def export_checkpoint(path: str | Path, output_dir: str | Path, fmt: str = "native") -> Path:
     import json
 
-    from hf_streamlm.train.checkpoint import STATE_FILE
+    from hf_streamlm.train.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint_model
 
     model, tokenizer, config = load_checkpoint_model(path)
     summary = json.loads((find_checkpoint(path) / STATE_FILE).read_text())

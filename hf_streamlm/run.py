@@ -13,6 +13,7 @@ import os
 import sys
 
 from hf_streamlm.config import ConfigError, describe, load_config
+from hf_streamlm.env import launched_by_accelerate
 
 USAGE = """usage: python -m hf_streamlm.run recipe=NAME [section.key=value ...]
        accelerate launch [--config_file accelerate_configs/X.yaml] -m hf_streamlm.run recipe=NAME ...
@@ -20,12 +21,6 @@ USAGE = """usage: python -m hf_streamlm.run recipe=NAME [section.key=value ...]
 Values are YAML: lists and mappings work (data.sources='[{path: json, data_files: a.jsonl}]').
 Precedence: command line > recipe > defaults. Keys:
 """
-
-
-def launched_by_accelerate() -> bool:
-    """True in a process started by ``accelerate launch`` (torchrun sets LOCAL_RANK; the one-process
-    launcher only its ACCELERATE_* variables)."""
-    return "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
 
 
 def fail(message: str) -> None:

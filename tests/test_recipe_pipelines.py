@@ -25,7 +25,7 @@ from hf_streamlm.data.corpus import BUILTIN_CORPORA
 from hf_streamlm.data.pipeline import build_eval_blocks, build_train_loader, iter_rows
 from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model
-from hf_streamlm.train.loop import make_collator
+from hf_streamlm.data.collate import make_collator
 from tests.conftest import REPO
 from tests.hub_fixtures import hub_server  # noqa: F401 - the fixture
 

@@ -14,7 +14,7 @@ import torch
 from hf_streamlm.config import ConfigError, load_config
 from hf_streamlm.data.pipeline import buffer_per_worker, build_train_loader
 from hf_streamlm.tokenizer import train_tokenizer
-from hf_streamlm.train.loop import make_collator
+from hf_streamlm.data.collate import make_collator
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hf_streamlm.config import Config
+
 
 def stack(examples: list[dict[str, list[int]]], key: str) -> torch.Tensor:
     """``[B, T]`` int64 tensor of one field (through numpy: ~3x faster than torch.tensor on lists)."""
@@ -79,3 +81,18 @@ class MLMCollator:
         random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=g)
         masked = torch.where(randomize, random_ids, masked)
         return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+
+
+def make_collator(config: Config, tokenizer, seed: int) -> CausalCollator | MLMCollator:
+    """The collator of ``config.model.type``: MLM masking seeded by ``seed`` for MicroBERT, causal labels
+    for the decoder. Training, eval, ``stats`` and ``hf-streamlm eval`` all take it from here, so the
+    figures they report come from the same batches."""
+    if config.model.type == "microbert":
+        return MLMCollator(
+            mask_token_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer),
+            special_ids=tokenizer.all_special_ids,
+            mlm_probability=config.data.mlm_probability,
+            seed=seed,
+        )
+    return CausalCollator()

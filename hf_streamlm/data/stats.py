@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_streamlm.config import Config, ConfigError
+from hf_streamlm.data.collate import make_collator
 from hf_streamlm.data.pipeline import PassBlocks, source_names
 from hf_streamlm.data.quality import skip_counter
 
@@ -42,8 +43,6 @@ def pipeline_stats(config: Config, tokenizer, max_docs: int) -> dict[str, Any]:
     if max_docs <= 0:
         raise ConfigError(f"the number of documents to measure must be > 0, got {max_docs}")
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_samples=max_docs))
-    from hf_streamlm.train.loop import make_collator
-
     start = time.perf_counter()
     blocks = PassBlocks(config, tokenizer, collator_factory=lambda seed: make_collator(config, tokenizer, seed))
     pipeline = blocks.pipeline()

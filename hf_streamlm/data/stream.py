@@ -29,7 +29,6 @@ runs in the training process and its state is read directly when a checkpoint is
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import random
@@ -37,7 +36,7 @@ import weakref
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import datasets
 import numpy as np
@@ -45,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_streamlm.config import ConfigError
+from hf_streamlm.data.documents import Doc, document_key, runs
 from hf_streamlm.data.packing import document_positions
 from hf_streamlm.data.quality import skip_counter
 
@@ -55,31 +55,6 @@ SNAPSHOT_EVERY = 16
 
 ANCHOR_EVERY = 1024
 """Documents between the source positions a worker notes (bounds the extra re-read on resume)."""
-
-
-def document_key(text: str) -> int:
-    """The document's 8-byte content key (``hashlib.blake2b(text, digest_size=8)`` as an integer; its
-    ``f"{key:016x}"`` is the hexdigest the document trace writes)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-def _runs(values: list[int]) -> np.ndarray:
-    """``[[value, ...], [run length, ...]]`` of a list made of runs (a document serial per token)."""
-    arr = np.asarray(values, dtype=np.int64)
-    if not len(arr):
-        return np.zeros((2, 0), dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, arr[1:] != arr[:-1]])
-    return np.stack([arr[starts], np.diff(np.r_[starts, len(arr)])])
-
-
-class Doc(NamedTuple):
-    """A document read from the source: its text and where it came from."""
-
-    text: str
-    source: int  # index in data.sources
-    serial: int  # the n-th document this worker read (across passes)
-    epoch: int  # the pass it was read in (0 first)
-    key: int  # document_key(text)
 
 
 class WorkerPipeline:
@@ -186,7 +161,7 @@ class WorkerPipeline:
             # Arrays rather than Python objects: torch.save pickles each object through a Python hook.
             "rng": np.array(self.rng.getstate()[1], dtype=np.int64),
             "tokens": np.array(self.tokens, dtype=np.int32),  # the packing remainder: < one tokenized chunk
-            "serials": _runs(self.serials),
+            "serials": runs(self.serials),
             "next_serial": self.next_serial,
             "doc_ends": np.array(self.doc_ends, dtype=np.uint64).reshape(-1, 4),
             "cut": self.cut,

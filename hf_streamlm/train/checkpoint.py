@@ -1,7 +1,8 @@
 """Checkpoints under ``<run>/checkpoints/step-<N>/``: written to a temporary folder, flushed to disk
 and renamed when complete, so a folder named ``step-<N>`` is always whole; the newest N are kept.
 A manifest of file sizes lets a resume tell a checkpoint damaged afterwards (a file lost or cut short
-by a crash of the file system, a partial copy) and fall back to the previous one."""
+by a crash of the file system, a partial copy) and fall back to the previous one. A checkpoint's model
+is read back here too (``hf-streamlm export``/``eval``, and the export at the end of a DeepSpeed run)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from transformers import PreTrainedModel
 
-from hf_streamlm.config import Config, ConfigError
+from hf_streamlm.config import Config, ConfigError, load_config
+from hf_streamlm.train.zero import is_zero_checkpoint, without_zero3_init, zero_checkpoint_weights
 
 logger = logging.getLogger(__name__)
 
@@ -271,3 +274,59 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[s
     if loader is not None:
         loader.load_state_dict(data_state)
     return json.loads((path / STATE_FILE).read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a model back (``hf-streamlm export``/``eval``, the end of a DeepSpeed run)
+# --------------------------------------------------------------------------------------------------
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / "config.yaml").is_file():
+        config = load_config([f"recipe={path / 'config.yaml'}", "runtime.resume=never"])
+        found = list_checkpoints(Path(config.runtime.checkpoint.directory or path / "checkpoints"))
+        if found:
+            return found[-1]
+    raise ConfigError(f"'{path}' is neither a checkpoint (step-<N>/ with {STATE_FILE}) nor a run directory with one")
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Config]:
+    """Rebuild the model of a checkpoint (or the newest one of a run directory) on the CPU."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from hf_streamlm.train.builders import build_model
+
+    ckpt = find_checkpoint(path)
+    config = load_config([f"recipe={ckpt / 'config.yaml'}", "runtime.resume=never"])
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    model = build_model(config, tokenizer)
+    # A run with runtime.compile=true saves the compiled wrapper's keys ("_orig_mod." prefix).
+    # DeepSpeed checkpoints hold ZeRO shards instead of model.safetensors (hf_streamlm.train.zero).
+    weights = zero_checkpoint_weights(ckpt) if is_zero_checkpoint(ckpt) else load_file(ckpt / "model.safetensors")
+    state = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Accelerate drops tied copies (e.g. the MLM decoder that shares the embedding) when saving.
+    tied = set(getattr(model, "all_tied_weights_keys", None) or model._tied_weights_keys or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval(), tokenizer, config
+
+
+def trained_model(accelerator, model, checkpoints: Path, step: int):
+    """The model to export at the end of training. Under DeepSpeed it is read back from the checkpoint of
+    ``step`` in ``checkpoints`` (written, complete, at the last step): ZeRO-3 holds each parameter in pieces
+    across the processes, and the checkpoint holds the fp32 master weights under every stage and precision.
+    Main process only."""
+    if accelerator.state.deepspeed_plugin is None:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    final = Path(checkpoints) / f"step-{step}"
+    if not (final / STATE_FILE).is_file():
+        raise RuntimeError(f"a DeepSpeed run is exported from its last checkpoint, and {final} is missing")
+    with without_zero3_init():
+        return load_checkpoint_model(final)[0]

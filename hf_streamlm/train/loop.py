@@ -18,41 +18,24 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from hf_streamlm.config import Config, ConfigError
-from hf_streamlm.data import CausalCollator, MLMCollator, build_eval_blocks, build_train_blocks
+from hf_streamlm.data import build_eval_blocks, build_train_blocks
+from hf_streamlm.data.collate import make_collator
 from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_names
 from hf_streamlm.data.trace import DocumentTrace
 from hf_streamlm.data.quality import SKIP_KINDS
-from hf_streamlm.evaluation import check_loop_tasks, loop_tasks
+from hf_streamlm.env import has_accelerator
+from hf_streamlm.evaluation import check_loop_tasks, loop_tasks, score
 from hf_streamlm.export import export_run
 from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler, estimate
 from hf_streamlm.train.checkpoint import (list_checkpoints, load_checkpoint, qualifies_as_best, resume_choice,
-                                          save_best, save_checkpoint)
+                                          save_best, save_checkpoint, trained_model)
 from hf_streamlm.train.monitor import NonFiniteError, NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.history import History, plot_history
 from hf_streamlm.train.signals import StopSignal, shielded
-from hf_streamlm.train.zero import accelerator_placement, configure_deepspeed, trained_model
+from hf_streamlm.train.zero import accelerator_placement, configure_deepspeed
 
 logger = logging.getLogger(__name__)
-
-
-def has_accelerator() -> bool:
-    """True when a GPU-like device is present; without one Accelerate must be told ``cpu=True`` or
-    processes started by ``accelerate launch``/torchrun each train alone instead of together."""
-    probe = getattr(torch, "accelerator", None)
-    return probe.is_available() if probe is not None else torch.cuda.is_available()
-
-
-def make_collator(config: Config, tokenizer, seed: int):
-    if config.model.type == "microbert":
-        return MLMCollator(
-            mask_token_id=tokenizer.mask_token_id,
-            vocab_size=len(tokenizer),
-            special_ids=tokenizer.all_special_ids,
-            mlm_probability=config.data.mlm_probability,
-            seed=seed,
-        )
-    return CausalCollator()
 
 
 def prepare_tokenizer(config: Config, accelerator: Accelerator, out: Path):
@@ -115,8 +98,6 @@ def evaluate(model, eval_blocks: list[dict], collator, batch_size: int, accelera
     """Mean loss over the held-out blocks (per predicted token), perplexity, MLM accuracy: the same
     code and ``evaluate`` modules as ``hf-streamlm eval`` (Accelerate's autocast is already on the
     prepared model, hence fp32 here)."""
-    from hf_streamlm.evaluation import score
-
     metrics = score(model, eval_blocks, collator, batch_size, accelerator.device, "fp32")
     model.train()
     return metrics

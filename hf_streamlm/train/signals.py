@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import torch
 from accelerate import Accelerator
 
+from hf_streamlm.env import launched_by_accelerate
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -66,8 +68,6 @@ def follow_launcher() -> None:
     """Under ``accelerate launch``, get SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``). A
     one-process launch does not forward the SIGTERM a pod stop sends it: the launcher just dies, and
     without this the run would go on orphaned, then be killed with nothing saved."""
-    from hf_streamlm.run import launched_by_accelerate
-
     if not launched_by_accelerate() or not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -105,20 +105,3 @@ def without_zero3_init():
     finally:
         if ref is not None and ref() is not None:
             hf_deepspeed.set_hf_deepspeed_config(ref())
-
-
-def trained_model(accelerator, model, checkpoints: Path, step: int):
-    """The model to export at the end of training. Under DeepSpeed it is read back from the checkpoint of
-    ``step`` in ``checkpoints`` (written, complete, at the last step): ZeRO-3 holds each parameter in pieces
-    across the processes, and the checkpoint holds the fp32 master weights under every stage and precision.
-    Main process only."""
-    if accelerator.state.deepspeed_plugin is None:
-        return accelerator.unwrap_model(model, keep_torch_compile=False)
-    from hf_streamlm.export import load_checkpoint_model
-    from hf_streamlm.train.checkpoint import STATE_FILE
-
-    final = Path(checkpoints) / f"step-{step}"
-    if not (final / STATE_FILE).is_file():
-        raise RuntimeError(f"a DeepSpeed run is exported from its last checkpoint, and {final} is missing")
-    with without_zero3_init():
-        return load_checkpoint_model(final)[0]
