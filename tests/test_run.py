@@ -174,7 +174,7 @@ def test_bad_data_found_while_building_is_one_line(tmp_path):
     assert "no column 'text'" in proc.stderr and "body" in proc.stderr
 
 
-def test_accelerate_launch_two_processes(tmp_path):
+def test_accelerate_launch_two_processes(tmp_path, wordpiece_800):
     out = tmp_path / "ddp"
     # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the processes
     # meet over gloo on the CPU (--cpu would start one process).
@@ -182,7 +182,8 @@ def test_accelerate_launch_two_processes(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", "29517", "-m", "hf_streamlm.run",
            *[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=10",
-           "runtime.checkpoint.every_n_steps=10", "runtime.evaluation.every_n_steps=10", f"runtime.output_dir={out}"]
+           "runtime.checkpoint.every_n_steps=10", "runtime.evaluation.every_n_steps=10", f"tokenizer.path={wordpiece_800}",
+           f"runtime.output_dir={out}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -193,7 +194,7 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (out / "export" / "model.safetensors").is_file()
     # Resuming those two ranks' stream positions with one process would lose one: refused, one line.
-    proc = run_cli(*SHORT, "scheduler.total_steps=20", f"runtime.output_dir={out}")
+    proc = run_cli(*SHORT, "scheduler.total_steps=20", f"tokenizer.path={wordpiece_800}", f"runtime.output_dir={out}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "written by 2 process(es) and this run has 1" in proc.stderr
 
@@ -230,13 +231,13 @@ def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "neither a checkpoint" in bad.stderr
 
 
-def test_precision_auto_takes_the_launchers_choice(tmp_path):
+def test_precision_auto_takes_the_launchers_choice(tmp_path, wordpiece_800):
     """runtime.precision=auto: `accelerate launch --mixed_precision bf16` decides, and the run's
     config.yaml records the resolved value; without a launcher it is fp32."""
     out = tmp_path / "auto"
     args = [*[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=4",
             "runtime.checkpoint.every_n_steps=4", "runtime.evaluation.every_n_steps=4", "runtime.precision=auto",
-            "model.num_layers=1", "data.batch_size=4", "runtime.demo_sentences=[]"]
+            "model.num_layers=1", "data.batch_size=4", "runtime.demo_sentences=[]", f"tokenizer.path={wordpiece_800}"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "hf_streamlm.run", *args,
            f"runtime.output_dir={out}"]
