@@ -4,7 +4,6 @@ and exits 0; running the same command again resumes and ends exactly like an uni
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
