@@ -201,6 +201,7 @@ def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Co
 
     from hf_streamlm.config import load_config
     from hf_streamlm.train.builders import build_model
+    from hf_streamlm.train.fsdp import fsdp_checkpoint_weights, is_fsdp_checkpoint
     from hf_streamlm.train.zero import is_zero_checkpoint, zero_checkpoint_weights
 
     ckpt = find_checkpoint(path)
@@ -208,8 +209,13 @@ def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Co
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     model = build_model(config, tokenizer)
     # A run with runtime.compile=true saves the compiled wrapper's keys ("_orig_mod." prefix).
-    # DeepSpeed checkpoints hold ZeRO shards instead of model.safetensors (hf_streamlm.train.zero).
-    weights = zero_checkpoint_weights(ckpt) if is_zero_checkpoint(ckpt) else load_file(ckpt / "model.safetensors")
+    # DeepSpeed and FSDP checkpoints hold shards instead of model.safetensors (hf_streamlm.train.zero, .fsdp).
+    if is_zero_checkpoint(ckpt):
+        weights = zero_checkpoint_weights(ckpt)
+    elif is_fsdp_checkpoint(ckpt):
+        weights = fsdp_checkpoint_weights(ckpt)
+    else:
+        weights = load_file(ckpt / "model.safetensors")
     state = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Accelerate drops tied copies (e.g. the MLM decoder that shares the embedding) when saving.

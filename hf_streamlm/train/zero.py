@@ -111,14 +111,14 @@ def trained_model(accelerator, model, checkpoints: Path, step: int):
     """The model to export at the end of training. Under DeepSpeed it is read back from the checkpoint of
     ``step`` in ``checkpoints`` (written, complete, at the last step): ZeRO-3 holds each parameter in pieces
     across the processes, and the checkpoint holds the fp32 master weights under every stage and precision.
-    Main process only."""
-    if accelerator.state.deepspeed_plugin is None:
+    Main process only. The same under FSDP (hf_streamlm.train.fsdp), whose parameters are sharded DTensors."""
+    if accelerator.state.deepspeed_plugin is None and accelerator.distributed_type != "FSDP":
         return accelerator.unwrap_model(model, keep_torch_compile=False)
     from hf_streamlm.export import load_checkpoint_model
     from hf_streamlm.train.checkpoint import STATE_FILE
 
     final = Path(checkpoints) / f"step-{step}"
     if not (final / STATE_FILE).is_file():
-        raise RuntimeError(f"a DeepSpeed run is exported from its last checkpoint, and {final} is missing")
+        raise RuntimeError(f"a DeepSpeed or FSDP run is exported from its last checkpoint, and {final} is missing")
     with without_zero3_init():
         return load_checkpoint_model(final)[0]
