@@ -14,7 +14,7 @@ from accelerate.utils import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "accelerate_configs").glob("*.yaml"))
 SHIPPED = {"single_gpu", "ddp_8gpu", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "cpu_2proc",
-           "h200_8gpu_standard", "h200_8gpu_fast", "h200_8gpu_quality", "multinode_deepspeed"}
+           "h200_8gpu_standard", "h200_8gpu_fast", "h200_8gpu_quality", "multinode_deepspeed", "fsdp2_8gpu"}
 
 
 def test_there_are_configs():
@@ -50,7 +50,7 @@ def launch_environment(path: Path, *extra: str) -> tuple[object, dict[str, str]]
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
         args.deepspeed_fields_from_accelerate_config = ",".join(fields)
         _, env = prepare_deepspeed_cmd_env(args)
-    elif args.multi_gpu:
+    elif args.multi_gpu or args.use_fsdp:
         env = prepare_multi_gpu_env(args)
     else:
         env = {}
@@ -89,3 +89,12 @@ def test_multinode_config_takes_machine_rank_and_address_from_the_command_line()
     args, _ = launch_environment(path, "--machine_rank", "1", "--main_process_ip", "192.168.1.7",
                                  "--main_process_port", "29600")
     assert args.node_rank == 1 and args.rdzv_endpoint == "192.168.1.7:29600"
+
+
+def test_fsdp2_config_launches_fully_shard_per_layer_with_sharded_checkpoints():
+    args, env = launch_environment(next(p for p in CONFIGS if p.stem == "fsdp2_8gpu"))
+    assert int(args.nproc_per_node) == 8
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    # The layout hf_streamlm.train.fsdp reads the export from.
+    assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"

@@ -40,9 +40,9 @@ class ReadBacks(TorchDispatchMode):
 
 
 def read_backs_per_micro_step(args: list[str], tmp_path) -> list[int]:
-    """Read-backs between the starts of consecutive training forwards of a real ``train()`` run, and from
-    the last one to the end of the step (before the final logging/checkpoint are not separated: the run
-    ends there)."""
+    """Read-backs between the starts of consecutive training forwards of a real ``train()`` run: interval i
+    holds micro-step i and the host work up to the next forward (at a step's end: the optimizer step, and
+    logging/eval/checkpoint when due)."""
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 

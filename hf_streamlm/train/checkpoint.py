@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from hf_streamlm.config import Config, ConfigError, load_config
+from hf_streamlm.train.fsdp import fsdp_checkpoint_weights, is_fsdp_checkpoint
 from hf_streamlm.train.zero import is_zero_checkpoint, without_zero3_init, zero_checkpoint_weights
 
 logger = logging.getLogger(__name__)
@@ -306,8 +307,13 @@ def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Co
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     model = build_model(config, tokenizer)
     # A run with runtime.compile=true saves the compiled wrapper's keys ("_orig_mod." prefix).
-    # DeepSpeed checkpoints hold ZeRO shards instead of model.safetensors (hf_streamlm.train.zero).
-    weights = zero_checkpoint_weights(ckpt) if is_zero_checkpoint(ckpt) else load_file(ckpt / "model.safetensors")
+    # DeepSpeed and FSDP checkpoints hold shards instead of model.safetensors (hf_streamlm.train.zero, .fsdp).
+    if is_zero_checkpoint(ckpt):
+        weights = zero_checkpoint_weights(ckpt)
+    elif is_fsdp_checkpoint(ckpt):
+        weights = fsdp_checkpoint_weights(ckpt)
+    else:
+        weights = load_file(ckpt / "model.safetensors")
     state = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Accelerate drops tied copies (e.g. the MLM decoder that shares the embedding) when saving.
@@ -322,11 +328,11 @@ def trained_model(accelerator, model, checkpoints: Path, step: int):
     """The model to export at the end of training. Under DeepSpeed it is read back from the checkpoint of
     ``step`` in ``checkpoints`` (written, complete, at the last step): ZeRO-3 holds each parameter in pieces
     across the processes, and the checkpoint holds the fp32 master weights under every stage and precision.
-    Main process only."""
-    if accelerator.state.deepspeed_plugin is None:
+    Main process only. The same under FSDP (hf_streamlm.train.fsdp), whose parameters are sharded DTensors."""
+    if accelerator.state.deepspeed_plugin is None and accelerator.distributed_type != "FSDP":
         return accelerator.unwrap_model(model, keep_torch_compile=False)
     final = Path(checkpoints) / f"step-{step}"
     if not (final / STATE_FILE).is_file():
-        raise RuntimeError(f"a DeepSpeed run is exported from its last checkpoint, and {final} is missing")
+        raise RuntimeError(f"a DeepSpeed or FSDP run is exported from its last checkpoint, and {final} is missing")
     with without_zero3_init():
         return load_checkpoint_model(final)[0]
