@@ -68,6 +68,31 @@ def test_bpe_special_tokens_ids_and_autotokenizer_folder(tmp_path):
     assert loaded.convert_ids_to_tokens(loaded.encode("<|endoftext|>x<|pad|>")) == ["<|endoftext|>", "x", "<|pad|>"]
 
 
+def test_bpe_for_a_masked_lm_is_roberta_style(tmp_path):
+    """model.type=microbert with tokenizer.kind=bpe: RoBERTa's specials and template, in the stream's build too."""
+    tok = train_tokenizer(pydocs()[:400], "bpe", vocab_size=1500, min_frequency=2, mlm=True)
+    assert [tok.convert_tokens_to_ids(t) for t in ("<s>", "<pad>", "</s>", "<mask>")] == [0, 1, 2, 3]
+    assert (tok.cls_token, tok.bos_token, tok.sep_token, tok.eos_token, tok.pad_token, tok.mask_token) == (
+        "<s>", "<s>", "</s>", "</s>", "<pad>", "<mask>")
+    body = tok.encode("the function returns", add_special_tokens=False)
+    assert tok("the function returns")["input_ids"] == [0, *body, 2]  # <s> X </s>
+    # <mask> takes the space before it, so the model is asked for " new" (the token it was trained to predict there),
+    # not for a word after a stray "Ġ".
+    pieces = lambda text: tok.convert_ids_to_tokens(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    assert pieces("a new object") == ["a", "Ġnew", "Ġobject"]
+    assert pieces("a <mask> object") == ["a", "<mask>", "Ġobject"]
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.encode("a <mask> object. " + SAMPLE) == tok.encode("a <mask> object. " + SAMPLE)
+    assert loaded.decode(loaded.encode(SAMPLE), skip_special_tokens=True) == SAMPLE  # byte-level: any text round-trips
+    assert loaded.mask_token_id == 3 and "token_type_ids" in loaded("x")  # what BertForMaskedLM takes
+
+    built = build_tokenizer(load_config(["recipe=quickstart", "tokenizer.kind=bpe", "tokenizer.vocab_size=600",
+                                         "data.max_samples=150"]))
+    assert (built.cls_token_id, built.pad_token_id, built.sep_token_id, built.mask_token_id) == (0, 1, 2, 3)
+    assert built.encode("x")[0] == 0 and built.encode("x")[-1] == 2
+
+
 @pytest.mark.parametrize("kind", ["wordpiece", "wordlevel"])
 def test_bert_kinds_special_tokens_ids_and_autotokenizer_folder(tmp_path, kind):
     tok = trained(kind)

@@ -145,6 +145,24 @@ def test_forward_shapes_and_loss():
     torch.testing.assert_close(as_tuple[1], out.logits)
 
 
+def test_training_runs_the_head_only_at_labelled_positions_with_the_same_loss_and_gradients():
+    input_ids, attention_mask = padded_batch()
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 2], labels[1, 3], labels[1, 4] = 5, 7, 9
+    model = tiny_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    full = model(input_ids, attention_mask=attention_mask, labels=labels)  # eval mode: every position
+    full.loss.backward()
+    dense = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    sparse = model.train()(input_ids, attention_mask=attention_mask, labels=labels)
+    sparse.loss.backward()
+    assert full.logits.shape == (2, 10, model.config.vocab_size) and sparse.logits.shape == (3, model.config.vocab_size)
+    torch.testing.assert_close(sparse.logits, full.logits[labels != -100])
+    torch.testing.assert_close(sparse.loss, full.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, dense[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_init_weights_bert_style():
     model = MicroBertForMaskedLM(tiny_config(vocab_size=4000, hidden_size=32, num_attention_heads=4))
     embedding = model.bert.embeddings.word_embeddings.weight
