@@ -25,7 +25,7 @@ def push_new_rows(server) -> list[str]:
     """A commit to main that rewrites the first shard with other documents; returns their ids."""
     from huggingface_hub import HfApi
 
-    rows = [{"id": f"new-{i:05d}", "text": f"new-{i:05d} " + " ".join(["fresh"] * 8) + "."} for i in range(200)]
+    rows = [{"id": f"doc-{i:05d}", "text": f"doc-{i:05d} " + " ".join(["fresh"] * 8) + "."} for i in range(90000, 90200)]
     HfApi().upload_file(path_or_fileobj="".join(json.dumps(r) + "\n" for r in rows).encode(), path_in_repo=SHARDS[0],
                         repo_id=REPO, repo_type="dataset", commit_message="a new dump")
     return [r["id"] for r in rows]
