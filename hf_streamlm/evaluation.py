@@ -99,7 +99,7 @@ def load_export(path: Path) -> tuple[PreTrainedModel, Any, str]:
 def load_model(path: str | Path) -> tuple[PreTrainedModel, Any, str, Path | None, str]:
     """Model, tokenizer, family, the training config it carries (or None) and what ``path`` is:
     ``export`` (Hub format), ``checkpoint`` (``checkpoints/step-N``; a run directory gives its newest)."""
-    from hf_streamlm.export import TRAINING_CONFIG
+    from hf_streamlm.card import TRAINING_CONFIG
     from hf_streamlm.train.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint_model
 
     path = Path(path)
@@ -280,7 +280,7 @@ def evaluate_tasks(path: str | Path, tasks: list[str], include_path: str | Path 
     export when the run finished, else its newest checkpoint)."""
     import json
 
-    from hf_streamlm.export import write_harness_card
+    from hf_streamlm.card import write_harness_card
     from hf_streamlm.train.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint_model
 
     path = Path(path)

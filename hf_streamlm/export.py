@@ -1,5 +1,5 @@
-"""Hub-format export of a trained model: weights (safetensors), config, tokenizer, model card, and
-the resolved training config; optional ``push_to_hub``."""
+"""Hub-format export of a trained model: weights (safetensors), config, tokenizer, model card
+(:mod:`hf_streamlm.card`), and the resolved training config; optional ``push_to_hub``."""
 
 from __future__ import annotations
 
@@ -8,119 +8,15 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from hf_streamlm.card import TRAINING_CONFIG, model_card
 from hf_streamlm.config import Config
 
 logger = logging.getLogger(__name__)
-
-TRAINING_CONFIG = "hf_streamlm_config.yaml"
-"""The resolved training config travels with every export (nanoGPT/litgpt practice)."""
 
 NEVER_PUSHED = ["*.pt", "*.pth", "*.bin", "*.pkl", "*.pickle", "*.ckpt", "optimizer*", "*/optimizer*", "scheduler*",
                 "*/scheduler*", "random_states*", "*/random_states*", "rng_state*", "*/rng_state*"]
 """Left out of every push (``upload_folder`` ignore patterns): optimizer, scheduler and RNG states and
 anything pickled -- a checkpoint's training state. An export is safetensors, JSON, YAML and text."""
-
-
-def model_card(model: PreTrainedModel, config: Config, fmt: str, summary: dict | None = None) -> str:
-    """The export's ``README.md``: model, data mixture, training length and tokens seen, the final
-    eval figures, and the command that trained it (``summary``: the loop's step/tokens/eval/command)."""
-    from hf_streamlm.data.sources import describe_source
-    from hf_streamlm.data.pipeline import training_sources
-
-    summary = summary or {}
-    n_params = sum(p.numel() for p in model.parameters())
-    task = "fill-mask" if config.model.type == "microbert" else "text-generation"
-    auto = "AutoModelForMaskedLM" if task == "fill-mask" else "AutoModelForCausalLM"
-    remote = ", trust_remote_code=True" if fmt == "custom" else ""
-    sources = training_sources(config)
-    total = sum(s.weight for s in sources)
-    mixture = "\n".join(f"  - {describe_source(s)}" + (f": weight {s.weight / total:.3g}" if len(sources) > 1 else "")
-                         for s in sources)
-    steps = summary.get("step", config.scheduler.total_steps)
-    tokens = f"{summary['tokens']:,} tokens seen" if summary.get("tokens") else "tokens seen: not recorded"
-    figures = summary.get("eval") or {}
-    results = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in figures.items())
-    results = f"| metric | value |\n|---|---|\n{results}" if results else "No evaluation was recorded."
-    command = summary.get("command") or f"accelerate launch -m hf_streamlm.run recipe={config.recipe}"
-    harness = summary.get("lm_eval") or {}
-    downstream = harness_section(harness.get("results", {}), harness.get("samples", {}), harness.get("step"))
-    return f"""---
-library_name: transformers
-pipeline_tag: {task}
-tags:
-- hf_streamlm
----
-
-# {config.runtime.experiment}
-
-A {config.model.type} model ({n_params:,} parameters) pretrained with
-hf_streamlm from the recipe `{config.recipe}`.
-
-- Data mixture (streamed; sequence length {config.data.sequence_length}):
-{mixture}
-- Training: {steps} optimizer steps, {tokens}, batch {config.data.batch_size} x
-  accumulation {config.data.gradient_accumulation_steps}, peak learning rate {config.optimizer.learning_rate},
-  precision {config.runtime.precision}
-- Format: `{fmt}` ({"stock transformers classes" if fmt == "native" else "hf_streamlm classes with remote code"})
-
-```python
-from transformers import AutoTokenizer, {auto}, pipeline
-
-model = {auto}.from_pretrained("path/or/repo"{remote})
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo")
-pipe = pipeline("{task}", model="path/or/repo"{remote})
-```
-
-## Evaluation (held-out stream, last evaluation of the run)
-
-{results}
-{downstream}
-## Training command
-
-```bash
-{command}
-```
-
-The full training configuration is in `{TRAINING_CONFIG}`.
-"""
-
-
-HARNESS_BEGIN, HARNESS_END = "<!-- lm_eval results -->", "<!-- /lm_eval results -->"
-"""Markers around the model card's lm-evaluation-harness table, which ``hf-streamlm eval --tasks`` replaces."""
-
-
-def harness_section(results: dict[str, float], samples: dict[str, int], step: int | None) -> str:
-    """The model card's table of lm-evaluation-harness results (``lm_eval/<task>/<metric>`` figures), or ""."""
-    if not results:
-        return ""
-    rows = []
-    for key, value in sorted(results.items()):
-        _, task, metric = key.split("/", 2)
-        if metric.endswith("_stderr") or "_stderr/" in metric:
-            continue  # shown beside its metric
-        name, _, filter_name = metric.partition("/")
-        stderr = results.get(f"lm_eval/{task}/{name}_stderr" + (f"/{filter_name}" if filter_name else ""))
-        shown = f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
-        rows.append(f"| {task} | {metric} | {shown} | {samples.get(task, '')} |")
-    at = f" at step {step}" if step is not None else ""
-    return (f"{HARNESS_BEGIN}\n## Downstream evaluation (lm-evaluation-harness{at})\n\n"
-            "| task | metric | value | samples |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n{HARNESS_END}\n")
-
-
-def write_harness_card(readme: Path, results: dict[str, float], samples: dict[str, int], step: int | None) -> None:
-    """Put the lm-evaluation-harness table into the model card ``readme`` (before the training command),
-    replacing the one an earlier evaluation wrote."""
-    text = readme.read_text()
-    section = harness_section(results, samples, step)
-    if HARNESS_BEGIN in text and HARNESS_END in text:
-        head, rest = text.split(HARNESS_BEGIN, 1)
-        text = head + section + rest.split(HARNESS_END, 1)[1].removeprefix("\n")
-    elif "## Training command" in text:
-        head, tail = text.split("## Training command", 1)
-        text = head + section + "\n## Training command" + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    readme.write_text(text)
 
 
 def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Path, fmt: str = "native",
@@ -136,7 +32,7 @@ def export_run(model: PreTrainedModel, tokenizer, config: Config, output_dir: Pa
     # model_max_length = the positions the model has: truncation=True then cuts where the model ends.
     save_export_tokenizer(tokenizer, output_dir, config.model.type, model.config.max_position_embeddings)
     config.save(output_dir / TRAINING_CONFIG)
-    (output_dir / "README.md").write_text(model_card(model, config, fmt, summary))
+    model_card(model, config, fmt, summary).save(output_dir / "README.md")
     return output_dir
 
 

@@ -10,7 +10,8 @@ Each repository has the branch ``main`` (the folder above) and the branches made
 ``HfApi.create_branch`` (copies under ``<root>/.branches/<type>s/<repo_id>/<quoted branch>/``); a
 commit to ``revision=<branch>`` changes that branch only, and reads with that revision serve its files.
 A branch's commit sha is a hash of its files' contents, so it stays the same while the files do and
-changes with every commit. Routes (those ``huggingface_hub`` 2.x and
+changes with every commit; a commit made through the API keeps the files it replaced, so an earlier
+commit sha stays readable (``revision=<sha>``) until ``super_squash_history``. Routes (those ``huggingface_hub`` 2.x and
 ``datasets`` 5.x call; anything else is answered 404 and recorded in :attr:`HubServer.unhandled`):
 
 - ``GET  /api/{models,datasets}/{org}/{name}[/revision/{rev}]`` repo info (``sha``, ``siblings``)
@@ -20,6 +21,7 @@ changes with every commit. Routes (those ``huggingface_hub`` 2.x and
 - ``POST /api/repos/create``, ``POST /api/{type}s/{org}/{name}/preupload/{rev}``,
   ``POST /api/{type}s/{org}/{name}/commit/{rev}`` (NDJSON, files sent base64 as "regular" blobs),
   ``POST /api/validate-yaml``
+- ``POST /api/{type}s/{org}/{name}/super-squash/{branch}`` (``HfApi.super_squash_history``: earlier commits gone)
 - ``POST|DELETE /api/{type}s/{org}/{name}/branch/{branch}`` (JSON ``startingPoint``; 409 when it exists),
   ``GET /api/{type}s/{org}/{name}/refs``
 
@@ -124,6 +126,22 @@ class _Repo:
         """Point this view (``dir``, ``files``, ``sha`` ...) at ``branch``."""
         self.branch, self.dir = branch, self.branch_dir(branch)
         return self
+
+    def commit_dir(self, sha: str) -> Path:
+        """The files of an earlier commit (kept by every commit made through the API, until squashed)."""
+        return self.server.root / ".commits" / TYPE_DIRS[self.type] / self.id / sha
+
+    def select_commit(self, sha: str) -> _Repo:
+        self.branch, self.dir = sha, self.commit_dir(sha)
+        return self
+
+    def keep_commit(self) -> None:
+        """Keep the selected branch's files as its current commit before a commit changes them: a
+        commit sha stays readable after the branch moves on, as on the Hub."""
+        target = self.commit_dir(self.sha())
+        if not target.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(self.dir, target, ignore=shutil.ignore_patterns(".git"))
 
     def files(self) -> list[str]:
         out = []
@@ -466,7 +484,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, body: bytes) -> None:
         parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
         write = method in ("PUT", "DELETE") or (method == "POST" and (
-            parts == ["api", "repos", "create"] or (len(parts) >= 5 and parts[4] in ("preupload", "commit", "branch"))))
+            parts == ["api", "repos", "create"] or (len(parts) >= 5 and parts[4] in ("preupload", "commit", "branch",
+                                                                                    "super-squash"))))
         if write and not self._authorized():
             raise _error(401, "Invalid credentials in Authorization header")
         if method == "POST" and parts == ["api", "repos", "create"]:
@@ -511,6 +530,9 @@ class _Handler(BaseHTTPRequestHandler):
         for branch in branches:  # a commit sha: the branch whose files it is
             if SHA_RE.match(rev) and repo.select(branch).sha() == rev:
                 return rev
+        if SHA_RE.match(rev) and repo.commit_dir(rev).is_dir():  # an earlier commit
+            repo.select_commit(rev)
+            return rev
         repo.select("main")
         raise _error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
 
@@ -543,6 +565,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Response(200, {"files": out, "commitOid": repo.sha()})
         if method == "POST" and rest and rest[0] == "commit" and len(rest) == 2:
             return self._commit(repo, rest[1], body)
+        if method == "POST" and rest and rest[0] == "super-squash" and len(rest) == 2:
+            return self._squash(repo, rest[1])
         if method in ("POST", "DELETE") and rest and rest[0] == "branch" and len(rest) == 2:
             return (self._create_branch if method == "POST" else self._delete_branch)(repo, rest[1], body)
         if method == "GET" and rest == ["refs"]:
@@ -693,6 +717,7 @@ class _Handler(BaseHTTPRequestHandler):
         header = next((item["value"] for item in lines if item.get("key") == "header"), {})
         written, deleted = [], []
         with self.hub._lock:
+            repo.keep_commit()
             for item in lines:
                 key, value = item.get("key"), item.get("value") or {}
                 if key == "header":
@@ -745,6 +770,13 @@ class _Handler(BaseHTTPRequestHandler):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source.dir, target, ignore=shutil.ignore_patterns(".git"))
         raise _Response(200, {})
+
+    def _squash(self, repo: _Repo, branch: str) -> None:
+        """``HfApi.super_squash_history``: the branch becomes one commit; the earlier commits are gone."""
+        sha = self._check(repo, branch)
+        with self.hub._lock:
+            shutil.rmtree(repo.commit_dir(sha).parent, ignore_errors=True)
+        raise _Response(200, {"commitId": sha})
 
     def _delete_branch(self, repo: _Repo, branch: str, body: bytes) -> None:
         self._check(repo)

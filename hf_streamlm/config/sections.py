@@ -103,7 +103,11 @@ class SourceConfig:
     data_files: str | list[str] | None = None
     """Local files, globs or http(s) URLs for the builders (``corpus.jsonl``, ``data/*.parquet``)."""
     revision: str | None = None
-    """Git revision of a Hub dataset."""
+    """Git revision of a Hub dataset (branch, tag or commit); ``null``: its default branch."""
+    pinned_revision: str | None = None
+    """The commit a Hub source resolved to at the run's first start, written by the run into
+    ``config.yaml``, checkpoints and the model card; a resume reads this commit, not the branch's
+    current head. Leave unset (or set a commit sha to read exactly that)."""
     text_column: str = "text"
     """Column holding the document text."""
     weight: float = 1.0
@@ -258,8 +262,15 @@ class EvaluationConfig:
 class LoggingConfig:
     enable_stdout: bool = True
     """Print a line per logged step."""
+    report_to: str | list[str] = "tensorboard"
+    """Experiment trackers, by Accelerate's names (``tensorboard``, ``wandb``, ``mlflow``, ``comet_ml``,
+    ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio``), one or a list; ``all``: every one
+    installed, ``none``: none (transformers' ``report_to``). They get the resolved config at the start and
+    every logged row; W&B and MLflow name the project ``runtime.experiment``. A tracker that is not
+    installed stops the run before it starts, naming the package to install."""
     tensorboard: str | bool | None = True
-    """TensorBoard: ``true`` writes ``<output_dir>/tensorboard``, a path writes there, ``false`` off."""
+    """TensorBoard: ``true`` writes ``<output_dir>/tensorboard``, a path writes there, ``false`` off
+    (even when ``report_to`` names it)."""
     tensorboard_flush_every_n: int = 100
     """Flush TensorBoard events every N logged steps."""
     progress_bar: bool = True
@@ -319,6 +330,11 @@ class HubConfig:
     """Branch to push to; ``null`` for the default branch."""
     commit_message: str = "Upload model trained with hf_streamlm"
     """Commit message of the push."""
+    license: str | None = None
+    """License of the model, as a Hub license id (``apache-2.0``, ``mit``, ``other`` ...), written into the
+    model card's metadata; ``null`` leaves it out (the data's licenses decide what it may be)."""
+    tags: list[str] = field(default_factory=list)
+    """Extra tags for the model card's metadata (``hf_streamlm`` and the family's are always there)."""
 
 
 @dataclass

@@ -139,6 +139,9 @@ def validate(c: Config) -> None:
                           "causal LMs; MicroBERT's downstream figure is its masked-token accuracy (eval_accuracy)")
     _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
     _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
+    from hf_streamlm.train.trackers import check_report_to
+
+    check_report_to(r.logging.report_to)
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():
         raise ConfigError(f"'runtime.resume' must be auto, never or an existing checkpoint path; got {r.resume!r}")
     if c.hub.push and not c.hub.repo_id:

@@ -91,8 +91,8 @@ def _open_once(source: SourceConfig, cache_dir: str | None) -> datasets.Iterable
         kwargs["name"] = source.name
     if source.data_files:
         kwargs["data_files"] = source.data_files
-    if source.revision:
-        kwargs["revision"] = source.revision
+    if source.pinned_revision or source.revision:  # the pin wins: a resume reads the commit the run started on
+        kwargs["revision"] = source.pinned_revision or source.revision
     ds = datasets.load_dataset(source.path, **kwargs, streaming=source.streaming)
     if not source.streaming:
         ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds))))

@@ -21,6 +21,7 @@ from hf_streamlm.config import Config, ConfigError
 from hf_streamlm.data import build_eval_blocks, build_train_blocks
 from hf_streamlm.data.collate import make_collator
 from hf_streamlm.data.pipeline import PackedBlocks, build_train_loader, source_names
+from hf_streamlm.data.revisions import pin_hub_sources
 from hf_streamlm.data.trace import DocumentTrace
 from hf_streamlm.data.quality import SKIP_KINDS
 from hf_streamlm.env import has_accelerator
@@ -34,6 +35,7 @@ from hf_streamlm.train.device_batch import to_device
 from hf_streamlm.train.monitor import NonFiniteError, NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.history import History, plot_history
 from hf_streamlm.train.signals import StopSignal, shielded
+from hf_streamlm.train.trackers import log_with, start_trackers
 from hf_streamlm.train.zero import accelerator_placement, configure_deepspeed
 
 logger = logging.getLogger(__name__)
@@ -109,22 +111,26 @@ def train(config: Config, command: str | None = None) -> Path:
     started the run) goes into the checkpoints and the model card."""
     r, d = config.runtime, config.data
     out = config.output_dir
-    tensorboard = r.logging.tensorboard
+    trackers = log_with(config, out)  # a tracker that is not installed: one line, before anything starts
     accelerator = Accelerator(
         **accelerator_placement(has_accelerator()),  # CPU jobs use gloo; DeepSpeed its own CPU accelerator
         mixed_precision=None if r.precision == "auto" else "no" if r.precision == "fp32" else r.precision,
         gradient_accumulation_steps=d.gradient_accumulation_steps,
-        log_with="tensorboard" if tensorboard else None,
-        project_dir=str(out if tensorboard is True or not tensorboard else Path(tensorboard).parent),
+        log_with=trackers,
+        project_dir=str(out),
     )
     if r.precision == "auto":  # the launcher's choice, written back so everything after sees it
         r.precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
     set_seed(r.seed)
+    ckpt_dir = Path(r.checkpoint.directory or out / "checkpoints")
+    resume_from, refusal = main_decides(accelerator, resume_choice(config, ckpt_dir) if accelerator.is_main_process else None)
+    if refusal:
+        raise ConfigError(refusal)
+    pin_hub_sources(config, resume_from, accelerator)  # before anything reads a source, config.yaml included
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "config.yaml")
-    if tensorboard:
-        accelerator.init_trackers("tensorboard" if tensorboard is True else Path(tensorboard).name)
+    start_trackers(accelerator, config, out)  # runtime.logging.report_to, with the resolved config
 
     check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
     tokenizer = prepare_tokenizer(config, accelerator, out)
@@ -150,12 +156,8 @@ def train(config: Config, command: str | None = None) -> Path:
     eval_blocks = build_eval_blocks(config, tokenizer, r.evaluation.max_batches * d.batch_size)
     eval_collator = make_collator(config, tokenizer, seed=r.seed)  # re-seeded per eval: same masks each time
 
-    ckpt_dir = Path(r.checkpoint.directory or out / "checkpoints")
     best_dir = Path(r.evaluation.best.directory or out / "best")
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0, "nonfinite_skips": 0}
-    resume_from, refusal = main_decides(accelerator, resume_choice(config, ckpt_dir) if accelerator.is_main_process else None)
-    if refusal:
-        raise ConfigError(refusal)
     if resume_from is not None:
         state = {**state, **load_checkpoint(accelerator, resume_from, loader)}
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")

@@ -1,0 +1,108 @@
+"""Trackers through Accelerate (``runtime.logging.report_to``): a real run reports to TensorBoard and to
+W&B offline (``WANDB_MODE=offline``: the run's files are written under the run directory, nothing is
+sent), and both hold the loss ``history.jsonl`` has; a tracker that is not installed, or a name
+Accelerate does not know, is one line before anything starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_streamlm.config import ConfigError, load_config
+from tests.conftest import TINY, run_cli
+
+
+def history(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_and_wandb_offline_get_the_logged_loss(tmp_path):
+    pytest.importorskip("wandb", reason="wandb is in the test extra: pip install -e .[test]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run_cli("recipe=quickstart_decoder", *TINY, "runtime.logging.tensorboard=true",
+                   "runtime.logging.report_to=[tensorboard, wandb]", "runtime.experiment=tracked",
+                   f"runtime.output_dir={out}", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = {row["step"]: row["loss"] for row in history(out) if "loss" in row}
+    assert sorted(losses) == [2, 4]
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(losses, rel=1e-6)
+
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list((out / "wandb").iterdir())
+    logged, config = {}, {}
+    for record in wandb_records(runs[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            logged[row["_step"]] = row.get("loss")
+        elif kind == "config":
+            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                           for item in record.config.update})
+    assert logged == pytest.approx(losses, rel=1e-6)
+    assert config["runtime.experiment"] == "tracked" and config["data.batch_size"] == 4  # via init_trackers
+
+
+def wandb_records(path):
+    """The protobuf records of an offline W&B run file (``run-<id>.wandb``). wandb 0.31 ships no Python
+    reader for it (its Go core writes it); the format is LevelDB's log: a 7-byte file header (``:W&B``,
+    magic, version), then 32 KiB blocks of chunks, each with a 7-byte header (crc32, little-endian
+    length, type 1 full / 2 first / 3 middle / 4 last), a block's tail under 7 bytes being padding."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path):
+    from accelerate.tracking import get_available_trackers
+
+    missing = next(n for n in ("aim", "dvclive", "swanlab", "clearml", "comet_ml")
+                   if n not in {str(t.value) for t in get_available_trackers()})
+    proc = run_cli("recipe=quickstart_decoder", *TINY, f"runtime.logging.report_to=[tensorboard, {missing}]",
+                   "runtime.logging.tensorboard=true", f"runtime.output_dir={tmp_path / 'run'}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert f"names {missing}, which is not installed: pip install" in errors[0]
+    assert not (tmp_path / "run" / "tokenizer").exists()  # stopped before any work
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("tensorbord", "'tensorbord'; choose from: none, all, aim, tensorboard, wandb"),
+    ("[none, wandb]", "none and all stand alone"),
+])
+def test_report_to_names_are_checked_with_the_config(value, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(["recipe=quickstart", f"runtime.logging.report_to={value}"])
+    assert needle in str(err.value) and "runtime.logging.report_to" in str(err.value)
+
+
+def test_none_all_and_tensorboard_false(monkeypatch):
+    from accelerate.tracking import get_available_trackers
+
+    from hf_streamlm.train.trackers import tracker_names
+
+    def names(*overrides: str) -> list[str]:
+        return tracker_names(load_config(["recipe=quickstart", *overrides]))
+
+    assert names() == ["tensorboard"]
+    assert names("runtime.logging.report_to=none") == []
+    assert names("runtime.logging.report_to=all") == [str(t.value) for t in get_available_trackers()]
+    assert names("runtime.logging.report_to=[tensorboard, mlflow]", "runtime.logging.tensorboard=false") == ["mlflow"]
