@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_streamlm.config import ConfigError
+from hf_streamlm.data.elastic import Prelude
 from hf_streamlm.data.packing import document_positions
 from hf_streamlm.data.quality import skip_counter
 
@@ -157,6 +158,13 @@ class WorkerPipeline:
         self._clamp_warned = False
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: tuple[list[Doc], Future] | None = None
+        self.produced = 0  # batches made
+        # Elastic resume (hf_streamlm.data.elastic): what this reader took over from another layout, the
+        # documents of those passes still to read, and the serial its own reading starts at.
+        self.open_reader: Callable[[dict], WorkerPipeline] | None = None  # set by the factory
+        self.origin: dict | None = None
+        self.prelude: Prelude | None = None
+        self.native_from = 0
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -174,6 +182,12 @@ class WorkerPipeline:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here: positions and document references, no text."""
         pending = self._inflight[0] if self._inflight is not None else []
+        if self.origin is not None:
+            held = [d.serial for d in self.buffer] + [d.serial for d in pending]
+            if self.prelude is not None or min(held, default=self.read) < self.native_from:
+                # Still in the passes taken over at a layout change: rebuilt from the origin and replayed.
+                return {"replay": self.origin, "batches": self.produced}
+            self.origin = None  # every document held now is this reader's own: the usual state from here
         return {
             "anchor": self._live_anchor(),
             "epoch": self.epoch,
@@ -200,6 +214,11 @@ class WorkerPipeline:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: re-read the source from the state's anchor to where it stood,
         taking the held documents' texts on the way."""
+        if "replay" in state:
+            self.start_elastic(state["replay"])
+            for _ in range(state["batches"]):
+                self.next_batch()
+            return
         held = {int(s): int(k) for s, k in state["buffer"]}
         held.update((int(s), int(k)) for s, k in state["pending"])
         serial, epoch, source = state["anchor"]
@@ -249,6 +268,48 @@ class WorkerPipeline:
         self.skipped_before = dict(state["skipped"])
         self._skips_at_start = Counter(self._skips)  # the re-read counted its skips again
 
+    def start_elastic(self, origin: dict[str, Any]) -> None:
+        """Take over the part ``origin`` names of readers of another layout (see
+        :mod:`hf_streamlm.data.elastic`): their documents in flight and not yet read, up to the end of
+        the newest pass they had started; the packing remainders of the first parts."""
+        self.origin = origin
+        held: dict[int, deque] = {}
+        cursors = []
+        for part in origin["parts"]:
+            old = self.open_reader(part)
+            if part["snapshot"] is not None:
+                old.load_state_dict(part["snapshot"])
+                for _ in range(part["skip"]):
+                    old.next_batch()
+            pending = old._inflight[0] if old._inflight is not None else []
+            old._inflight = None
+            for h, doc in enumerate(old.buffer + pending):
+                if h % part["k"] == part["part"]:
+                    held.setdefault(doc.epoch, deque()).append(doc)
+            old.buffer = []
+            if part["part"] == 0:
+                self._take_remainder(old)
+            cursors.append([old, part["k"], part["part"], 0])
+        self.prelude = Prelude(held, cursors, origin["last_epoch"])
+        self.epoch = self.prelude.first_epoch
+
+    def _take_remainder(self, old: WorkerPipeline) -> None:
+        """Append ``old``'s packing remainder (tokens of documents partly trained) to this packing buffer."""
+        base = self.cut + len(self.tokens)
+        for end, source, key, epoch in old.doc_ends:
+            self.doc_ends.append((base + end - old.cut, source, key, epoch))
+        self.tokens.extend(old.tokens)
+        if self.with_documents and old.serials:
+            first = old.serials[0]
+            self.serials.extend(self.next_serial + s - first for s in old.serials)
+            self.next_serial += old.serials[-1] - first + 1
+        for source, n in old.source_docs.items():
+            self.source_docs[source] = self.source_docs.get(source, 0) + n
+        for source, n in old.source_tokens.items():
+            self.source_tokens[source] = self.source_tokens.get(source, 0) + n
+        for kind, n in old.skipped().items():
+            self.skipped_before[kind] = self.skipped_before.get(kind, 0) + n
+
     def skipped(self) -> dict[str, int]:
         """Documents skipped so far by kind (none, not_text, empty, short)."""
         total = Counter(self.skipped_before)
@@ -259,6 +320,14 @@ class WorkerPipeline:
 
     def _read(self) -> Doc | None:
         """The next document of the pass being read; None at its end."""
+        if self.prelude is not None:
+            taken = self.prelude.next(self.epoch)
+            if taken is None:
+                return None
+            doc = Doc(taken.text, taken.source, self.read, self.epoch, taken.key)
+            self.read += 1
+            self.pass_rows += 1
+            return doc
         if self._rows is None:
             if not self._resumed_pass:
                 self.anchors.append((self.read, self.epoch, None))  # a pass start: no position needed
@@ -282,6 +351,15 @@ class WorkerPipeline:
 
     def _next_pass(self) -> bool:
         """Start reading the next pass; False when the pass just read was empty (nothing to cycle)."""
+        if self.prelude is not None:  # a pass taken over: never the end of the stream
+            self.epoch += 1
+            self.pass_rows, self.pass_done, self._rows = 0, False, None
+            if self.epoch > self.prelude.last_epoch:
+                self.prelude = None
+                self.native_from = self.read  # this reader's own share from here
+            else:
+                self.prelude.next_pass()
+            return True
         empty = self.pass_rows == 0 and not self._resumed_pass
         self._resumed_pass = False
         if self.passes is not None and self.epoch + 1 >= self.passes:
@@ -329,7 +407,7 @@ class WorkerPipeline:
 
     def _end_of_pass(self) -> None:
         self.pass_done = True
-        if self.epoch == 0 and self.pass_rows < self.shuffle_buffer_size and self.pass_rows and not self._clamp_warned:
+        if self.prelude is None and self.epoch == 0 and self.pass_rows < self.shuffle_buffer_size and self.pass_rows and not self._clamp_warned:
             self._clamp_warned = True
             logger.warning(
                 "data.shuffle_buffer_size: this worker's share of the stream is %d documents, fewer than its buffer "
@@ -435,6 +513,8 @@ class WorkerPipeline:
                 b.setdefault("attention_mask", [1] * self.block_size)
         batch = self.collate(blocks)
         batch["_epoch"] = self.batch_epoch
+        batch["_read_epoch"] = self.epoch  # the pass being read: how far an elastic resume must finish old shares
+        self.produced += 1
         batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens), self.skipped())
         if self.trace:
             batch["_docs"] = self.batch_docs
@@ -511,11 +591,13 @@ class ResumableLoader:
         self.epoch = 0
         self.docs: list[list] = []  # with data.trace_documents: documents that ended in the batches handed out
         self.sources: dict[int, tuple[dict, dict]] = {}  # per worker: cumulative (docs, tokens) by source
+        self.read_epochs: dict[int, int] = {}  # per worker: the pass it was reading when its last batch was made
 
     def state_dict(self) -> dict[str, Any]:
         if self.num_workers == 0 and self.stream.live is not None:
             # No prefetching without workers: the live pipeline has produced exactly the batches consumed.
             self.workers[0] = {"snapshot": self.stream.live.state_dict(), "skip": 0}
+            self.read_epochs[0] = self.stream.live.epoch
         return {
             "num_workers": self.num_workers,
             "next_worker": self.next_worker,
@@ -523,6 +605,7 @@ class ResumableLoader:
             "epoch": self.epoch,
             "workers": copy.deepcopy(self.workers),
             "sources": copy.deepcopy(self.sources),
+            "read_epochs": dict(self.read_epochs),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -539,6 +622,16 @@ class ResumableLoader:
         self.turns = list(state.get("turns", range(max(1, self.num_workers))))
         self.epoch = state.get("epoch", 0)
         self.sources = copy.deepcopy(state["sources"])
+        self.read_epochs = dict(state.get("read_epochs", {}))
+
+    def load_elastic(self, origins: dict[int, dict[str, Any]], epoch: int) -> None:
+        """Start from what an elastic resume hands this rank's workers (``hf_streamlm.data.elastic.origins``)."""
+        self.workers = {w: {"snapshot": {"replay": origin, "batches": 0}, "skip": 0} for w, origin in origins.items()}
+        self.next_worker = 0
+        self.turns = list(range(max(1, self.num_workers)))
+        self.epoch = epoch
+        self.sources = {}
+        self.read_epochs = {}
 
     def take_documents(self) -> list[list]:
         """``[source_index, key, epoch]`` of the documents whose last token was in the batches handed out
@@ -599,6 +692,7 @@ class ResumableLoader:
                 elif self.num_workers:
                     self.workers[worker]["skip"] += 1
                 self.epoch = out.pop("_epoch")
+                self.read_epochs[worker] = out.pop("_read_epoch")
                 self.docs.extend(out.pop("_docs", ()))
                 self.sources[worker] = out.pop("_sources")
                 self.next_worker = (self.next_worker + 1) % len(self.turns)
