@@ -3,6 +3,7 @@ own loopback server."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import subprocess
@@ -80,6 +81,55 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """A folder both xdist workers see: the session's base temp folder, one level above each worker's own
+    (``popen-gw<N>``); without xdist, the base temp folder itself."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_tokenizer(tmp_path_factory, recipe: str, vocab_size: int, train_samples: int | None = None) -> Path:
+    """A tokenizer trained once per test session (both xdist workers share it) from the stream of ``recipe``
+    (the shipped corpus), with ``vocab_size`` and ``train_samples``: pass it as ``tokenizer.path`` so a run
+    loads it instead of training one. Each run costs a fresh process anyway; retraining the same tokenizer in
+    ~80 of them was a good part of the suite's time. Runs that exist to train their tokenizer (tests/
+    test_tokenizer.py, the shared ``mlm_run``) do not take one."""
+    key = f"{recipe}-v{vocab_size}-n{train_samples}"
+    root = shared_root(tmp_path_factory) / "tokenizers"
+    root.mkdir(exist_ok=True)
+    folder = root / key
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for the one that trains, then loads
+        if not (folder / "tokenizer.json").is_file():
+            from hf_streamlm.config import load_config
+            from hf_streamlm.tokenizer.train import build_tokenizer
+
+            samples = "null" if train_samples is None else train_samples
+            config = load_config([f"recipe={recipe}", f"tokenizer.vocab_size={vocab_size}",
+                                  f"tokenizer.train_samples={samples}"])
+            build_tokenizer(config).save_pretrained(root / f".tmp-{key}")
+            (root / f".tmp-{key}").rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wordpiece_800(tmp_path_factory) -> Path:
+    """MicroBERT's WordPiece (the quickstart recipe's settings), 800 tokens, from 300 documents."""
+    return shared_tokenizer(tmp_path_factory, "quickstart", 800, 300)
+
+
+@pytest.fixture(scope="session")
+def bpe_800(tmp_path_factory) -> Path:
+    """The decoder's byte-level BPE (the quickstart_decoder recipe's settings), 800 tokens, from 300 documents."""
+    return shared_tokenizer(tmp_path_factory, "quickstart_decoder", 800, 300)
+
+
+@pytest.fixture(scope="session")
+def bpe_500(tmp_path_factory) -> Path:
+    """The decoder's byte-level BPE, 500 tokens, from the whole corpus (the small decoders' setting)."""
+    return shared_tokenizer(tmp_path_factory, "quickstart_decoder", 500)
+
+
 # Tiny runs shared by every test that needs a trained model, its checkpoints or its export: each takes
 # ~20 s of the suite's time, so they are trained once per session. Tests that write into a run (eval
 # results, model card) copy it first (``copy_run``).
@@ -111,9 +161,22 @@ DECODER_LINEAR_ROPE = ["recipe=quickstart_decoder", *TINY, "model.rope_mode=line
 
 
 def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
-    out = tmp_path_factory.mktemp("runs") / name
-    proc = run_cli(*args, f"runtime.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The run ``name``, trained once per test session: the first xdist worker that needs it trains it while
+    the other waits on the lock (test files are spread over the workers by file, and the users of one
+    shared run sit in several files)."""
+    import json
+    import shutil
+
+    root = shared_root(tmp_path_factory) / "runs"
+    root.mkdir(exist_ok=True)
+    out, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file() or json.loads(done.read_text()) != args:
+            shutil.rmtree(out, ignore_errors=True)
+            proc = run_cli(*args, f"runtime.output_dir={out}")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done.write_text(json.dumps(args))
     return out
 
 
@@ -127,6 +190,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def mlm_run(tmp_path_factory) -> Path:
+    """Trains its own tokenizer in the run (the other shared runs load one): the in-run training, its save
+    into the run and its export stay covered by every test that reads this run."""
     return trained(tmp_path_factory, "mlm", MLM)
 
 
@@ -177,15 +242,15 @@ metadata:
 
 
 @pytest.fixture(scope="session")
-def decoder_run(tmp_path_factory, cloze_task) -> Path:
+def decoder_run(tmp_path_factory, cloze_task, bpe_800) -> Path:
     """DECODER, with the cloze task run in the loop (lm-evaluation-harness) at each evaluation."""
     tasks = [f"runtime.evaluation.tasks=[{CLOZE_TASK}]", f"runtime.evaluation.tasks_include_path={cloze_task}"]
-    return trained(tmp_path_factory, "decoder", [*DECODER, *tasks])
+    return trained(tmp_path_factory, "decoder", [*DECODER, *tasks, f"tokenizer.path={bpe_800}"])
 
 
 @pytest.fixture(scope="session")
-def decoder_linear_rope_run(tmp_path_factory) -> Path:
-    return trained(tmp_path_factory, "decoder-linear-rope", DECODER_LINEAR_ROPE)
+def decoder_linear_rope_run(tmp_path_factory, bpe_800) -> Path:
+    return trained(tmp_path_factory, "decoder-linear-rope", [*DECODER_LINEAR_ROPE, f"tokenizer.path={bpe_800}"])
 
 
 @pytest.fixture(scope="session")

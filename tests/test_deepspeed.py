@@ -21,11 +21,12 @@ from tests.conftest import REPO
 CASES = {2: "quickstart", 3: "quickstart_decoder"}
 
 
-def tiny(recipe: str, shards) -> list[str]:
+def tiny(recipe: str, shards, tokenizer) -> list[str]:
     """8 optimizer steps of 2 micro-batches of 8 blocks; checkpoints and evals at steps 4 and 8. Stock Llama
     cannot keep attention inside documents, so the decoder trains without document masking: its native
-    export then computes exactly what the trained model does."""
+    export then computes exactly what the trained model does. ``tokenizer``: one of the session's."""
     return [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
+            f"tokenizer.path={tokenizer}",
             "data.shuffle_buffer_size=300", "data.batch_size=8", "data.gradient_accumulation_steps=2",
             "data.document_masking=false", "scheduler.total_steps=8", "scheduler.warmup_steps=2",
             "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=4", "runtime.checkpoint.max_keep=5",
@@ -53,11 +54,11 @@ def launch(stage: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module", params=sorted(CASES), ids=lambda s: f"zero{s}")
-def runs(request, tmp_path_factory, shards):
+def runs(request, tmp_path_factory, shards, wordpiece_800, bpe_800):
     """An uninterrupted run, and the same run resumed from its step-4 checkpoint."""
     stage = request.param
     root = tmp_path_factory.mktemp(f"zero{stage}")
-    args = tiny(CASES[stage], shards)
+    args = tiny(CASES[stage], shards, wordpiece_800 if CASES[stage] == "quickstart" else bpe_800)
     full = root / "full"
     proc = launch(stage, args + [f"runtime.output_dir={full}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -148,7 +149,7 @@ def test_export_holds_the_trained_weights(runs, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_nonfinite_step_under_deepspeed_never_becomes_the_last_good_state(tmp_path, shards, precision):
+def test_nonfinite_step_under_deepspeed_never_becomes_the_last_good_state(tmp_path, shards, bpe_500, precision):
     """DeepSpeed steps inside ``backward()``: by the time the loop sees a NaN loss, the engine has applied
     it (DeepSpeed 0.19's ZeRO-2 skips a non-finite gradient norm itself in fp32, not in bf16). The checkpoint named
     as the last good state must hold the weights from before the bad step (a learning rate of 1e30 makes
@@ -157,10 +158,10 @@ def test_nonfinite_step_under_deepspeed_never_becomes_the_last_good_state(tmp_pa
     from hf_streamlm.train.zero import zero_checkpoint_weights
 
     run = tmp_path / "run"
-    args = [*tiny("quickstart_decoder", shards), "data.gradient_accumulation_steps=1", "optimizer.learning_rate=1e30",
+    args = [*tiny("quickstart_decoder", shards, bpe_500), "data.gradient_accumulation_steps=1", "optimizer.learning_rate=1e30",
             "optimizer.max_grad_norm=null", "scheduler.strategy=constant", "scheduler.warmup_steps=0",
             "scheduler.total_steps=6", "runtime.checkpoint.every_n_steps=1", "runtime.evaluation.every_n_steps=null",
-            "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128", "tokenizer.vocab_size=500",
+            "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
             f"runtime.precision={precision}", f"runtime.output_dir={run}"]
     proc = launch(2, args)
     assert "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # the rank's status; torchrun itself exits 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.models.test_decoder import tiny_model
@@ -45,3 +47,68 @@ def test_gpu_check_dry_run_prints_the_table(tmp_path):
             assert "scaled_dot_product" in row["kernel"], row  # the profiler saw the SDPA kernel
         else:
             assert row["note"].startswith("needs a GPU"), row
+
+
+def word_tokenizer():
+    """A tiny tokenizer with the special tokens both families read (pad, mask, bos/eos)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[MASK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": 4 + i for i in range(60)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "[PAD]")), pad_token="[PAD]",
+                                   mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
+
+
+@pytest.mark.parametrize("recipe", ["quickstart", "quickstart_decoder"])
+def test_activation_checkpointing_is_configuration_and_keeps_the_gradients(recipe):
+    """``model.gradient_checkpointing: true`` turns on transformers' checkpointing (every layer recomputed in
+    backward); the gradients are those of the plain model within 1e-5 (fp32), dropout included (the replay
+    restores the RNG state)."""
+    from hf_streamlm.config import load_config
+    from hf_streamlm.train.builders import build_model
+
+    tokenizer = word_tokenizer()
+    args = [f"recipe={recipe}", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+            "model.max_position_embeddings=32", "data.sequence_length=32", "model.residual_dropout=0.1"]
+    ids = torch.randint(4, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def gradients(checkpointing: bool) -> tuple[dict[str, torch.Tensor], list[bool]]:
+        torch.manual_seed(0)
+        model = build_model(load_config([*args, f"model.gradient_checkpointing={checkpointing}"]), tokenizer).train()
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        layers = [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, layers
+
+    plain, plain_layers = gradients(False)
+    checkpointed, checkpointed_layers = gradients(True)
+    assert checkpointed_layers == [True, True] and plain_layers == [False, False]
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_compiled_training_with_document_masking_matches_uncompiled(tmp_path):
+    """``runtime.compile`` with packed documents (``data.document_masking``: position and document ids, the
+    document-causal mask) in the real loop: the same losses as without compilation. aot_eager traces what
+    Inductor would get (Dynamo + AOTAutograd, forward and backward graphs); Inductor's own code generation
+    takes minutes on a 2-core CPU and is left to the GPU check (``bench_gpu.py``, compile=on rows)."""
+    from torch._dynamo.utils import counters
+
+    from hf_streamlm.config import load_config
+    from hf_streamlm.train.loop import train
+    from tests.conftest import DECODER
+
+    args = [*DECODER, "scheduler.total_steps=3", "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=3",
+            "runtime.evaluation.every_n_steps=null", "runtime.compile_backend=aot_eager"]
+    assert load_config(args).data.document_masking  # the decoder recipe packs documents
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(load_config([*args, "runtime.compile=true", f"runtime.output_dir={tmp_path / 'compiled'}"]))
+    assert counters["stats"]["unique_graphs"] > 0  # really compiled
+    plain = train(load_config([*args, f"runtime.output_dir={tmp_path / 'plain'}"]))
+
+    def losses(run: Path) -> list[float]:
+        return [row["loss"] for row in map(json.loads, (run / "history.jsonl").read_text().splitlines()) if "loss" in row]
+
+    assert len(losses(compiled)) == 3 and all(math.isfinite(x) for x in losses(compiled))
+    assert losses(compiled) == pytest.approx(losses(plain), abs=1e-5)

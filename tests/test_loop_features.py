@@ -29,9 +29,9 @@ def state(checkpoint: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def budget_run(tmp_path_factory) -> Path:
+def budget_run(tmp_path_factory, bpe_500) -> Path:
     run = tmp_path_factory.mktemp("loop") / "budget"
-    proc = run_cli(*TINY, "scheduler.total_tokens=5000", "runtime.log_every_n_steps=4",
+    proc = run_cli(*TINY, f"tokenizer.path={bpe_500}", "scheduler.total_tokens=5000", "runtime.log_every_n_steps=4",
                    "runtime.evaluation.every_n_steps=4", "runtime.evaluation.max_batches=2",
                    "runtime.checkpoint.every_n_steps=8", "runtime.checkpoint.max_keep=2",
                    "runtime.evaluation.best.max_keep=2", "runtime.logging.peak_tflops=0.5", f"runtime.output_dir={run}")
@@ -107,9 +107,9 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "model.safetensors")
 
 
-def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path):
+def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path, bpe_500):
     run = tmp_path / "run"
-    proc = run_cli(*DIVERGE, "runtime.on_nonfinite=stop", f"runtime.output_dir={run}")
+    proc = run_cli(*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=stop", f"runtime.output_dir={run}")
     assert proc.returncode == 3, proc.stderr[-2000:]
     message = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
     assert len(message) == 1 and "non-finite loss or gradient norm at step 2" in message[0]
@@ -120,9 +120,9 @@ def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path):
     assert not (run / "export").exists()
 
 
-def test_nonfinite_skip_counts_steps_without_updating_then_stops_after_the_limit(tmp_path):
+def test_nonfinite_skip_counts_steps_without_updating_then_stops_after_the_limit(tmp_path, bpe_500):
     run = tmp_path / "run"
-    proc = run_cli(*DIVERGE, "runtime.on_nonfinite=skip", "runtime.max_nonfinite_skips=4", f"runtime.output_dir={run}")
+    proc = run_cli(*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=skip", "runtime.max_nonfinite_skips=4", f"runtime.output_dir={run}")
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "after 4 skipped steps in a row" in proc.stderr
     assert proc.stderr.count("update skipped") == 3  # steps 2-4 logged as skipped; the 4th in a row stops

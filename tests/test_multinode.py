@@ -31,11 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def recipe_args(shards: Path) -> list[str]:
+def recipe_args(shards: Path, tokenizer: Path) -> list[str]:
     return ["recipe=quickstart_decoder", f"runtime.experiment={EXPERIMENT}",
             f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]", "data.shuffle_buffer_size=100",
             "data.batch_size=4", "data.sequence_length=64", "model.num_layers=1", "model.hidden_size=64",
-            "model.intermediate_size=128", "tokenizer.vocab_size=500", "scheduler.total_steps=6",
+            "model.intermediate_size=128", f"tokenizer.path={tokenizer}", "scheduler.total_steps=6",
             "scheduler.warmup_steps=1", "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=3",
             "runtime.checkpoint.max_keep=5", "runtime.evaluation.every_n_steps=3", "runtime.evaluation.max_batches=1",
             "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]", "data.trace_documents=true"]
@@ -87,8 +87,8 @@ def documents_by_rank(run: Path, shards: Path) -> list[set[int]]:
     return files
 
 
-def test_two_machines_train_together_on_disjoint_data_and_resume_exactly(tmp_path, shards):
-    args = recipe_args(shards)
+def test_two_machines_train_together_on_disjoint_data_and_resume_exactly(tmp_path, shards, bpe_500):
+    args = recipe_args(shards, bpe_500)
     full_cwd, resumed_cwd = tmp_path / "full", tmp_path / "resumed"
     full_cwd.mkdir()
     for proc in launch_two_machines(args, full_cwd):

@@ -26,11 +26,12 @@ from tests.test_resume_run import command  # `accelerate launch` for 2+ processe
 REFERENCE_STEPS = 24
 
 
-def tiny(shards: Path, workers: int = 2) -> list[str]:
+def tiny(shards: Path, tokenizer: Path, workers: int = 2) -> list[str]:
     """A 100k-parameter decoder on 64 x 128-token batches: a DataLoader worker uses up the documents it
-    read ahead (256 at a time) in ~6 batches, so a source broken at step 3 is read again by step ~20."""
+    read ahead (256 at a time) in ~6 batches, so a source broken at step 3 is read again by step ~20.
+    ``tokenizer``: the session's BPE of 500 tokens (conftest ``bpe_500``), not one trained per run."""
     return ["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
-            f"data.num_workers={workers}", "data.shuffle_buffer_size=100", "data.batch_size=64",
+            f"tokenizer.path={tokenizer}", f"data.num_workers={workers}", "data.shuffle_buffer_size=100", "data.batch_size=64",
             "data.sequence_length=128", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
             "tokenizer.vocab_size=500", "scheduler.strategy=constant", "scheduler.warmup_steps=0",
             "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=5", "runtime.checkpoint.max_keep=5",
@@ -103,24 +104,25 @@ def stop_by_group_signal(
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards) -> Path:
+def reference(tmp_path_factory, shards, bpe_500) -> Path:
     """One process, 2 workers, REFERENCE_STEPS uninterrupted steps."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    result = run([*tiny(shards), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
+    result = run([*tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards, reference, sig):
+def test_sigterm_to_the_process_group_with_two_workers_saves_exits_0_and_resumes_exactly(tmp_path, shards, bpe_500,
+                                                                                         reference, sig):
     """What ``docker stop``, SLURM and a pod shutdown do (today's main: the workers die first, the run
     crashes with "DataLoader worker ... is killed by signal: Terminated" and saves nothing); SIGINT is
     what Ctrl-C in a terminal sends to the whole foreground process group."""
     out = tmp_path / "run"
-    step, result = stop_by_group_signal([*tiny(shards), "scheduler.total_steps=2000"], out, 1, sig)
+    step, result = stop_by_group_signal([*tiny(shards, bpe_500), "scheduler.total_steps=2000"], out, 1, sig)
     assert result.returncode == 0, result.stderr[-3000:]
     assert step < REFERENCE_STEPS
-    resumed = run([*tiny(shards), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
+    resumed = run([*tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{step} (step {step})" in resumed.stdout
     assert losses(out) == losses(reference)  # max |delta| = 0 over every step
@@ -145,17 +147,17 @@ def uneven_shards(tmp_path_factory) -> Path:
     return root
 
 
-def epoch_args(shards: Path) -> list[str]:
-    return [*tiny(shards), "data.batch_size=8", "data.sequence_length=64", "scheduler.total_steps=null",
+def epoch_args(shards: Path, tokenizer: Path) -> list[str]:
+    return [*tiny(shards, tokenizer), "data.batch_size=8", "data.sequence_length=64", "scheduler.total_steps=null",
             "scheduler.total_epochs=1", "runtime.evaluation.every_n_steps=10", "runtime.evaluation.max_batches=1",
             "runtime.evaluation.best.max_keep=2"]
 
 
 @pytest.fixture(scope="module")
-def epoch_run(tmp_path_factory, uneven_shards) -> Path:
+def epoch_run(tmp_path_factory, uneven_shards, bpe_500) -> Path:
     """Two processes with 2 workers each, one epoch of uneven shards, uninterrupted."""
     out = tmp_path_factory.mktemp("epochs") / "run"
-    result = finish(start([*epoch_args(uneven_shards), f"runtime.output_dir={out}"], 2), timeout=400)
+    result = finish(start([*epoch_args(uneven_shards, bpe_500), f"runtime.output_dir={out}"], 2), timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -186,26 +188,26 @@ def test_epochs_with_two_processes_and_uneven_shards_agree_on_one_length(epoch_r
 
 
 def test_sigterm_to_a_two_process_launch_with_two_workers_each_saves_and_resumes_exactly(tmp_path, uneven_shards,
-                                                                                          epoch_run):
+                                                                                          bpe_500, epoch_run):
     """torchrun's agent passes the SIGTERM on to each rank's own process group (rank and workers), then
     SIGKILLs 30 s later. The ranks save within that time and exit 0; the launcher itself reports the
     signal it got (torchrun's SignalException, exit 1). The resumed run ends as the uninterrupted one."""
     out = tmp_path / "run"
-    step, result = stop_by_group_signal(epoch_args(uneven_shards), out, 2)
+    step, result = stop_by_group_signal(epoch_args(uneven_shards, bpe_500), out, 2)
     assert "Unable to shutdown process" not in result.stderr  # no rank needed torchrun's SIGKILL
-    resumed = finish(start([*epoch_args(uneven_shards), f"runtime.output_dir={out}"], 2), timeout=400)
+    resumed = finish(start([*epoch_args(uneven_shards, bpe_500), f"runtime.output_dir={out}"], 2), timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{step} (step {step})" in resumed.stdout
     assert losses(out) == losses(epoch_run)
 
 
-def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path):
+def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path, bpe_500):
     """A learning rate of 1e30 makes every loss after step 1 NaN on both ranks. The skip is decided once
     per step for all ranks (an all-reduce of the non-finite flag): both skip the same steps, stop after
     the same count, and write one checkpoint together, the last good state."""
     out = tmp_path / "run"
     args = ["recipe=quickstart_decoder", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
-            "tokenizer.vocab_size=500", "data.batch_size=4", "data.sequence_length=32", "data.shuffle_buffer_size=100",
+            f"tokenizer.path={bpe_500}", "data.batch_size=4", "data.sequence_length=32", "data.shuffle_buffer_size=100",
             "optimizer.learning_rate=1e30", "optimizer.max_grad_norm=null", "scheduler.strategy=constant",
             "scheduler.warmup_steps=0", "scheduler.total_steps=30", "runtime.on_nonfinite=skip",
             "runtime.max_nonfinite_skips=3", "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=1000",
@@ -224,7 +226,8 @@ def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path):
 
 # ------------------------------------------------------------------------------ data failure, damage
 
-def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards, reference):
+def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards, bpe_500,
+                                                                                       reference):
     """Every file of the source is replaced by one that cannot be parsed while the run trains: the first
     read after that (a worker starting its next pass) fails. The run saves the last completed step and
     exits 4 with one line (today's main: exit 2, nothing saved since the last regular checkpoint). With
@@ -236,7 +239,7 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
     source = tmp_path / "source"
     shutil.copytree(shards, source)
     originals = {p: p.read_bytes() for p in source.glob("part-*.jsonl")}
-    args = tiny(source)
+    args = tiny(source, bpe_500)
     out = tmp_path / "run"
     proc = start([*args, "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
     wait_for_step(proc, out, 3)
@@ -253,7 +256,7 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
 
     for path, data in originals.items():
         path.write_bytes(data)
-    refused = run([*tiny(source, workers=0), "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
+    refused = run([*tiny(source, bpe_500, workers=0), "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
     assert refused.returncode == 2 and len(errors(refused)) == 1 and "Traceback" not in refused.stderr
     assert "data.num_workers=2" in errors(refused)[0]
 

@@ -23,8 +23,17 @@ from tests.conftest import REPO
 
 KILL_SEED = int(os.environ.get("KILL_SEED", "20261123"))
 TOTAL_STEPS = 14
-def common(recipe: str, shards, workers: int) -> list[str]:
+
+
+@pytest.fixture(scope="module")
+def tokenizers(wordpiece_800, bpe_800) -> dict[str, str]:
+    """Each recipe's kind of tokenizer, trained once for the session (exact resume does not depend on it)."""
+    return {"quickstart": str(wordpiece_800), "quickstart_decoder": str(bpe_800)}
+
+
+def common(recipe: str, shards, workers: int, tokenizers: dict[str, str]) -> list[str]:
     return [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
+            f"tokenizer.path={tokenizers[recipe]}",
             f"data.num_workers={workers}", "data.shuffle_buffer_size=300", "data.batch_size=8",
             f"scheduler.total_steps={TOTAL_STEPS}", "scheduler.warmup_steps=2", "runtime.log_every_n_steps=1",
             "runtime.checkpoint.every_n_steps=3", "runtime.checkpoint.max_keep=2", "runtime.evaluation.every_n_steps=5",
@@ -81,16 +90,31 @@ def history(run) -> list[tuple]:
 
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards, tokenizers):
+    """The uninterrupted run of (recipe, workers, processes), made once for the tests that compare with it."""
+    runs = {}
+
+    def get(recipe: str, workers: int, processes: int):
+        if (recipe, workers, processes) not in runs:
+            full = tmp_path_factory.mktemp("full") / "run"
+            proc = launch(common(recipe, shards, workers, tokenizers) + [f"runtime.output_dir={full}"], processes)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert len([r for r in history(full) if r[1] is not None]) == TOTAL_STEPS
+            runs[recipe, workers, processes] = full
+        return runs[recipe, workers, processes]
+
+    return get
+
+
 @pytest.mark.parametrize(
     ("recipe", "workers", "processes"),
     [("quickstart", 0, 1), ("quickstart_decoder", 2, 1), ("quickstart", 2, 1), ("quickstart_decoder", 0, 2)],
 )
-def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path, shards, recipe, workers, processes):
-    args = common(recipe, shards, workers)
-    full = tmp_path / "full"
-    proc = launch(args + [f"runtime.output_dir={full}"], processes)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len([r for r in history(full) if r[1] is not None]) == TOTAL_STEPS
+def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path, shards, tokenizers, uninterrupted,
+                                                                      recipe, workers, processes):
+    args = common(recipe, shards, workers, tokenizers)
+    full = uninterrupted(recipe, workers, processes)
 
     rng = random.Random(f"{KILL_SEED}-{recipe}-{workers}-{processes}")
     kills = sorted(rng.sample(range(2, TOTAL_STEPS - 1), 2))  # two kills in one run: 8 kill points in all
@@ -104,32 +128,26 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path,
     assert history(run) == history(full), f"KILL_SEED={KILL_SEED} kills after steps {kills}"
     # The document trace survives the kills: one line per step, none lost or repeated, same documents.
     for rank in range(processes):
-        killed, uninterrupted = (read_trace(r / "trace" / f"rank-{rank}.jsonl") for r in (run, full))
+        killed, uninterrupted_trace = (read_trace(r / "trace" / f"rank-{rank}.jsonl") for r in (run, full))
         assert [row["step"] for row in killed] == list(range(1, TOTAL_STEPS + 1))
-        assert killed == uninterrupted and sum(len(row["docs"]) for row in killed) > TOTAL_STEPS
+        assert killed == uninterrupted_trace and sum(len(row["docs"]) for row in killed) > TOTAL_STEPS
 
 
-def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, shards):
-    args = common("quickstart_decoder", shards, 0)
-    ckpts = tmp_path / "killed" / "checkpoints"
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, shards, tokenizers,
+                                                                                 uninterrupted):
+    """The process group (run and its 2 DataLoader workers) is SIGKILLed while step 6's checkpoint is being
+    written (tests/faults.py: after the rank's files are in ``.tmp-step-6``, before the rename)."""
+    args = common("quickstart_decoder", shards, 2, tokenizers)
     run = tmp_path / "killed"
-    # Killed the moment a checkpoint's temporary folder appears. On a busy machine the write may finish
-    # before the kill lands; then the next checkpoint is tried (the run resumes in between).
-    for step in (6, 9, 12):
-        launch(args + [f"runtime.output_dir={run}"], 1,
-               kill_when=lambda: (ckpts / f".tmp-step-{step}").exists())
-        if (ckpts / f".tmp-step-{step}").is_dir():
-            break
-    else:
-        pytest.fail("no SIGKILL landed during a checkpoint write in three tries")
-    previous = step - 3
-    assert max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*")) == previous
+    ckpts = run / "checkpoints"
+    fault = [sys.executable, "-m", "tests.faults", "kill-in-checkpoint", "6", *args, f"runtime.output_dir={run}"]
+    proc = subprocess.run(fault, cwd=REPO, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (ckpts / ".tmp-step-6").is_dir() and not (ckpts / "step-6").exists()
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-3"]
     proc = launch(args + [f"runtime.output_dir={run}"], 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from" in proc.stdout and f"step-{previous} (step {previous})" in proc.stdout
+    assert "Resuming from" in proc.stdout and "step-3 (step 3)" in proc.stdout
     assert "incomplete checkpoint" in proc.stderr
     assert not list(ckpts.glob(".tmp-*"))
-    full = tmp_path / "full"
-    proc = launch(args + [f"runtime.output_dir={full}"], 1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert history(run) == history(full)
+    assert history(run) == history(uninterrupted("quickstart_decoder", 2, 1))

@@ -4,11 +4,11 @@ and exits 0; running the same command again resumes and ends exactly like an uni
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,19 +20,40 @@ ARGS = ["recipe=quickstart_decoder", "scheduler.total_steps=120", "scheduler.war
         "data.sequence_length=64", "model.num_layers=1"]
 
 
+@pytest.fixture(scope="module")
+def args(bpe_800) -> list[str]:
+    return [*ARGS, f"tokenizer.path={bpe_800}"]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, args) -> Path:
+    """The uninterrupted run the resumed ones must equal (checkpoint writes do not change what is trained)."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    proc = run_cli(*args, f"runtime.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def with_fault(fault: str, step: int, args: list[str]) -> subprocess.CompletedProcess:
+    """The run, signalling itself at ``fault`` of ``step`` (tests/faults.py): no race with a poll."""
+    return subprocess.run([sys.executable, "-m", "tests.faults", fault, str(step), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
 def losses(run) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_at_step_boundary_exits_0_and_resume_is_exact(tmp_path, sig):
+def test_signal_saves_at_step_boundary_exits_0_and_resume_is_exact(tmp_path, args, full, sig):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *ARGS, f"runtime.output_dir={run}"],
+    proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history = run / "history.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 20):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
@@ -43,45 +64,34 @@ def test_signal_saves_at_step_boundary_exits_0_and_resume_is_exact(tmp_path, sig
     assert 20 <= stopped_at < 120
     assert not (run / "export").exists()  # preempted, not finished
 
-    resumed = run_cli(*ARGS, f"runtime.output_dir={run}")
+    resumed = run_cli(*args, f"runtime.output_dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"step-{stopped_at}" in resumed.stdout
-    full = tmp_path / "full"
-    assert run_cli(*ARGS, f"runtime.output_dir={full}").returncode == 0
     assert losses(run) == losses(full)  # max |delta| = 0 over all 120 steps
 
 
-def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_boundary(tmp_path):
-    """The signal lands while step 30's checkpoint is being written: that write completes, the run
-    stops after step 31 with a checkpoint there, exits 0, and resumes exactly."""
+def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_boundary(tmp_path, args, full):
+    """The signal lands while step 30's checkpoint is being written (tests/faults.py: its files are in
+    ``.tmp-step-30``, not yet renamed): that write completes, the run stops after step 31 with a checkpoint
+    there, exits 0, and resumes exactly."""
     run = tmp_path / "run"
-    args = [*ARGS, "runtime.checkpoint.every_n_steps=30", "runtime.checkpoint.max_keep=5"]
-    proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tmp_dir = run / "checkpoints" / ".tmp-step-30"
-    deadline = time.time() + 300
-    while time.time() < deadline and not tmp_dir.exists() and proc.poll() is None:
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    # Step 31 unless a busy machine delays the signal past the next boundary; never step 30's write cut short.
-    stopped = int(re.search(r"Stopped by SIGTERM at step (\d+)", out).group(1))
-    assert stopped >= 31
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", f"step-{stopped}"]
+    args = [*args, "runtime.checkpoint.every_n_steps=30", "runtime.checkpoint.max_keep=5"]
+    proc = with_fault("sigterm-in-checkpoint", 30, [*args, f"runtime.output_dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Stopped by SIGTERM at step 31" in proc.stdout, proc.stdout[-2000:]  # never step 30's write cut short
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-31"]
     resumed = run_cli(*args, f"runtime.output_dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    full = tmp_path / "full"
-    assert run_cli(*args, f"runtime.output_dir={full}").returncode == 0
+    assert "step-31 (step 31)" in resumed.stdout
     assert losses(run) == losses(full)
 
 
-def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_run(tmp_path):
+def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_run(tmp_path, args):
     """`accelerate launch` with one process does not forward SIGTERM (it dies); the training process
     follows its launcher (PR_SET_PDEATHSIG), saves at the next step boundary and exits 0."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_streamlm.run", *ARGS,
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_streamlm.run", *args,
            f"runtime.output_dir={run}"]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history = run / "history.jsonl"
@@ -95,29 +105,21 @@ def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_run(tmp_path):
     assert 10 <= json.loads((checkpoint / "trainer_state.json").read_text())["step"] < 120
 
 
-def test_sigterm_during_eval_finishes_it_and_stops_at_that_step(tmp_path):
-    """The signal lands while step 20's evaluation runs (its train row is written, its eval row not
-    yet): the evaluation completes, the run checkpoints at step 20 and exits 0."""
+def test_sigterm_during_eval_finishes_it_and_stops_at_that_step(tmp_path, args):
+    """The signal lands as step 20's train row is written, before its evaluation (tests/faults.py): the
+    evaluation runs to the end, the run checkpoints at step 20 and exits 0."""
     run = tmp_path / "run"
-    args = [*ARGS, "runtime.evaluation.every_n_steps=20", "runtime.evaluation.max_batches=100", "data.eval_holdout=0.5"]
-    proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    history = run / "history.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if history.exists() and '"step": 20, "epoch"' in history.read_text():  # step 20's train row
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    args = [*args, "runtime.evaluation.every_n_steps=20", "runtime.evaluation.max_batches=100", "data.eval_holdout=0.5"]
+    proc = with_fault("sigterm-after-row", 20, [*args, f"runtime.output_dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 20 and "eval_loss" in rows[-1]  # the evaluation was not cut short
-    assert "Stopped by SIGTERM at step 20" in out
+    assert rows[-1]["eval_loss"] > 0 and len([r for r in rows if "loss" in r]) == 20
+    assert "Stopped by SIGTERM at step 20" in proc.stdout
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-20"]
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, args):
     """Two processes; only rank 1 gets SIGTERM. The ranks agree at the next step boundary: one
     checkpoint holding both ranks' data states, both exit 0, and the launcher with them."""
     import psutil
@@ -125,7 +127,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           "29541", "-m", "hf_streamlm.run", *ARGS, f"runtime.output_dir={run}"]
+           "29541", "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history = run / "history.jsonl"
     deadline = time.time() + 300

@@ -344,9 +344,10 @@ def usable_workers(n_shards: int, requested: int, rank: int = 0) -> int:
 
 
 def build_train_loader(
-    config: Config, tokenizer, collator_factory, rank: int = 0, world_size: int = 1
+    config: Config, tokenizer, collator_factory, rank: int = 0, world_size: int = 1, pin_memory: bool = False
 ) -> ResumableLoader:
-    """The endless, exactly resumable training batches of one rank."""
+    """The endless, exactly resumable training batches of one rank (in pinned memory with ``pin_memory``,
+    for non-blocking copies to a GPU)."""
     data = config.data
     skips_key = f"train-{uuid.uuid4().hex}"
     ds, names = _rank_texts(config, rank, world_size, skips_key)
@@ -360,7 +361,7 @@ def build_train_loader(
         )
     factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key,
                               buffer_per_worker(config, world_size, max(1, workers), rank))
-    return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank)
+    return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank, pin_memory)
 
 
 def _rank_texts(config: Config, rank: int, world_size: int, skips_key: str) -> tuple[datasets.IterableDataset, str]:

@@ -579,8 +579,9 @@ class ResumableLoader:
     """
 
     def __init__(self, stream: BlockStream, num_workers: int = 0, start_method: str | None = None,
-                 describe_sources: str = "the data sources", rank: int = 0):
+                 describe_sources: str = "the data sources", rank: int = 0, pin_memory: bool = False):
         self.stream = stream
+        self.pin_memory = pin_memory  # the DataLoader's pinning thread: batches in page-locked memory (CUDA)
         self.num_workers = num_workers
         self.start_method = start_method
         self.describe_sources = describe_sources
@@ -664,7 +665,7 @@ class ResumableLoader:
         # (the default conversion would turn the RNG's tuples into lists).
         context = self.start_method if self.num_workers and self.start_method else None
         loader = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                 multiprocessing_context=context))
+                                 multiprocessing_context=context, pin_memory=self.pin_memory))
         try:
             yield from self._in_turn(loader)
         finally:

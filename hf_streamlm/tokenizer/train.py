@@ -1,7 +1,8 @@
 """Train a tokenizer from a text iterator, or load one, as a transformers fast tokenizer.
 
 Kinds: ``wordpiece`` (BERT's special tokens), ``wordlevel`` (seed 003's word vocabulary),
-``bpe`` (byte-level, ``<|endoftext|>`` and ``<|pad|>`` as in seed 004). The result is a
+``bpe`` (byte-level, ``<|endoftext|>`` and ``<|pad|>`` as in seed 004 for a decoder; RoBERTa's
+``<s> <pad> </s> <mask>`` and ``<s> X </s>`` template for a masked LM). The result is a
 ``PreTrainedTokenizerFast`` whose folder ``AutoTokenizer.from_pretrained`` loads.
 
 Training streams: only the word counts are held in memory (they grow with the distinct words, not
@@ -25,7 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_streamlm.config import Config, ConfigError, TokenizerConfig
@@ -45,6 +46,17 @@ BPE_SPECIALS = {
     "unk_token": "<|endoftext|>",
     "pad_token": "<|pad|>",
 }
+
+ROBERTA_SPECIALS = {
+    "bos_token": "<s>",
+    "cls_token": "<s>",
+    "pad_token": "<pad>",
+    "eos_token": "</s>",
+    "sep_token": "</s>",
+    "mask_token": "<mask>",
+}
+"""Byte-level BPE for a masked LM, as RoBERTa has it (ids 0-3 in this order): ``<s>`` opens and ``</s>``
+closes each document. No ``<unk>``: byte-level BPE spells every text with its 256 byte tokens."""
 
 KNOWN_ROLES: dict[str, tuple[str, ...]] = {
     "<|endoftext|>": ("eos_token", "bos_token", "unk_token"),
@@ -148,13 +160,14 @@ class _Counted:
             yield text
 
 
-def _blank(kind: str, lowercase: bool) -> tuple[Tokenizer, dict[str, str]]:
-    """The untrained tokenizer of ``kind`` (model, normalizer, pre-tokenizer, decoder) and its specials."""
+def _blank(kind: str, lowercase: bool, mlm: bool = False) -> tuple[Tokenizer, dict[str, str]]:
+    """The untrained tokenizer of ``kind`` (model, normalizer, pre-tokenizer, decoder) and its specials
+    (``mlm``: a masked LM's, which only changes byte-level BPE's: RoBERTa's instead of GPT-2's)."""
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        return tok, BPE_SPECIALS
+        return tok, ROBERTA_SPECIALS if mlm else BPE_SPECIALS
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=WORDPIECE_PREFIX))
         tok.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
@@ -165,6 +178,13 @@ def _blank(kind: str, lowercase: bool) -> tuple[Tokenizer, dict[str, str]]:
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     return tok, BERT_SPECIALS
+
+
+def _special(token: str) -> AddedToken:
+    """A special token as the trainer should add it. ``<mask>`` takes the space before it, as RoBERTa's does:
+    in "a <mask> b" the model then fills in the word with its leading space ("Ġword"), the token it was
+    trained to predict there, instead of seeing a stray "Ġ" before the mask."""
+    return AddedToken(token, lstrip=token == "<mask>", rstrip=False, normalized=False, special=True)
 
 
 def _continuation_chars(chars: Iterable[str], tok: Tokenizer) -> list[str]:
@@ -236,6 +256,7 @@ def train_tokenizer(
     min_frequency: int = 2,
     lowercase: bool = True,
     length: int | None = None,
+    mlm: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a ``kind`` tokenizer on ``texts`` (streamed: only the counts are held in memory).
 
@@ -243,15 +264,16 @@ def train_tokenizer(
     the same order give byte-identical saved files (for WordPiece, see :func:`_wordpiece_trainer`).
     ``texts`` is read by a background thread while the trainer counts (:func:`_read_ahead`).
     ``length`` (the number of documents, if known) is accepted for compatibility and unused;
-    progress is shown by whoever iterates ``texts``.
+    progress is shown by whoever iterates ``texts``. ``mlm``: for a masked LM (byte-level BPE then
+    gets RoBERTa's special tokens and ``<s> X </s>`` template; the other kinds have BERT's either way).
     """
-    tok, specials = _blank(kind, lowercase)
+    tok, specials = _blank(kind, lowercase, mlm)
     registered: set[str] = set()
     if kind == "bpe":
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=list(dict.fromkeys(specials.values())),
+            special_tokens=[_special(t) for t in dict.fromkeys(specials.values())],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -265,14 +287,20 @@ def train_tokenizer(
     tok.train_from_iterator(_read_ahead(_batches(texts)), trainer=trainer)
     if kind == "wordpiece":
         tok = _finish_wordpiece(tok, registered)
-    if kind != "bpe":
+    roberta = kind == "bpe" and mlm
+    if roberta:
+        # RoBERTa's post-processor: <s> A </s> (pairs: <s> A </s></s> B </s>), offsets trimmed of the byte-level space.
+        tok.post_processor = processors.RobertaProcessing(
+            ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), add_prefix_space=False
+        )
+    elif kind != "bpe":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
         )
     # clean_up_tokenization_spaces=False, written to tokenizer_config.json: transformers' "clean up"
     # removes spaces before punctuation, which would break decode(encode(x)) == x for byte-level BPE.
-    extra = {} if kind == "bpe" else {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+    extra = {} if kind == "bpe" and not mlm else {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=1_000_000_000, clean_up_tokenization_spaces=False, **extra, **specials
     )
@@ -356,7 +384,8 @@ def build_tokenizer(config: Config, texts: Iterable[str] | None = None) -> PreTr
         elif limit is not None:
             texts = itertools.islice(texts, limit)
         start, counted = time.perf_counter(), _Counted(texts)
-        tok = train_tokenizer(counted, cfg.kind, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
+        tok = train_tokenizer(counted, cfg.kind, cfg.vocab_size, cfg.min_frequency, cfg.lowercase,
+                              mlm=config.model.type == "microbert")
         logger.info("trained a %s tokenizer of %d tokens on %d documents (cap: %s) in %.1f s",
                     cfg.kind, len(tok), counted.n, limit or "none", time.perf_counter() - start)
     mlm = config.model.type == "microbert"

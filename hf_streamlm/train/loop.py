@@ -28,6 +28,7 @@ from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler, estimate
 from hf_streamlm.train.checkpoint import (list_checkpoints, load_checkpoint, qualifies_as_best, resume_choice,
                                           save_best, save_checkpoint)
+from hf_streamlm.train.device_batch import to_device
 from hf_streamlm.train.elastic import keep_global_batch
 from hf_streamlm.train.monitor import NonFiniteError, NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.history import History, plot_history
@@ -158,7 +159,9 @@ def train(config: Config, command: str | None = None) -> Path:
     if r.compile:
         model = torch.compile(model, backend=r.compile_backend)
     rank, world = accelerator.process_index, accelerator.num_processes
-    loader = build_train_loader(config, tokenizer, functools.partial(make_collator, config, tokenizer), rank, world)
+    # Pinned on CUDA, so that the non_blocking copies in to_device overlap with the kernels still running.
+    loader = build_train_loader(config, tokenizer, functools.partial(make_collator, config, tokenizer), rank, world,
+                                pin_memory=accelerator.device.type == "cuda")
     tokens_per_step = d.batch_size * d.sequence_length * d.gradient_accumulation_steps * world
     total_steps = total_steps_for(
         config, tokens_per_step,
@@ -203,8 +206,9 @@ def train(config: Config, command: str | None = None) -> Path:
             if shared_failure(accelerator, failure):  # a source failed on some rank: no rank trains this step
                 raise stop_on_data_failure(accelerator, config, tokenizer, ckpt_dir, state, loader, failure, resumed_at)
             state["epoch"] = loader.epoch
-            for batch in step_batches:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            stopping = False
+            for batch in step_batches:  # nothing here reads a device value back (hf_streamlm.train.device_batch)
+                batch, tokens = to_device(batch, accelerator.device)
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
@@ -213,12 +217,14 @@ def train(config: Config, command: str | None = None) -> Path:
                         # Clipping at inf still returns the norm: logged, and checked for NaN/inf.
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                                 config.optimizer.max_grad_norm or math.inf)
-                        if guard.check(grad_norm):
+                        # The step's one read-back: the guard's verdict and the stop flags of all ranks, together.
+                        update, stopping = guard.decide(grad_norm, stop_requested=stop.received is not None)
+                        if update:
                             optimizer.step()
                     optimizer.zero_grad()
                 window["loss"] += loss.detach().float()
                 window["micro"] += 1
-                window["tokens"] += int(batch["attention_mask"].sum())
+                window["tokens"] += tokens
                 state["micro_batches"] += 1
             if guard.in_a_row:  # this step's update was dropped (runtime.on_nonfinite)
                 state["nonfinite_skips"] += 1
@@ -233,7 +239,8 @@ def train(config: Config, command: str | None = None) -> Path:
                 trace.write(state["step"], loader.take_documents())
             bar.update(1)
 
-            if state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps:
+            logs = state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps
+            if logs:
                 stats = torch.tensor([float(window["loss"]) / window["micro"], window["tokens"]], device=accelerator.device)
                 stats = accelerator.reduce(stats, reduction="sum")
                 elapsed = time.perf_counter() - window["t0"]
@@ -256,7 +263,8 @@ def train(config: Config, command: str | None = None) -> Path:
                 window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
 
             every, best = r.evaluation.every_n_steps, False
-            if eval_blocks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
+            evaluates = bool(every and state["step"] % every == 0) or state["step"] == total_steps
+            if eval_blocks and evaluates:
                 eval_collator.generator = None
                 metrics = evaluate(model, eval_blocks, eval_collator, d.batch_size, accelerator)
                 log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
@@ -264,14 +272,16 @@ def train(config: Config, command: str | None = None) -> Path:
                     state["eval"] = metrics
                     best = main_decides(accelerator, accelerator.is_main_process
                                         and qualifies_as_best(best_dir, metrics["eval_loss"], r.evaluation.best.max_keep))
-            if r.evaluation.tasks and ((every and state["step"] % every == 0) or state["step"] == total_steps):
+            if r.evaluation.tasks and evaluates:
                 if downstream := loop_tasks(model, tokenizer, config, state["step"], accelerator):
                     state["lm_eval"] = downstream  # -> checkpoint state, model card
                     log_row({"step": state["step"], **downstream["results"]}, accelerator, history, bar,
                             r.logging.enable_stdout)
 
             every = r.checkpoint.every_n_steps
-            stopping = stop.agreed(accelerator)
+            # A step that logged or evaluated has read values back already, and may have taken long: a signal
+            # that came meanwhile stops it now (the ranks agree again) rather than after the next step.
+            stopping = stop.agreed(accelerator) if logs or evaluates else stop.adopt(stopping)
             saved, t_save = None, time.perf_counter()
             if (every and state["step"] % every == 0) or state["step"] == total_steps or stopping:
                 saved = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)

@@ -82,19 +82,28 @@ class NonFiniteGuard:
 
     def check(self, grad_norm: torch.Tensor | float | None) -> bool:
         """True when the optimizer may step. Resets the loss flag for the next step."""
+        return self.decide(grad_norm)[0]
+
+    def decide(self, grad_norm: torch.Tensor | float | None, stop_requested: bool = False) -> tuple[bool, bool]:
+        """``(update, stop)`` for this optimizer step, the same on every rank: whether the optimizer may step,
+        and whether any rank asked to stop (``stop_requested``: a signal arrived on this one).
+
+        The two flags travel in one tensor and are read back once: the one place per optimizer step where
+        the host waits for the GPU (a step that logs reads its loss too). Micro-steps read nothing back."""
         bad = self.bad_loss.clone()
         # fp16: an inf gradient norm with a finite loss is the loss scaler's business (it skips the
         # step and lowers the scale), not divergence.
         if grad_norm is not None and not self.fp16:
             bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).reshape(())
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad.to(torch.float32).reshape(1), reduction="sum").reshape(()) > 0
         self.bad_loss.zero_()
-        if not bool(bad):
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        return False
+        if self.accelerator.num_processes > 1:
+            flags = torch.stack([bad.to(torch.float32), torch.full((), float(stop_requested), device=bad.device)])
+            bad_ranks, stop_ranks = self.accelerator.reduce(flags, reduction="sum").tolist()
+            is_bad, stop = bad_ranks > 0, stop_ranks > 0
+        else:
+            is_bad, stop = bool(bad), stop_requested
+        self.in_a_row = self.in_a_row + 1 if is_bad else 0
+        return not is_bad, stop
 
     @property
     def must_stop(self) -> bool:

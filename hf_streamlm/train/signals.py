@@ -49,13 +49,18 @@ class StopSignal:
         return signal.Signals(self.received).name if self.received else ""
 
     def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
+        """True on every rank as soon as any rank got a signal (ranks must stop at the same step). The
+        training loop learns the same from :meth:`NonFiniteGuard.decide`, in the step's one read-back."""
         flag = torch.tensor([1 if self.received else 0], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
-        if flag.item() and not self.received:
+        return self.adopt(bool(flag.item()))
+
+    def adopt(self, agreed: bool) -> bool:
+        """Take the ranks' common decision ``agreed`` (any rank got a signal) as this rank's; returns it."""
+        if agreed and not self.received:
             self.received, self.received_at = signal.SIGTERM, time.monotonic()  # another rank's signal
-        return bool(flag.item())
+        return agreed
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

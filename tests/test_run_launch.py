@@ -1,0 +1,107 @@
+"""Real entry points besides the quickstart run of tests/test_run.py (split from it so the two test
+processes get even shares): the console script, bad input without tracebacks, ``accelerate launch`` with
+two processes, and the launcher's precision."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+from tests.test_run import SHORT
+
+
+def test_console_script_is_the_same_entry_point(tmp_path):
+    script = Path(sys.executable).parent / "hf-streamlm"
+    assert script.exists(), "install the package (pip install -e .) to get the hf-streamlm script"
+    proc = subprocess.run([str(script), "train", "recipe=quickstart", "optimizer.learnin_rate=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "learnin_rate" in proc.stderr
+    listed = subprocess.run([str(script), "recipes"], capture_output=True, text=True, timeout=120)
+    assert "quickstart" in listed.stdout.split()
+    shown = subprocess.run([str(script), "config", "recipe=quickstart", "data.batch_size=3"],
+                           capture_output=True, text=True, timeout=120)
+    assert yaml.safe_load(shown.stdout)["data"]["batch_size"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["recipe=quickstart", "optimizer.learnin_rate=1"], "learnin_rate"),
+        (["recipe=does_not_exist"], "quickstart"),
+        (["recipe=quickstart", "data.batch_size=lots"], "data.batch_size"),
+        (["recipe=quickstart", "model.hidden_size=100", "model.num_attention_heads=3"], "num_attention_heads"),
+    ],
+)
+def test_bad_input_exits_with_one_line_and_no_traceback(args, needle, capsys):
+    """``hf_streamlm.run``'s main in this process (a fresh interpreter per case cost ~10 s each; the console
+    script's own process is checked above): exit 2 with one line, and no exception but SystemExit."""
+    from hf_streamlm.run import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_bad_data_found_while_building_is_one_line(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"body": "some words here"}) + "\n")
+    proc = run_cli("recipe=quickstart", f"runtime.output_dir={tmp_path / 'out'}",
+                   f"data.sources=[{{path: json, data_files: '{corpus}'}}]")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "no column 'text'" in proc.stderr and "body" in proc.stderr
+
+
+def test_accelerate_launch_two_processes(tmp_path, wordpiece_800):
+    out = tmp_path / "ddp"
+    # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the processes
+    # meet over gloo on the CPU (--cpu would start one process).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29517", "-m", "hf_streamlm.run",
+           *[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=10",
+           "runtime.checkpoint.every_n_steps=10", "runtime.evaluation.every_n_steps=10", f"tokenizer.path={wordpiece_800}",
+           f"runtime.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [5, 10]
+    assert train[0]["tokens"] == 2 * 5 * 16 * 128  # both ranks' tokens are counted
+    ckpt = out / "checkpoints" / "step-10"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (out / "export" / "model.safetensors").is_file()
+    # Resumed by one process (elastic resume, issue #17): both ranks' stream positions are taken over and the
+    # global batch is kept by doubling gradient accumulation.
+    proc = run_cli(*SHORT, "scheduler.total_steps=20", f"tokenizer.path={wordpiece_800}", f"runtime.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed 2x0 -> 1x0" in proc.stdout
+    assert "data.gradient_accumulation_steps 1 -> 2" in proc.stderr
+
+
+def test_precision_auto_takes_the_launchers_choice(tmp_path, wordpiece_800):
+    """runtime.precision=auto: `accelerate launch --mixed_precision bf16` decides, and the run's
+    config.yaml records the resolved value; without a launcher it is fp32."""
+    out = tmp_path / "auto"
+    args = [*[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=4",
+            "runtime.checkpoint.every_n_steps=4", "runtime.evaluation.every_n_steps=4", "runtime.precision=auto",
+            "model.num_layers=1", "data.batch_size=4", "runtime.demo_sentences=[]", f"tokenizer.path={wordpiece_800}"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "hf_streamlm.run", *args,
+           f"runtime.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["precision"] == "bf16"
+    plain = run_cli(*args, f"runtime.output_dir={tmp_path / 'plain'}")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["runtime"]["precision"] == "fp32"
