@@ -160,8 +160,10 @@ class DataConfig:
     """Stop the training stream after this many documents in all (per pass)."""
     min_words: int = 0
     """Skip documents with fewer words (applies to every source, on top of its own)."""
-    stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
-    """When a mixture ends: when its first source runs out, or when all have."""
+    stopping_strategy: Literal["first_exhausted", "all_exhausted", "all_exhausted_without_replacement"] = "all_exhausted"
+    """When a mixture ends: when its first source runs out, or when all have (``all_exhausted`` repeats
+    the documents of sources that ran out meanwhile; ``all_exhausted_without_replacement`` reads every
+    document of every source once per pass)."""
     drop_last: bool = True
     """Drop the last partial block (``true``) or pad it (``false``)."""
     document_masking: bool = False

@@ -20,8 +20,10 @@ from datasets.distributed import split_dataset_by_node
 from hf_streamlm.config import Config, ConfigError, SourceConfig
 from hf_streamlm.data.packing import pack
 from hf_streamlm.data.quality import TextFilter
+from hf_streamlm.data.elastic import ShareStream
 from hf_streamlm.data.sources import ROW_BATCH, apply_network_settings, load_source
-from hf_streamlm.data.stream import BlockStream, ResumableLoader, WorkerPipeline
+from hf_streamlm.data.loader import BlockStream, ResumableLoader
+from hf_streamlm.data.stream import WorkerPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -273,22 +275,26 @@ class PipelineFactory:
         self.collator_factory = collator_factory
         self.buffer_per_worker = config.data.shuffle_buffer_size if buffer_per_worker is None else buffer_per_worker
 
-    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None) -> WorkerPipeline:
+    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None,
+                 texts: datasets.IterableDataset | None = None, rank: int | None = None,
+                 settings: dict | None = None) -> WorkerPipeline:
         d, seed = self.config.data, self.config.runtime.seed
         apply_network_settings(d.retries, d.retry_backoff)  # module settings: a spawned worker starts without them
         # Distinct, reproducible streams per (rank, worker) for the shuffle buffer and the masking.
-        stream_seed = seed * 1_000_003 + self.rank * 1009 + worker
-        return WorkerPipeline(
-            self.texts,
+        rank = self.rank if rank is None else rank
+        stream_seed = seed * 1_000_003 + rank * 1009 + worker
+        settings = settings or {}
+        pipeline = WorkerPipeline(
+            self.texts if texts is None else texts,
             # Separators are added while packing, in the reading thread: the tokenizing thread is the
             # busier one.
             functools.partial(self.encode, wrap=False),
             self.collator_factory(stream_seed),
-            batch_size=d.batch_size,
+            batch_size=settings.get("batch_size", d.batch_size),
             block_size=d.sequence_length,
-            shuffle_buffer_size=self.buffer_per_worker,
+            shuffle_buffer_size=settings.get("buffer", self.buffer_per_worker),
             seed=stream_seed,
-            with_documents=d.document_masking,
+            with_documents=settings.get("with_documents", d.document_masking),
             separators=(self.encode.head, self.encode.tail),
             skips_key=self.skips_key,
             describe_failure=functools.partial(describe_read_failure, self.config),
@@ -296,6 +302,15 @@ class PipelineFactory:
             passes=passes,
             pad_id=pad_id,
         )
+        pipeline.open_reader = self.old_reader
+        return pipeline
+
+    def old_reader(self, part: dict) -> WorkerPipeline:
+        """The reader of another layout that ``part`` names (rank, worker, its layout and settings),
+        rebuilt in this process for an elastic resume (:mod:`hf_streamlm.data.elastic`)."""
+        ds, _ = _rank_texts(self.config, part["rank"], part["processes"], f"{self.skips_key}-elastic")
+        share = ShareStream(ds, part["workers"], part["worker"])
+        return self(part["worker"], texts=share, rank=part["rank"], settings=part)
 
 
 def describe_read_failure(config: Config, err: Exception) -> str:

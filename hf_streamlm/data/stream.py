@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 import weakref
 from collections import Counter, deque
@@ -41,10 +40,10 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from hf_streamlm.config import ConfigError
 from hf_streamlm.data.documents import Doc, document_key, runs
+from hf_streamlm.data.elastic import Prelude
 from hf_streamlm.data.packing import document_positions
 from hf_streamlm.data.quality import skip_counter
 
@@ -132,6 +131,13 @@ class WorkerPipeline:
         self._clamp_warned = False
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: tuple[list[Doc], Future] | None = None
+        self.produced = 0  # batches made
+        # Elastic resume (hf_streamlm.data.elastic): what this reader took over from another layout, the
+        # documents of those passes still to read, and the serial its own reading starts at.
+        self.open_reader: Callable[[dict], WorkerPipeline] | None = None  # set by the factory
+        self.origin: dict | None = None
+        self.prelude: Prelude | None = None
+        self.native_from = 0
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -149,6 +155,12 @@ class WorkerPipeline:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here: positions and document references, no text."""
         pending = self._inflight[0] if self._inflight is not None else []
+        if self.origin is not None:
+            held = [d.serial for d in self.buffer] + [d.serial for d in pending]
+            if self.prelude is not None or min(held, default=self.read) < self.native_from:
+                # Still in the passes taken over at a layout change: rebuilt from the origin and replayed.
+                return {"replay": self.origin, "batches": self.produced}
+            self.origin = None  # every document held now is this reader's own: the usual state from here
         return {
             "anchor": self._live_anchor(),
             "epoch": self.epoch,
@@ -175,6 +187,11 @@ class WorkerPipeline:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: re-read the source from the state's anchor to where it stood,
         taking the held documents' texts on the way."""
+        if "replay" in state:
+            self.start_elastic(state["replay"])
+            for _ in range(state["batches"]):
+                self.next_batch()
+            return
         held = {int(s): int(k) for s, k in state["buffer"]}
         held.update((int(s), int(k)) for s, k in state["pending"])
         serial, epoch, source = state["anchor"]
@@ -224,6 +241,48 @@ class WorkerPipeline:
         self.skipped_before = dict(state["skipped"])
         self._skips_at_start = Counter(self._skips)  # the re-read counted its skips again
 
+    def start_elastic(self, origin: dict[str, Any]) -> None:
+        """Take over the part ``origin`` names of readers of another layout (see
+        :mod:`hf_streamlm.data.elastic`): their documents in flight and not yet read, up to the end of
+        the newest pass they had started; the packing remainders of the first parts."""
+        self.origin = origin
+        held: dict[int, deque] = {}
+        cursors = []
+        for part in origin["parts"]:
+            old = self.open_reader(part)
+            if part["snapshot"] is not None:
+                old.load_state_dict(part["snapshot"])
+                for _ in range(part["skip"]):
+                    old.next_batch()
+            pending = old._inflight[0] if old._inflight is not None else []
+            old._inflight = None
+            for h, doc in enumerate(old.buffer + pending):
+                if h % part["k"] == part["part"]:
+                    held.setdefault(doc.epoch, deque()).append(doc)
+            old.buffer = []
+            if part["part"] == 0:
+                self._take_remainder(old)
+            cursors.append([old, part["k"], part["part"], 0])
+        self.prelude = Prelude(held, cursors, origin["last_epoch"])
+        self.epoch = self.prelude.first_epoch
+
+    def _take_remainder(self, old: WorkerPipeline) -> None:
+        """Append ``old``'s packing remainder (tokens of documents partly trained) to this packing buffer."""
+        base = self.cut + len(self.tokens)
+        for end, source, key, epoch in old.doc_ends:
+            self.doc_ends.append((base + end - old.cut, source, key, epoch))
+        self.tokens.extend(old.tokens)
+        if self.with_documents and old.serials:
+            first = old.serials[0]
+            self.serials.extend(self.next_serial + s - first for s in old.serials)
+            self.next_serial += old.serials[-1] - first + 1
+        for source, n in old.source_docs.items():
+            self.source_docs[source] = self.source_docs.get(source, 0) + n
+        for source, n in old.source_tokens.items():
+            self.source_tokens[source] = self.source_tokens.get(source, 0) + n
+        for kind, n in old.skipped().items():
+            self.skipped_before[kind] = self.skipped_before.get(kind, 0) + n
+
     def skipped(self) -> dict[str, int]:
         """Documents skipped so far by kind (none, not_text, empty, short)."""
         total = Counter(self.skipped_before)
@@ -234,6 +293,14 @@ class WorkerPipeline:
 
     def _read(self) -> Doc | None:
         """The next document of the pass being read; None at its end."""
+        if self.prelude is not None:
+            taken = self.prelude.next(self.epoch)
+            if taken is None:
+                return None
+            doc = Doc(taken.text, taken.source, self.read, self.epoch, taken.key)
+            self.read += 1
+            self.pass_rows += 1
+            return doc
         if self._rows is None:
             if not self._resumed_pass:
                 self.anchors.append((self.read, self.epoch, None))  # a pass start: no position needed
@@ -257,6 +324,15 @@ class WorkerPipeline:
 
     def _next_pass(self) -> bool:
         """Start reading the next pass; False when the pass just read was empty (nothing to cycle)."""
+        if self.prelude is not None:  # a pass taken over: never the end of the stream
+            self.epoch += 1
+            self.pass_rows, self.pass_done, self._rows = 0, False, None
+            if self.epoch > self.prelude.last_epoch:
+                self.prelude = None
+                self.native_from = self.read  # this reader's own share from here
+            else:
+                self.prelude.next_pass()
+            return True
         empty = self.pass_rows == 0 and not self._resumed_pass
         self._resumed_pass = False
         if self.passes is not None and self.epoch + 1 >= self.passes:
@@ -304,7 +380,7 @@ class WorkerPipeline:
 
     def _end_of_pass(self) -> None:
         self.pass_done = True
-        if self.epoch == 0 and self.pass_rows < self.shuffle_buffer_size and self.pass_rows and not self._clamp_warned:
+        if self.prelude is None and self.epoch == 0 and self.pass_rows < self.shuffle_buffer_size and self.pass_rows and not self._clamp_warned:
             self._clamp_warned = True
             logger.warning(
                 "data.shuffle_buffer_size: this worker's share of the stream is %d documents, fewer than its buffer "
@@ -410,178 +486,9 @@ class WorkerPipeline:
                 b.setdefault("attention_mask", [1] * self.block_size)
         batch = self.collate(blocks)
         batch["_epoch"] = self.batch_epoch
+        batch["_read_epoch"] = self.epoch  # the pass being read: how far an elastic resume must finish old shares
+        self.produced += 1
         batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens), self.skipped())
         if self.trace:
             batch["_docs"] = self.batch_docs
         return batch
-
-
-class BlockStream(torch.utils.data.IterableDataset):
-    """Batches of one rank: a :class:`WorkerPipeline` per DataLoader worker, resumable from
-    per-worker snapshots (see the module docstring). A worker whose share of the stream is empty
-    sends one ``{"_empty": True}`` marker and stops, so the loader drops it from its turns instead of
-    waiting on it."""
-
-    def __init__(self, make_pipeline: Callable[[int], WorkerPipeline], snapshot_every: int = SNAPSHOT_EVERY):
-        self.make_pipeline = make_pipeline
-        self.snapshot_every = snapshot_every
-        self.resume: dict[int, dict[str, Any]] = {}
-        self.live: WorkerPipeline | None = None  # the pipeline, when it runs in this process
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        if info is not None:
-            # A forked worker must not use the tokenizer's Rust thread pool: its threads stayed in the
-            # parent, and with TOKENIZERS_PARALLELISM=true (which disables the library's own fork guard)
-            # encode_batch would wait on them forever. Each worker encodes on its own thread instead.
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        # In this process the loader reads the state from the live pipeline when asked; only worker
-        # processes need to send snapshots along with their batches.
-        every = self.snapshot_every if info else None
-        pipeline = self.make_pipeline(worker)
-        if info is None:
-            self.live = pipeline
-        start = self.resume.get(worker)
-        if start is not None:
-            pipeline.load_state_dict(start["snapshot"])
-            for _ in range(start["skip"]):  # replay what was consumed after the snapshot
-                pipeline.next_batch()
-        produced = 0
-        while (batch := pipeline.next_batch()) is not None:
-            batch["_worker"] = worker
-            if every is not None and produced % every == 0:
-                batch["_state"] = pipeline.state_dict()
-            produced += 1
-            yield batch
-        if produced == 0 and start is None:
-            yield {"_worker": worker, "_empty": True}
-
-
-def _identity(batch: dict) -> dict:
-    return batch
-
-
-class ResumableLoader:
-    """A DataLoader over a :class:`BlockStream` whose ``state_dict`` marks exactly the batches consumed.
-
-    The DataLoader asks its workers in turn (0, 1, ..., 0, 1, ...); since every worker's stream is
-    endless, batch ``i`` always comes from worker ``i % num_workers``. After a resume the loader
-    starts again at worker 0, so batches are re-ordered here to continue the turn where it stopped.
-    A worker with an empty share leaves the turns (its marker comes at its first turn, so the order
-    stays fixed); when every worker of the rank is empty, the rank has nothing to train on and the
-    loader stops with one line naming the sources.
-    """
-
-    def __init__(self, stream: BlockStream, num_workers: int = 0, start_method: str | None = None,
-                 describe_sources: str = "the data sources", rank: int = 0, pin_memory: bool = False):
-        self.stream = stream
-        self.pin_memory = pin_memory  # the DataLoader's pinning thread: batches in page-locked memory (CUDA)
-        self.num_workers = num_workers
-        self.start_method = start_method
-        self.describe_sources = describe_sources
-        self.rank = rank
-        self.workers: dict[int, dict[str, Any]] = {}
-        self.turns = list(range(max(1, num_workers)))  # the workers that produce, in turn order
-        self.next_worker = 0
-        self.epoch = 0
-        self.docs: list[list] = []  # with data.trace_documents: documents that ended in the batches handed out
-        self.sources: dict[int, tuple[dict, dict]] = {}  # per worker: cumulative (docs, tokens) by source
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.num_workers == 0 and self.stream.live is not None:
-            # No prefetching without workers: the live pipeline has produced exactly the batches consumed.
-            self.workers[0] = {"snapshot": self.stream.live.state_dict(), "skip": 0}
-        return {
-            "num_workers": self.num_workers,
-            "next_worker": self.next_worker,
-            "turns": list(self.turns),
-            "epoch": self.epoch,
-            "workers": copy.deepcopy(self.workers),
-            "sources": copy.deepcopy(self.sources),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["num_workers"] != self.num_workers:
-            raise ConfigError(
-                f"the checkpoint's data state is for data.num_workers={state['num_workers']}, not {self.num_workers}: "
-                "resume with the same number of workers"
-            )
-        if any("anchor" not in w["snapshot"] for w in state["workers"].values()):
-            raise ConfigError("the checkpoint's data state was written by an older hf_streamlm (text in the state): "
-                              "resume it with the version that wrote it, or start a new runtime.output_dir")
-        self.workers = copy.deepcopy(state["workers"])
-        self.next_worker = state["next_worker"]
-        self.turns = list(state.get("turns", range(max(1, self.num_workers))))
-        self.epoch = state.get("epoch", 0)
-        self.sources = copy.deepcopy(state["sources"])
-
-    def take_documents(self) -> list[list]:
-        """``[source_index, key, epoch]`` of the documents whose last token was in the batches handed out
-        since the last call (``data.trace_documents``): an optimizer step's, called once per step."""
-        docs, self.docs = self.docs, []
-        return docs
-
-    def source_counts(self) -> tuple[dict[int, int], dict[int, int]]:
-        """Documents and tokens tokenized so far, per source index, summed over this rank's workers."""
-        docs: dict[int, int] = {}
-        tokens: dict[int, int] = {}
-        for worker_docs, worker_tokens, _ in self.sources.values():
-            for source, n in worker_docs.items():
-                docs[source] = docs.get(source, 0) + n
-            for source, n in worker_tokens.items():
-                tokens[source] = tokens.get(source, 0) + n
-        return docs, tokens
-
-    def skip_counts(self) -> dict[str, int]:
-        """Documents skipped so far by kind, summed over this rank's workers."""
-        total: Counter = Counter()
-        for _, _, skipped in self.sources.values():
-            total.update(skipped)
-        return dict(total)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.stream.resume = copy.deepcopy(self.workers)
-        self.stream.live = None
-        # Batches are made by the pipeline; the identity collate keeps the snapshots as they are
-        # (the default conversion would turn the RNG's tuples into lists).
-        context = self.start_method if self.num_workers and self.start_method else None
-        loader = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                 multiprocessing_context=context, pin_memory=self.pin_memory))
-        try:
-            yield from self._in_turn(loader)
-        finally:
-            # Workers stopped now, not whenever the iterator is collected: a worker error's traceback keeps
-            # it alive until exit, where multiprocessing's SIGTERM cannot stop workers that block it
-            # (hf_streamlm.train.signals) and its join would wait forever.
-            getattr(loader, "_shutdown_workers", lambda: None)()
-
-    def _in_turn(self, loader) -> Iterator[dict[str, torch.Tensor]]:
-        pending: dict[int, deque] = {w: deque() for w in range(max(1, self.num_workers))}
-        for batch in loader:
-            pending[batch["_worker"]].append(batch)
-            while self.turns and pending[self.turns[self.next_worker]]:
-                out = pending[self.turns[self.next_worker]].popleft()
-                worker = out.pop("_worker")
-                if out.get("_empty"):
-                    self.turns.remove(worker)  # this worker's share is empty: its peers carry on
-                    logger.warning("rank %d: DataLoader worker %d has no documents of %s; the other workers carry "
-                                   "on", self.rank, worker, self.describe_sources)
-                    self.next_worker = self.next_worker % len(self.turns) if self.turns else 0
-                    continue
-                snapshot = out.pop("_state", None)
-                if snapshot is not None:
-                    self.workers[worker] = {"snapshot": snapshot, "skip": 0}
-                elif self.num_workers:
-                    self.workers[worker]["skip"] += 1
-                self.epoch = out.pop("_epoch")
-                self.docs.extend(out.pop("_docs", ()))
-                self.sources[worker] = out.pop("_sources")
-                self.next_worker = (self.next_worker + 1) % len(self.turns)
-                yield out
-            if not self.turns:
-                break
-        if not self.turns:
-            raise ConfigError(f"rank {self.rank} has no documents to train on: {self.describe_sources} gave its "
-                              "DataLoader workers nothing (fewer shards or documents than ranks x workers, or "
-                              "everything filtered out)")

@@ -17,24 +17,34 @@ from pathlib import Path
 class DocumentTrace:
     """Appends one line per optimizer step to ``trace/rank-<r>.jsonl``."""
 
-    def __init__(self, folder: Path, rank: int, resume_step: int = 0):
+    def __init__(self, folder: Path, rank: int, resume_step: int = 0, world_size: int = 1):
         self.path = Path(folder) / f"rank-{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill mid-write: past the checkpoint
-                    continue
-                if row["step"] <= resume_step:
-                    kept.append(line + "\n")
-            self.path.write_text("".join(kept))
+        drop_after(self.path, resume_step)
+        if rank == 0:  # after a resume on fewer processes, the files of the ranks gone end at the checkpoint too
+            for path in self.path.parent.glob("rank-*.jsonl"):
+                if int(path.stem.split("-")[1]) >= world_size:
+                    drop_after(path, resume_step)
 
     def write(self, step: int, docs: list[list]) -> None:
         """The step's line: the documents that ended in its micro-batches (``loader.take_documents()``)."""
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "docs": docs}, separators=(",", ":")) + "\n")
+
+
+def drop_after(path: Path, step: int) -> None:
+    """Keep the lines of a trace file up to ``step`` (a line cut short by a kill mid-write is past it)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 def read_trace(path: str | Path) -> list[dict]:

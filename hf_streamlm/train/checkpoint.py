@@ -255,25 +255,20 @@ def resolve_resume(config: Config, directory: Path) -> Path | None:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[str, Any]:
+    """Load the training state and the data state. A checkpoint of another layout (processes x DataLoader
+    workers) hands its data state out to this run's readers (:mod:`hf_streamlm.train.elastic`)."""
+    from hf_streamlm.train.elastic import load_elastic_data, saved_layout
+
+    moved = None
     if loader is not None:
-        # Each rank's place in the stream is its own: with another number of processes some would be
-        # lost (documents skipped) or missing, so the counts must agree.
-        written = len(list(path.glob("data_state_*.pt")))
-        if written != accelerator.num_processes:
-            raise ConfigError(f"checkpoint {path} was written by {written} process(es) and this run has "
-                              f"{accelerator.num_processes}: resume with {written} (each rank's stream position is "
-                              "its own), or start a new runtime.output_dir")
-    if loader is not None:
-        # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
-        data_state = torch.load(data_state_file(path, accelerator.process_index), weights_only=False)
-        written = data_state.get("num_workers")
-        if written is not None and written != getattr(loader, "num_workers", written):
-            raise ConfigError(f"checkpoint {path} was written with {written} DataLoader worker(s) per process and "
-                              f"this run has {loader.num_workers}: resume with data.num_workers={written} (each "
-                              "worker's stream position is its own), or start a new runtime.output_dir")
+        if saved_layout(path) != (accelerator.num_processes, loader.num_workers):
+            moved = load_elastic_data(accelerator, path, loader)
+        else:
+            # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
+            loader.load_state_dict(torch.load(data_state_file(path, accelerator.process_index), weights_only=False))
     accelerator.load_state(str(path))
-    if loader is not None:
-        loader.load_state_dict(data_state)
+    if moved:
+        accelerator.print(moved)
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -32,6 +32,7 @@ from hf_streamlm.train.builders import build_model, build_optimizer, build_sched
 from hf_streamlm.train.checkpoint import (list_checkpoints, load_checkpoint, qualifies_as_best, resume_choice,
                                           save_best, save_checkpoint, trained_model)
 from hf_streamlm.train.device_batch import to_device
+from hf_streamlm.train.elastic import keep_global_batch
 from hf_streamlm.train.monitor import NonFiniteError, NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.history import History, plot_history
 from hf_streamlm.train.signals import StopSignal, shielded
@@ -121,6 +122,12 @@ def train(config: Config, command: str | None = None) -> Path:
     )
     if r.precision == "auto":  # the launcher's choice, written back so everything after sees it
         r.precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    ckpt_dir = Path(r.checkpoint.directory or out / "checkpoints")
+    resume_from, refusal = main_decides(accelerator, resume_choice(config, ckpt_dir) if accelerator.is_main_process else None)
+    if refusal:
+        raise ConfigError(refusal)
+    if resume_from is not None:  # the same stream; the checkpoint's tokens per step on this number of processes
+        keep_global_batch(config, accelerator, resume_from)
     set_seed(r.seed)
     ckpt_dir = Path(r.checkpoint.directory or out / "checkpoints")
     resume_from, refusal = main_decides(accelerator, resume_choice(config, ckpt_dir) if accelerator.is_main_process else None)
@@ -170,7 +177,7 @@ def train(config: Config, command: str | None = None) -> Path:
     resumed_at = state["step"]
     stop = StopSignal()  # SIGTERM (RunPod preemption) / SIGINT: checkpoint at the next step boundary, exit 0
     batches = shielded(iter(loader))  # endless; continues exactly where the checkpoint's data state says
-    trace = DocumentTrace(out / "trace", rank, state["step"]) if d.trace_documents else None
+    trace = DocumentTrace(out / "trace", rank, state["step"], world) if d.trace_documents else None
     names = source_names(config)
 
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (accelerator.is_main_process and r.logging.progress_bar),
