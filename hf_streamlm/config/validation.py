@@ -7,6 +7,7 @@ cannot see alone (divisibility, ranges, keys that go together), each error namin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hf_streamlm.config.errors import ConfigError
 from hf_streamlm.config.schema import build
@@ -139,10 +140,25 @@ def validate(c: Config) -> None:
                           "causal LMs; MicroBERT's downstream figure is its masked-token accuracy (eval_accuracy)")
     _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
     _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
-    from hf_streamlm.train.trackers import check_report_to
-
     check_report_to(r.logging.report_to)
     if r.resume not in ("auto", "never") and not Path(r.resume).exists():
         raise ConfigError(f"'runtime.resume' must be auto, never or an existing checkpoint path; got {r.resume!r}")
     if c.hub.push and not c.hub.repo_id:
         raise ConfigError("'hub.push' is true but 'hub.repo_id' is not set")
+
+
+def known_trackers() -> list[str]:
+    from accelerate.utils import LoggerType
+
+    return [str(t.value) for t in LoggerType if t.value != "all"]
+
+
+def check_report_to(value: Any) -> None:
+    """Names Accelerate knows, ``none`` or ``all`` (config validation: no import of any tracker)."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    valid = known_trackers()
+    for name in names:
+        if str(name).lower() not in (*valid, "none", "all"):
+            raise ConfigError(f"'runtime.logging.report_to' has {name!r}; choose from: none, all, {', '.join(valid)}")
+    if len(names) > 1 and {"none", "all"} & {str(n).lower() for n in names}:
+        raise ConfigError(f"'runtime.logging.report_to': none and all stand alone, got {names}")

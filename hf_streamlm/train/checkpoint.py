@@ -262,7 +262,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[s
     moved = None
     if loader is not None:
         if saved_layout(path) != (accelerator.num_processes, loader.num_workers):
-            moved = load_elastic_data(accelerator, path, loader)
+            moved = load_elastic_data(accelerator, path, loader, data_state_file)
         else:
             # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
             loader.load_state_dict(torch.load(data_state_file(path, accelerator.process_index), weights_only=False))

@@ -18,6 +18,7 @@ what must not, and what is adjusted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,16 +123,15 @@ def keep_global_batch(config: Config, accelerator: Accelerator, path: Path) -> N
     accelerator.gradient_accumulation_steps = steps
 
 
-def load_elastic_data(accelerator: Accelerator, path: Path, loader) -> str:
-    """Hand the data state that ``path``'s processes wrote to this run's readers; returns the
-    ``resumed AxB -> CxD`` line."""
+def load_elastic_data(accelerator: Accelerator, path: Path, loader, state_file: Callable[[Path, int], Path]) -> str:
+    """Hand the data state that ``path``'s processes wrote (rank r's in ``state_file(path, r)``) to this
+    run's readers; returns the ``resumed AxB -> CxD`` line."""
     from hf_streamlm.config import load_config
     from hf_streamlm.data.elastic import ElasticRefused, origins
     from hf_streamlm.data.pipeline import buffer_per_worker
-    from hf_streamlm.train.checkpoint import data_state_file
 
     processes, workers = saved_layout(path)
-    states = [torch.load(data_state_file(path, r), weights_only=False) for r in range(processes)]
+    states = [torch.load(state_file(path, r), weights_only=False) for r in range(processes)]
     old = load_config([f"recipe={Path(path) / 'config.yaml'}", "runtime.resume=never"])
     settings = {"batch_size": old.data.batch_size, "with_documents": old.data.document_masking,
                 "buffer": buffer_per_worker(old, processes, max(1, workers), rank=-1)}

@@ -25,12 +25,6 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", 
 """Accelerate's tracker names -> the package that provides each (what ``pip install`` takes)."""
 
 
-def known_trackers() -> list[str]:
-    from accelerate.utils import LoggerType
-
-    return [str(t.value) for t in LoggerType if t.value != "all"]
-
-
 def tracker_names(config: Config) -> list[str]:
     """The trackers ``runtime.logging.report_to`` asks for, ``all`` expanded to the installed ones;
     ``runtime.logging.tensorboard: false`` leaves TensorBoard out (older recipes say it that way)."""
@@ -45,17 +39,6 @@ def tracker_names(config: Config) -> list[str]:
     if logging.tensorboard is False or logging.tensorboard is None:
         names = [n for n in names if n != "tensorboard"]
     return names
-
-
-def check_report_to(value: Any) -> None:
-    """Names Accelerate knows, ``none`` or ``all`` (config validation: no import of any tracker)."""
-    names = [value] if isinstance(value, str) else list(value or [])
-    valid = known_trackers()
-    for name in names:
-        if str(name).lower() not in (*valid, "none", "all"):
-            raise ConfigError(f"'runtime.logging.report_to' has {name!r}; choose from: none, all, {', '.join(valid)}")
-    if len(names) > 1 and {"none", "all"} & {str(n).lower() for n in names}:
-        raise ConfigError(f"'runtime.logging.report_to': none and all stand alone, got {names}")
 
 
 def log_with(config: Config, out: Path) -> list | None:
