@@ -43,6 +43,7 @@ def check(entry: dict, workdir: str) -> dict:
         "tokenizer_class": type(tokenizer).__name__,
         "model_class": type(model).__name__,
         "model_max_length": tokenizer.model_max_length,
+        "mask_token": (tokenizer.mask_token, tokenizer.mask_token_id),
         "rope_theta": getattr(model.config, "rope_theta", None),
         "rope_scaling": getattr(model.config, "rope_scaling", None),
         "inv_freq": model.model.rotary_emb.inv_freq.clone() if causal else None,

@@ -154,6 +154,7 @@ TINY = [
     "model.max_position_embeddings=64",
 ]
 MLM = ["recipe=quickstart", *TINY, "optimizer.learning_rate=1e-2"]  # a few right guesses: accuracy > 0
+MLM_BPE = [*MLM, "tokenizer.kind=bpe"]  # RoBERTa-style byte-level BPE (<s> <pad> </s> <mask>) for MicroBERT
 # document_masking (the recipe's): packed-document inputs in the eval batches. A non-default rotary base:
 # an export that loses it (transformers 4.x reads only rope_theta) gives other logits.
 DECODER = ["recipe=quickstart_decoder", *TINY, "model.rope_theta=500000"]
@@ -193,6 +194,12 @@ def mlm_run(tmp_path_factory) -> Path:
     """Trains its own tokenizer in the run (the other shared runs load one): the in-run training, its save
     into the run and its export stay covered by every test that reads this run."""
     return trained(tmp_path_factory, "mlm", MLM)
+
+
+@pytest.fixture(scope="session")
+def mlm_bpe_run(tmp_path_factory) -> Path:
+    """MicroBERT with byte-level BPE, trained in the run as ``mlm_run``'s WordPiece is."""
+    return trained(tmp_path_factory, "mlm-bpe", MLM_BPE)
 
 
 CLOZE_TASK = "pydocs_cloze"

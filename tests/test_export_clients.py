@@ -19,9 +19,9 @@ LOAD_TIME_KEYS = ("is_local", "local_files_only")
 LONG_TEXT = " ".join(["The function returns the list of values that the method was called with."] * 30)  # 390 words
 
 
-def _texts(family: str) -> list[str]:
+def _texts(family: str, mask: str = "[MASK]") -> list[str]:
     # Padding (2 texts of different lengths) and truncation (the long one) in the same batch.
-    short = "Return the [MASK] thread object." if family == "microbert" else "Return the current thread object."
+    short = f"Return the {mask} thread object." if family == "microbert" else "Return the current thread object."
     return [LONG_TEXT, short]
 
 
@@ -81,22 +81,55 @@ def test_fill_mask_on_a_300_token_input(mlm_run, tmp_path):
         pipeline("fill-mask", model=str(unbounded), device="cpu")(text, tokenizer_kwargs={"truncation": True})
 
 
+def test_bpe_microbert_export_serves_fill_mask_on_short_and_long_inputs(mlm_bpe_run):
+    """MicroBERT with byte-level BPE, exported as a stock BertForMaskedLM with RoBERTa's specials: the stock
+    pipeline fills ``<mask>`` with whole-word tokens (``Ġword``: the mask took the space before it), on a short
+    input and on one of 300+ tokens cut at the model's 64 positions."""
+    from transformers import BertForMaskedLM, pipeline
+
+    fill = pipeline("fill-mask", model=str(mlm_bpe_run / "export"), device="cpu")
+    assert isinstance(fill.model, BertForMaskedLM)
+    tokenizer = fill.tokenizer
+    assert (tokenizer.bos_token, tokenizer.pad_token, tokenizer.eos_token, tokenizer.mask_token) == (
+        "<s>", "<pad>", "</s>", "<mask>")
+    assert [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id] == [0, 1, 2, 3]
+    assert fill.model.config.pad_token_id == 1
+
+    short = "Return the <mask> thread object."
+    ids = tokenizer(short)["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2 and ids.count(3) == 1  # <s> ... <mask> ... </s>
+    long = short + " " + LONG_TEXT
+    assert len(tokenizer(long)["input_ids"]) > 300
+    for text in (short, long):
+        predictions = fill(text, top_k=5, tokenizer_kwargs={"truncation": True})
+        assert len(predictions) == 5, text[:40]
+        assert sum(p["score"] for p in predictions) <= 1 + 1e-6
+        for p in predictions:
+            # the filled-in sentence is the input with the predicted token in place of <mask>
+            assert p["sequence"].startswith("Return the") and p["sequence"].endswith("thread object." if text == short
+                                                                                    else "called with.")
+            assert p["token"] not in (0, 1, 2, 3)  # a special token is never a fill
+    # The long input really was cut to the model's positions (the whole text would overflow 64 embeddings).
+    assert fill.tokenizer.model_max_length == fill.model.config.max_position_embeddings == 64
+
+
 # ---------------------------------------------------------------------------- transformers 4.57, ONNX
 
 
 @pytest.mark.timeout(1800)  # the first use builds the compat environment (180-370 s), then ~20 s
 def test_exports_load_in_transformers_4_57_and_onnxruntime_with_the_same_logits(
-    compat_python, mlm_run, decoder_run, decoder_linear_rope_run, tmp_path
+    compat_python, mlm_run, mlm_bpe_run, decoder_run, decoder_linear_rope_run, tmp_path
 ):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    exports = {
-        "microbert": (mlm_run / "export", "microbert", True),
-        "decoder-rope-theta": (decoder_run / "export", "decoder", True),
-        "decoder-linear-rope": (decoder_linear_rope_run / "export", "decoder", False),
+    exports = {  # name: (export, family, also through ONNX, mask token)
+        "microbert": (mlm_run / "export", "microbert", True, "[MASK]"),
+        "microbert-bpe": (mlm_bpe_run / "export", "microbert", False, "<mask>"),
+        "decoder-rope-theta": (decoder_run / "export", "decoder", True, None),
+        "decoder-linear-rope": (decoder_linear_rope_run / "export", "decoder", False, None),
     }
-    spec = [{"name": name, "path": str(path), "family": family, "texts": _texts(family), "onnx": onnx}
-            for name, (path, family, onnx) in exports.items()]
+    spec = [{"name": name, "path": str(path), "family": family, "texts": _texts(family, mask), "onnx": onnx}
+            for name, (path, family, onnx, mask) in exports.items()]
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     workdir = tmp_path / "cwd"
     workdir.mkdir()
@@ -109,18 +142,20 @@ def test_exports_load_in_transformers_4_57_and_onnxruntime_with_the_same_logits(
     seen = torch.load(tmp_path / "out.pt")
     assert seen["_versions"]["transformers"].startswith("4.57.") and seen["_hf_streamlm_imported"] is False
 
-    for name, (path, family, onnx) in exports.items():
+    for name, (path, family, onnx, mask) in exports.items():
         old = seen[name]
         assert old["tokenizer_class"] == "PreTrainedTokenizerFast", name
         assert old["model_class"] == ("BertForMaskedLM" if family == "microbert" else "LlamaForCausalLM"), name
         assert old["model_max_length"] == 64, name
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = (AutoModelForMaskedLM if family == "microbert" else AutoModelForCausalLM).from_pretrained(path).eval()
-        batch = tokenizer(_texts(family), padding=True, truncation=True, return_tensors="pt")
+        batch = tokenizer(_texts(family, mask), padding=True, truncation=True, return_tensors="pt")
         assert set(batch) == set(old["batch"]), name  # model_input_names: no token_type_ids for the decoder
         for key in batch:
             assert torch.equal(batch[key], old["batch"][key]), (name, key)
         assert batch["input_ids"].shape[1] == 64, name  # the long text cut at the model's positions
+        if mask:  # fill-mask in 4.x finds the mask where 5.x does
+            assert old["mask_token"] == (mask, tokenizer.mask_token_id), name
         with torch.no_grad():
             logits = model(**batch).logits
         real = batch["attention_mask"].bool()  # padded positions are nobody's prediction

@@ -31,6 +31,7 @@ from hf_streamlm.tokenizer import build_tokenizer
 from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler, estimate
 from hf_streamlm.train.checkpoint import (list_checkpoints, load_checkpoint, qualifies_as_best, resume_choice,
                                           save_best, save_checkpoint, trained_model)
+from hf_streamlm.train.demo import print_fill_mask, print_generation
 from hf_streamlm.train.device_batch import to_device
 from hf_streamlm.train.elastic import keep_global_batch
 from hf_streamlm.train.monitor import NonFiniteError, NonFiniteGuard, peak_flops, total_steps_for
@@ -419,30 +420,6 @@ def log_row(row: dict[str, Any], accelerator: Accelerator, history: History | No
     for name, n in row.get("source_tokens", {}).items():
         scalars[f"source_tokens/{name}"] = n
     accelerator.log(scalars, step=row["step"])
-
-
-def print_fill_mask(export_dir: Path, sentences: list[str]) -> None:
-    """Top-5 predictions for masked sentences, as seed 003's MicroBERT prints them."""
-    from transformers import pipeline
-
-    fill = pipeline("fill-mask", model=str(export_dir), tokenizer=str(export_dir), device="cpu")
-    print("=== Testing MLM Model ===")
-    for i, sentence in enumerate(sentences, 1):
-        text = sentence.replace("[MASK]", fill.tokenizer.mask_token)
-        print(f"{i}. Original: {sentence}")
-        for pred in fill(text, top_k=5):
-            print(f"     {pred['token_str']}: prob={pred['score']:.6f}")
-
-
-def print_generation(export_dir: Path, prompts: list[str], max_new_tokens: int = 30) -> None:
-    """Greedy continuations of a few prompts by the exported decoder."""
-    from transformers import pipeline
-
-    generate = pipeline("text-generation", model=str(export_dir), device="cpu")
-    print("=== Testing the decoder ===")
-    for i, prompt in enumerate(prompts, 1):
-        out = generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=True)
-        print(f"{i}. {out[0]['generated_text']!r}")
 
 
 __all__ = ["list_checkpoints", "train"]
