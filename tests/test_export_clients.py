@@ -105,11 +105,10 @@ def test_bpe_microbert_export_serves_fill_mask_on_short_and_long_inputs(mlm_bpe_
         assert len(predictions) == 5, text[:40]
         assert sum(p["score"] for p in predictions) <= 1 + 1e-6
         for p in predictions:
-            # the filled-in sentence is the input with the predicted token in place of <mask>
-            assert p["sequence"].startswith("Return the") and p["sequence"].endswith("thread object." if text == short
-                                                                                    else "called with.")
+            # the filled-in input: the predicted token in place of <mask>; the long one cut at the model's 64 positions
+            assert p["sequence"].startswith("Return the") and "thread object." in p["sequence"]
+            assert p["sequence"].endswith("thread object.") if text == short else len(p["sequence"]) < len(long) / 2
             assert p["token"] not in (0, 1, 2, 3)  # a special token is never a fill
-    # The long input really was cut to the model's positions (the whole text would overflow 64 embeddings).
     assert fill.tokenizer.model_max_length == fill.model.config.max_position_embeddings == 64
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,9 +81,11 @@ def test_run_prints_top5_fill_mask_predictions(quickstart_run):
     _, proc = quickstart_run
     out = proc.stdout
     assert "=== Testing MLM Model ===" in out
-    assert "1. Original: the function returns a new [MASK] object." in out
+    # the recipe's held-out sentences, with the true word and its rank in the vocabulary
+    assert "1. Original: return a copy of the string with trailing characters [MASK].   (true word: removed)" in out
     block = out.split("1. Original:")[1].split("2. Original:")[0]
     assert block.count("prob=") == 5
+    assert re.search(r"true word 'removed': rank \d+ of \d+", block)
 
 
 NATIVE_CHECK = """
