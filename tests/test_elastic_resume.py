@@ -47,9 +47,10 @@ def mixture(tmp_path_factory):
 
 
 def args(recipe: str, sources: str, tokenizer, workers: int, accumulation: int, total: int) -> list[str]:
-    return [f"recipe={recipe}", f"data.sources={sources}", f"tokenizer.path={tokenizer}", "data.stopping_strategy=all_exhausted_without_replacement",
-            f"data.num_workers={workers}", f"data.gradient_accumulation_steps={accumulation}", "data.batch_size=2",
-            "data.sequence_length=32", "data.shuffle_buffer_size=16", "data.eval_holdout=0", "data.trace_documents=true",
+    return [f"recipe={recipe}", f"data.sources={sources}", f"tokenizer.path={tokenizer}",
+            "data.stopping_strategy=all_exhausted_without_replacement", f"data.num_workers={workers}",
+            f"data.gradient_accumulation_steps={accumulation}", "data.batch_size=2", "data.sequence_length=32",
+            "data.shuffle_buffer_size=16", "data.eval_holdout=0", "data.trace_documents=true",
             "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
             "model.max_position_embeddings=64", f"scheduler.total_steps={total}",
             "scheduler.warmup_steps=1", "runtime.log_every_n_steps=1", f"runtime.checkpoint.every_n_steps={STOP}",

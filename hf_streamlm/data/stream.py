@@ -387,7 +387,8 @@ class WorkerPipeline:
 
     def _end_of_pass(self) -> None:
         self.pass_done = True
-        if self.prelude is None and self.epoch == 0 and self.pass_rows < self.shuffle_buffer_size and self.pass_rows and not self._clamp_warned:
+        small = 0 < self.pass_rows < self.shuffle_buffer_size
+        if self.prelude is None and self.epoch == 0 and small and not self._clamp_warned:
             self._clamp_warned = True
             logger.warning(
                 "data.shuffle_buffer_size: this worker's share of the stream is %d documents, fewer than its buffer "
