@@ -43,7 +43,7 @@ def word_rank(fill, text: str, word: str) -> tuple[int, str] | None:
 
 def print_fill_mask(export_dir: Path, sentences: list[str], top_k: int = 5) -> None:
     """Top-``top_k`` predictions for masked sentences, as seed 003's MicroBERT prints them; for a sentence
-    written with ``[MASK=word]``, also the true word, its probability and its rank in the vocabulary."""
+    written with ``[MASK=word]``, also the true word (marked when among them) and its rank in the vocabulary."""
     from transformers import pipeline
 
     fill = pipeline("fill-mask", model=str(export_dir), tokenizer=str(export_dir), device="cpu")
