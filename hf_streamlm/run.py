@@ -13,6 +13,7 @@ import os
 import sys
 
 from hf_streamlm.config import ConfigError, describe, load_config
+from hf_streamlm.config.errors import one_line
 from hf_streamlm.env import launched_by_accelerate
 
 USAGE = """usage: python -m hf_streamlm.run recipe=NAME [section.key=value ...]
@@ -24,9 +25,7 @@ Precedence: command line > recipe > defaults. Keys:
 
 
 def fail(message: str) -> None:
-    if "Original Traceback" in message:  # raised in a DataLoader worker: torch appended its traceback
-        message = message.strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
-    print(f"hf-streamlm: error: {message}", file=sys.stderr)
+    print(f"hf-streamlm: error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -54,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         fail(str(err))
     setup_logging()
-    from hf_streamlm.train.loop import DataFailure, train
+    from hf_streamlm.train.loop import train
+    from hf_streamlm.train.stops import DataFailure
     from hf_streamlm.train.monitor import NonFiniteError
 
     try:
