@@ -3,7 +3,10 @@ the progress bar) and the trackers (``runtime.logging.report_to``)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,6 +14,50 @@ from accelerate import Accelerator
 
 from hf_streamlm.data.quality import SKIP_KINDS
 from hf_streamlm.train.history import History
+
+
+class Window:
+    """The steps since the last logged row: summed loss (on the device: no read-back per step), micro-batches,
+    tokens, and the time spent waiting for data."""
+
+    def __init__(self):
+        self.loss: torch.Tensor | float = 0.0
+        self.micro = self.tokens = 0
+        self.wait, self.t0 = 0.0, time.perf_counter()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wait += time.perf_counter() - start
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss = self.loss + loss.detach().float()
+        self.micro += 1
+        self.tokens += tokens
+
+    def row(self, state: dict[str, Any], lr: float, grad_norm, accelerator: Accelerator) -> dict[str, Any]:
+        """The history row of the window (loss averaged over ranks, tokens summed; ``state["tokens"]`` moves on),
+        then a fresh window."""
+        stats = torch.tensor([float(self.loss) / self.micro, self.tokens], device=accelerator.device)
+        stats = accelerator.reduce(stats, reduction="sum")
+        elapsed = time.perf_counter() - self.t0
+        state["tokens"] += int(stats[1])
+        row = {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "loss": float(stats[0]) / accelerator.num_processes,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": state["tokens"],
+            "tokens_per_s": float(stats[1]) / elapsed,
+            "data_wait_pct": 100.0 * self.wait / elapsed,
+            "nonfinite_skips": state["nonfinite_skips"],
+        }
+        self.__init__()
+        return row
 
 
 def source_counts(loader, names: list[str], accelerator: Accelerator) -> dict[str, dict[str, int]]:

@@ -30,7 +30,7 @@ from hf_streamlm.train.checkpoint import (load_checkpoint, main_decides, qualifi
 from hf_streamlm.train.device_batch import to_device
 from hf_streamlm.train.elastic import keep_global_batch
 from hf_streamlm.train.history import History, plot_history
-from hf_streamlm.train.logs import log_row, source_counts
+from hf_streamlm.train.logs import Window, log_row, source_counts
 from hf_streamlm.train.monitor import NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.prepare import count_steps_per_epoch, prepare_tokenizer
 from hf_streamlm.train.signals import StopSignal, shielded
@@ -113,13 +113,12 @@ def train(config: Config, command: str | None = None) -> Path:
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (accelerator.is_main_process and r.logging.progress_bar),
                desc="train", dynamic_ncols=True)
     model.train()
-    window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+    window = Window()  # the steps since the last logged row
     grad_norm = None
     try:  # the bar ends its line even when an error stops the run
         while state["step"] < total_steps:
-            t_wait = time.perf_counter()
-            step_batches, failure = fetch_step(batches, d.gradient_accumulation_steps)
-            window["wait"] += time.perf_counter() - t_wait
+            with window.waiting():
+                step_batches, failure = fetch_step(batches, d.gradient_accumulation_steps)
             if shared_failure(accelerator, failure):  # a source failed on some rank: no rank trains this step
                 raise stop_on_data_failure(accelerator, config, tokenizer, ckpt_dir, state, loader, failure, resumed_at)
             state["epoch"] = loader.epoch
@@ -139,9 +138,7 @@ def train(config: Config, command: str | None = None) -> Path:
                         if update:
                             optimizer.step()
                     optimizer.zero_grad()
-                window["loss"] += loss.detach().float()
-                window["micro"] += 1
-                window["tokens"] += tokens
+                window.add(loss, tokens)
                 state["micro_batches"] += 1
             if guard.in_a_row:  # this step's update was dropped (runtime.on_nonfinite)
                 state["nonfinite_skips"] += 1
@@ -158,26 +155,11 @@ def train(config: Config, command: str | None = None) -> Path:
 
             logs = state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps
             if logs:
-                stats = torch.tensor([float(window["loss"]) / window["micro"], window["tokens"]], device=accelerator.device)
-                stats = accelerator.reduce(stats, reduction="sum")
-                elapsed = time.perf_counter() - window["t0"]
-                state["tokens"] += int(stats[1])
-                row = {
-                    "step": state["step"],
-                    "epoch": state["epoch"],
-                    "loss": float(stats[0]) / accelerator.num_processes,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens": state["tokens"],
-                    "tokens_per_s": float(stats[1]) / elapsed,
-                    "data_wait_pct": 100.0 * window["wait"] / elapsed,
-                    "nonfinite_skips": state["nonfinite_skips"],
-                }
+                row = window.row(state, scheduler.get_last_lr()[0], grad_norm, accelerator)
                 if peak:  # model FLOPs utilisation per device (Kaplan 6N + attention, PaLM's definition)
                     row["mfu"] = flops_per_token * row["tokens_per_s"] / accelerator.num_processes / peak
                 row.update(source_counts(loader, names, accelerator))
                 log_row(row, accelerator, history, bar, r.logging.enable_stdout)
-                window = {"loss": 0.0, "micro": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
 
             every, best = r.evaluation.every_n_steps, False
             evaluates = bool(every and state["step"] % every == 0) or state["step"] == total_steps
