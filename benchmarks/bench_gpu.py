@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; dry run aot_eager)")
     parser.add_argument("--only", nargs="*", default=None, help="run only the variants whose name contains one of these")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the table: a variant that would end past it (by the longest one so far) "
+                             "is skipped, with a note, so the whole check fits one lease")
     parser.add_argument("--fsdp", choices=["on", "off", "only"], default="on",
                         help="the FSDP2 checkpoint/resume/export check after the table (on), not at all, or alone")
     parser.add_argument("--fsdp-dir", type=Path, default=None,
@@ -245,10 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.fsdp == "only":
         selected = []
 
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    def save(rows: list[Row], fsdp) -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name, "rows": [asdict(r) for r in rows],
+                                             "fsdp": asdict(fsdp) if fsdp else None}, indent=1))
+
     started = time.perf_counter()
     rows: list[Row] = []
     batch_size = None
+    longest = 0.0  # the longest a variant has taken so far: the estimate for the next one
     for variant in selected:
+        elapsed = time.perf_counter() - started
+        if args.time_budget and elapsed + longest > args.time_budget:
+            rows.append(Row(variant.name, batch_size or 0, note=f"skipped: --time-budget {args.time_budget:.0f} s"))
+            continue
         if batch_size is None and not (device.type == "cpu" and variant.attention == "flex_attention"):
             batch_size, row = largest_batch(variant, config, vocab, args, device)
         else:
@@ -258,26 +273,20 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
                 row = Row(variant.name, batch_size or 0, note="out of memory at this batch size")
         rows.append(row)
+        save(rows, None)  # row by row: a check stopped by its lease keeps what it measured
+        longest = max(longest, time.perf_counter() - started - elapsed)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"{row.variant}: {row.tokens_per_s} tokens/s {row.note}", file=sys.stderr, flush=True)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if rows:
         print_table(rows, device_name, config, args, time.perf_counter() - started)
     fsdp = None
-
-    def save() -> None:  # after the table too, so that a failing FSDP check cannot lose it
-        if args.json:
-            args.json.write_text(json.dumps({"device": device_name, "rows": [asdict(r) for r in rows],
-                                             "fsdp": asdict(fsdp) if fsdp else None}, indent=1))
-
-    save()
     if args.fsdp != "off":
         with tempfile.TemporaryDirectory(prefix="bench-gpu-fsdp-") as tmp:
             fsdp = fsdp_check(args.fsdp_dir or Path(tmp), gpu=device.type == "cuda")
         print_result(fsdp)
-        save()
+        save(rows, fsdp)
     return 0 if fsdp is None or fsdp.ok else 1
 
 

@@ -77,11 +77,14 @@ def launch(args: list[str], out: Path, gpu: bool, log: Path) -> None:
     if not gpu:
         command.append("--cpu")
     command += ["-m", "hf_streamlm.run", *RUN, *args, f"runtime.output_dir={out}"]
+    started = time.perf_counter()
     with open(log, "w") as handle:
-        proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=600,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=120 if gpu else 600,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
     if proc.returncode != 0:
         raise RuntimeError(f"run {out.name} failed (rc {proc.returncode}):\n{log.read_text()[-3000:]}")
+    print(f"FSDP2 check: run {out.name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
 
 def losses(run: Path) -> dict[int, float]:
