@@ -84,7 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="CASE",
+                        help=f"which to run, of {', '.join(CASES)} (default all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads (default torch's); 1 keeps a shared, busy machine's noise down")
     args = parser.parse_args()
