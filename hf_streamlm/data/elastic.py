@@ -13,8 +13,11 @@ A resume on another layout (``N' x W'`` readers) hands that state out:
   consumed since replayed, as a same-layout resume does);
 - its documents not yet read, up to the end of the newest pass any old reader had started, are split
   over the new readers assigned to it (row ``t`` after the stop goes to part ``t mod k``), and its
-  documents in flight are re-queued to those owners the same way; its packing remainder (tokens of
-  documents partly trained) goes to the first owner;
+  documents in flight are re-queued to those owners the same way, and so are the documents of its
+  packing remainder (tokens already cut from the text; the first, partly trained, to the first owner).
+  A new reader taking over several old ones merges their remainders by pass: a remainder is a whole
+  tokenized chunk (256 documents), which spans many passes of a small share, and appended one old
+  reader after the other a later reader's first pass would wait behind the earlier ones' later passes;
 - after that pass, each new reader reads its own share of the stream (its layout's).
 
 Each document of a pass is therefore read by exactly one reader: 0 duplicated, 0 missing. The mixture's
@@ -167,3 +170,15 @@ class Prelude:
 
     def next_pass(self) -> None:
         self.current = 0
+
+
+def remainder_pieces(old, k: int, part: int) -> list[tuple[int, list[int], int, int]]:
+    """Part ``part`` of ``k`` of an old reader's packing remainder, split at its documents' ends:
+    ``(epoch, tokens, source, key)`` per document, the ``t``-th document of the remainder to part
+    ``t mod k`` (the first, partly trained already, to part 0)."""
+    pieces, start = [], old.cut
+    for t, (end, source, key, epoch) in enumerate(old.doc_ends):
+        if t % k == part:
+            pieces.append((int(epoch), old.tokens[start - old.cut:end - old.cut], int(source), int(key)))
+        start = end
+    return pieces

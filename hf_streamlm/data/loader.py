@@ -114,7 +114,8 @@ class ResumableLoader:
                 f"the checkpoint's data state is for data.num_workers={state['num_workers']}, not {self.num_workers}: "
                 "resume with the same number of workers"
             )
-        if any("anchor" not in w["snapshot"] for w in state["workers"].values()):
+        # ("replay": a reader still in the passes it took over at a layout change, rebuilt from its origin.)
+        if any("anchor" not in w["snapshot"] and "replay" not in w["snapshot"] for w in state["workers"].values()):
             raise ConfigError("the checkpoint's data state was written by an older hf_streamlm (text in the state): "
                               "resume it with the version that wrote it, or start a new runtime.output_dir")
         self.workers = copy.deepcopy(state["workers"])

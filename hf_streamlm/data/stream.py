@@ -43,7 +43,7 @@ import torch
 
 from hf_streamlm.config import ConfigError
 from hf_streamlm.data.documents import Doc, document_key, runs
-from hf_streamlm.data.elastic import Prelude
+from hf_streamlm.data.elastic import Prelude, remainder_pieces
 from hf_streamlm.data.packing import document_positions
 from hf_streamlm.data.quality import skip_counter
 
@@ -245,10 +245,11 @@ class WorkerPipeline:
     def start_elastic(self, origin: dict[str, Any]) -> None:
         """Take over the part ``origin`` names of readers of another layout (see
         :mod:`hf_streamlm.data.elastic`): their documents in flight and not yet read, up to the end of
-        the newest pass they had started; the packing remainders of the first parts."""
+        the newest pass they had started; their packing remainders' documents, merged by pass."""
         self.origin = origin
         held: dict[int, deque] = {}
         cursors = []
+        pieces: list[tuple] = []
         for part in origin["parts"]:
             old = self.open_reader(part)
             if part["snapshot"] is not None:
@@ -261,22 +262,28 @@ class WorkerPipeline:
                 if h % part["k"] == part["part"]:
                     held.setdefault(doc.epoch, deque()).append(doc)
             old.buffer = []
+            pieces.extend(remainder_pieces(old, part["k"], part["part"]))
             if part["part"] == 0:
-                self._take_remainder(old)
+                self._take_counts(old)
             cursors.append([old, part["k"], part["part"], 0])
+        # The packing remainders, merged by pass: a remainder is a whole tokenized chunk, which can span
+        # several passes of a small share; appended one old reader after the other, a later reader's first
+        # pass would wait behind the earlier readers' later passes.
+        for piece in sorted(pieces, key=lambda p: p[0]):  # stable: each old reader's order kept within a pass
+            self._append_piece(*piece)
         self.prelude = Prelude(held, cursors, origin["last_epoch"])
         self.epoch = self.prelude.first_epoch
 
-    def _take_remainder(self, old: WorkerPipeline) -> None:
-        """Append ``old``'s packing remainder (tokens of documents partly trained) to this packing buffer."""
-        base = self.cut + len(self.tokens)
-        for end, source, key, epoch in old.doc_ends:
-            self.doc_ends.append((base + end - old.cut, source, key, epoch))
-        self.tokens.extend(old.tokens)
-        if self.with_documents and old.serials:
-            first = old.serials[0]
-            self.serials.extend(self.next_serial + s - first for s in old.serials)
-            self.next_serial += old.serials[-1] - first + 1
+    def _append_piece(self, epoch: int, tokens: list[int], source: int, key: int) -> None:
+        """Append one document's tokens not yet trained (or all of them) to the packing buffer."""
+        self.tokens.extend(tokens)
+        if self.with_documents:
+            self.serials.extend([self.next_serial] * len(tokens))
+        self.next_serial += 1
+        self.doc_ends.append((self.cut + len(self.tokens), source, key, epoch))
+
+    def _take_counts(self, old: WorkerPipeline) -> None:
+        """Add ``old``'s documents and tokens per source and its skips to this reader's counts."""
         for source, n in old.source_docs.items():
             self.source_docs[source] = self.source_docs.get(source, 0) + n
         for source, n in old.source_tokens.items():
@@ -381,7 +388,8 @@ class WorkerPipeline:
 
     def _end_of_pass(self) -> None:
         self.pass_done = True
-        if self.prelude is None and self.epoch == 0 and self.pass_rows < self.shuffle_buffer_size and self.pass_rows and not self._clamp_warned:
+        small = 0 < self.pass_rows < self.shuffle_buffer_size
+        if self.prelude is None and self.epoch == 0 and small and not self._clamp_warned:
             self._clamp_warned = True
             logger.warning(
                 "data.shuffle_buffer_size: this worker's share of the stream is %d documents, fewer than its buffer "
