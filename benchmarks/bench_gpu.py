@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py                       # on a GPU: the table, in a few minutes
     python benchmarks/bench_gpu.py --json gpu.json       # the table and the raw figures
     python benchmarks/bench_gpu.py --dry-run             # a tiny shape on the CPU (CI runs this)
+    python benchmarks/bench_gpu.py --fsdp only           # only the FSDP2 check (benchmarks/gpu_fsdp.py)
 
 Each variant trains the model of `recipe=runpod_1b` (1.11B parameters, the recipe's vocabulary) with the loop's
 own pieces (`build_model`'s config, `build_optimizer`: fused AdamW on CUDA, bf16 autocast as `runtime.precision:
@@ -14,6 +15,11 @@ on/off. The micro-batch is the largest of --batch-sizes that fits (found once, o
 One table row per variant: tokens/s, MFU (against --peak-tflops, default the device's dense 16-bit peak: 989.5
 for H100 SXM and H200), peak memory, the share of time waiting for the next batch (host -> device copy of pinned
 memory, `non_blocking`), and the attention kernel the profiler saw take the most time in one step.
+
+Then the FSDP2 check (`benchmarks/gpu_fsdp.py`, `--fsdp on|off|only`): the real training loop under `accelerate
+launch` with `accelerate_configs/fsdp2_8gpu.yaml` on one process, trained, resumed from a checkpoint, compared with
+the uninterrupted run, exported and loaded in stock `LlamaForCausalLM`; one more table row, pass or FAIL. The exit
+status is 1 when it fails.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import json
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_streamlm.config import load_config  # noqa: E402
 from hf_streamlm.train.builders import build_optimizer, estimate, hf_model_config  # noqa: E402
 from hf_streamlm.train.monitor import PEAK_TFLOPS_16BIT  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_fsdp import fsdp_check, print_result  # noqa: E402
 
 MEAN_DOCUMENT_TOKENS = 850
 """FineWeb's ~3.4 KB documents at ~4 bytes per byte-level BPE token."""
@@ -199,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; dry run aot_eager)")
     parser.add_argument("--only", nargs="*", default=None, help="run only the variants whose name contains one of these")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the table: a variant that would end past it (by the longest one so far) "
+                             "is skipped, with a note, so the whole check fits one lease")
+    parser.add_argument("--fsdp", choices=["on", "off", "only"], default="on",
+                        help="the FSDP2 checkpoint/resume/export check after the table (on), not at all, or alone")
+    parser.add_argument("--fsdp-dir", type=Path, default=None,
+                        help="where the FSDP2 check's runs go (default: a temporary folder, removed after)")
     args = parser.parse_args(argv)
 
     overrides = [f"recipe={args.recipe}"]
@@ -228,11 +245,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         vocab = config.tokenizer.vocab_size
     selected = [v for v in variants(device) if not args.only or any(o in v.name for o in args.only)]
+    if args.fsdp == "only":
+        selected = []
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    def save(rows: list[Row], fsdp) -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name, "rows": [asdict(r) for r in rows],
+                                             "fsdp": asdict(fsdp) if fsdp else None}, indent=1))
 
     started = time.perf_counter()
     rows: list[Row] = []
     batch_size = None
+    longest = 0.0  # the longest a variant has taken so far: the estimate for the next one
     for variant in selected:
+        elapsed = time.perf_counter() - started
+        if args.time_budget and elapsed + longest > args.time_budget:
+            rows.append(Row(variant.name, batch_size or 0, note=f"skipped: --time-budget {args.time_budget:.0f} s"))
+            continue
         if batch_size is None and not (device.type == "cpu" and variant.attention == "flex_attention"):
             batch_size, row = largest_batch(variant, config, vocab, args, device)
         else:
@@ -242,14 +273,27 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
                 row = Row(variant.name, batch_size or 0, note="out of memory at this batch size")
         rows.append(row)
+        save(rows, None)  # row by row: a check stopped by its lease keeps what it measured
+        longest = max(longest, time.perf_counter() - started - elapsed)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"{row.variant}: {row.tokens_per_s} tokens/s {row.note}", file=sys.stderr, flush=True)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if rows:
+        print_table(rows, device_name, config, args, time.perf_counter() - started)
+    fsdp = None
+    if args.fsdp != "off":
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-fsdp-") as tmp:
+            fsdp = fsdp_check(args.fsdp_dir or Path(tmp), gpu=device.type == "cuda")
+        print_result(fsdp)
+        save(rows, fsdp)
+    return 0 if fsdp is None or fsdp.ok else 1
+
+
+def print_table(rows: list[Row], device_name: str, config, args, seconds: float) -> None:
     print(f"\n{device_name}, recipe={args.recipe}, sequence {config.data.sequence_length}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.steps} timed steps after {args.warmup}, "
-          f"peak {args.peak_tflops or '-'} TFLOP/s, {time.perf_counter() - started:.0f} s in all\n")
+          f"peak {args.peak_tflops or '-'} TFLOP/s, {seconds:.0f} s in all\n")
     print("| variant | micro-batch | tokens/s | MFU | peak memory (GiB) | data wait % | attention kernel | note |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -257,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [row.variant, row.batch_size, row.tokens_per_s or "-", mfu, row.peak_memory_gib or "-",
                  row.data_wait_pct if row.data_wait_pct is not None else "-", f"`{row.kernel}`" if row.kernel else "-",
                  row.note]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
-    if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "rows": [asdict(r) for r in rows]}, indent=1))
-    return 0
+        print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
-"""The ``hf-streamlm`` console script.
+"""The ``hf-streamlm`` console script: one argparse subcommand per job, each with the same ``--help``
+shape (usage, description, arguments, options; the config key reference for those that take a config).
 
-``train`` and ``config`` take the same ``recipe=NAME key=value`` arguments as
-``python -m hf_streamlm.run``; the other commands take ordinary flags.
+``train``, ``config``, ``tokenizer``, ``stats``, ``eval`` and ``cache`` take ``recipe=NAME key=value``
+config arguments as ``python -m hf_streamlm.run`` does: ``parse_known_args`` leaves them, wherever they
+stand among the flags, to :func:`hf_streamlm.config.load_config`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from hf_streamlm.config import ConfigError, available_recipes, load_config
-from hf_streamlm.run import fail, setup_logging
+from hf_streamlm.run import OVERRIDE, ArgumentParser, add_overrides, config_epilog, fail, setup_logging
 from hf_streamlm.run import main as train_main
 
 COMMANDS = {
@@ -28,76 +31,70 @@ COMMANDS = {
     "cache": "the processed-data cache: cache info|clear|usage [--cache-dir DIR | recipe=NAME] [--key KEY] [--json]",
 }
 
+EVAL_HELP = """Score a model on the held-out stream: eval loss, perplexity, MicroBERT's masked-token accuracy.
+PATH: an export folder (Hub format), a checkpoint (checkpoints/step-N) or a run directory (its
+newest checkpoint). Without recipe=NAME the training config saved with the model is used;
+key=value overrides apply on top (e.g. runtime.evaluation.max_batches=20).
 
-def usage() -> str:
-    width = max(map(len, COMMANDS)) + 2
-    return "usage: hf-streamlm COMMAND [args]\n\ncommands:\n" + "\n".join(f"  {k:<{width}}{v}" for k, v in COMMANDS.items())
+--tasks NAMES: run lm-evaluation-harness tasks (comma-separated names or globs) on a decoder
+instead (pip install 'hf_streamlm[eval]'). A run directory gives its export (else its newest
+checkpoint). --include-path DIR adds your own task YAMLs (e.g. over a local JSONL: offline);
+--limit N scores the first N documents of each task. The results go to the run's history.jsonl
+(lm_eval/<task>/<metric>) and, for an export, to its model card."""
 
 
-EVAL_USAGE = ("usage: hf-streamlm eval PATH [recipe=NAME] [key=value ...] [--json FILE]\n"
-              "       hf-streamlm eval PATH --tasks NAMES [--include-path DIR] [--limit N] [--json FILE]")
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--limit takes a positive number of documents per task, got '{value}'")
+    return int(value)
 
 
-def eval_command(args: list[str]) -> int:
+def task_names(value: str) -> list[str]:
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--tasks needs at least one task name (e.g. --tasks hellaswag,my_task)")
+    return names
+
+
+def add_eval_args(parser: ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", metavar="PATH", help="an export, a checkpoint or a run directory")
+    add_overrides(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    parser.add_argument("--tasks", type=task_names, metavar="NAMES",
+                        help="lm-evaluation-harness tasks (comma-separated names or globs), on a decoder")
+    parser.add_argument("--include-path", metavar="DIR", help="with --tasks: a folder of your own task YAMLs")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="with --tasks: the first N documents per task")
+    parser.needs.update({"--json": "a file name (e.g. --json eval.json)",
+                         "--tasks": "task names (e.g. --tasks hellaswag,my_task)",
+                         "--include-path": "a folder (e.g. --include-path my_tasks/)",
+                         "--limit": "a number (e.g. --limit 100)"})
+
+
+def eval_command(ns: argparse.Namespace, overrides: list[str]) -> int:
     """Eval loss, perplexity and (MicroBERT) masked-token accuracy of an export or a checkpoint on the
     held-out stream the training loop evaluates on, through the ``evaluate`` modules in hf_streamlm.metrics;
     with ``--tasks``, lm-evaluation-harness tasks on a decoder instead."""
     import json
     from pathlib import Path
 
-    path, json_file, overrides = None, None, []
-    tasks, include_path, limit = None, None, None
-    rest = iter(args)
-
-    def value_of(option: str, what: str, example: str) -> str:
-        value = next(rest, None)
-        if value is None or value.startswith("-"):
-            fail(f"{option} needs {what} (e.g. {option} {example})")
-        return value
-
-    for arg in rest:
-        if arg in ("-h", "--help"):
-            print(EVAL_USAGE + "\n\n"
-                  "Score a model on the held-out stream: eval loss, perplexity, MicroBERT's masked-token accuracy.\n"
-                  "PATH: an export folder (Hub format), a checkpoint (checkpoints/step-N) or a run directory (its\n"
-                  "newest checkpoint). Without recipe=NAME the training config saved with the model is used;\n"
-                  "key=value overrides apply on top (e.g. runtime.evaluation.max_batches=20).\n\n"
-                  "--tasks NAMES: run lm-evaluation-harness tasks (comma-separated names or globs) on a decoder\n"
-                  "instead (pip install 'hf_streamlm[eval]'). A run directory gives its export (else its newest\n"
-                  "checkpoint). --include-path DIR adds your own task YAMLs (e.g. over a local JSONL: offline);\n"
-                  "--limit N scores the first N documents of each task. The results go to the run's history.jsonl\n"
-                  "(lm_eval/<task>/<metric>) and, for an export, to its model card.")
-            return 0
-        if arg == "--json":
-            json_file = value_of("--json", "a file name", "eval.json")
-        elif arg == "--tasks":
-            tasks = [t.strip() for t in value_of("--tasks", "task names", "hellaswag,my_task").split(",") if t.strip()]
-        elif arg == "--include-path":
-            include_path = value_of("--include-path", "a folder", "my_tasks/")
-        elif arg == "--limit":
-            limit = value_of("--limit", "a number", "100")
-            if not limit.isdigit() or int(limit) < 1:
-                fail(f"--limit takes a positive number of documents per task, got '{limit}'")
-            limit = int(limit)
-        elif arg.startswith("-"):
-            fail(f"unknown option '{arg}' for eval; options: --json FILE, --tasks NAMES, --include-path DIR, --limit N")
-        elif "=" in arg:
-            overrides.append(arg)
-        elif path is None:
-            path = arg
-        else:
-            fail(f"eval takes one model folder, got '{path}' and '{arg}' (overrides are key=value)")
+    path, json_file, tasks = ns.path, ns.json, ns.tasks
+    if path is not None and OVERRIDE.match(path):  # `eval recipe=NAME PATH`: the folder came after a config argument
+        folders = [a for a in overrides if not OVERRIDE.match(a)]
+        overrides = [path, *(a for a in overrides if OVERRIDE.match(a))]
+        path = folders[0] if len(folders) == 1 else None
+    else:
+        folders = [a for a in overrides if not OVERRIDE.match(a)]
+        if folders:
+            fail(f"eval takes one model folder, got '{path}' and '{folders[0]}' (overrides are key=value)")
     if path is None:
-        fail("eval needs a model folder: " + EVAL_USAGE.split("\n")[0].removeprefix("usage: "))
-    if tasks is None and (include_path or limit):
+        fail("eval needs a model folder: eval PATH [recipe=NAME] [key=value ...] [--json FILE]")
+    if tasks is None and (ns.include_path or ns.limit):
         fail("--include-path and --limit go with --tasks NAMES (lm-evaluation-harness tasks)")
     if tasks is not None:
-        if not tasks:
-            fail("--tasks needs at least one task name (e.g. --tasks hellaswag,my_task)")
         if overrides:
             fail(f"--tasks runs lm-evaluation-harness tasks; key=value overrides ({overrides[0]}) choose the "
                  "held-out stream of the other mode: drop them or drop --tasks")
-        return tasks_command(path, tasks, include_path, limit, json_file)
+        return tasks_command(path, tasks, ns.include_path, ns.limit, json_file)
 
     from hf_streamlm.evaluation import evaluate_model
 
@@ -143,37 +140,43 @@ def tasks_command(path: str, tasks: list[str], include_path: str | None, limit: 
     return 0
 
 
-def export_command(args: list[str]) -> int:
-    from hf_streamlm.export import export_checkpoint
+def add_export_args(parser: ArgumentParser) -> None:
     from hf_streamlm.models.export_formats import EXPORT_FORMATS
 
-    parser = argparse.ArgumentParser(prog="hf-streamlm export", description=COMMANDS["export"])
     parser.add_argument("path", help="a checkpoint folder (checkpoints/step-N) or a run directory (newest checkpoint)")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="native",
                         help="native: stock BertForMaskedLM/LlamaForCausalLM; custom: hf_streamlm classes + auto_map")
-    parser.add_argument("--output", required=True, help="folder to write")
-    ns = parser.parse_args(args)
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+
+
+def export_command(ns: argparse.Namespace, overrides: list[str]) -> int:
+    from hf_streamlm.export import export_checkpoint
+
     out = export_checkpoint(ns.path, ns.output, ns.format)
     print(f"Exported {ns.path} ({ns.format}) to {out}")
     return 0
 
 
-def push_command(args: list[str]) -> int:
-    """``push_export`` with flags: the token is HF_TOKEN or the stored login (``hf auth login``)."""
-    from hf_streamlm.config import Config, HubConfig
-    from hf_streamlm.export import export_to_push, push_export
+def add_push_args(parser: ArgumentParser) -> None:
+    from hf_streamlm.config import HubConfig
 
-    parser = argparse.ArgumentParser(prog="hf-streamlm push", description=COMMANDS["push"])
     parser.add_argument("path", help="an export folder, or a run directory (its export/); training state "
                                      "(optimizer, scheduler, RNG, pickles) is never uploaded")
-    parser.add_argument("--repo-id", required=True)
+    parser.add_argument("--repo-id", required=True, metavar="USER/NAME")
     visibility = parser.add_mutually_exclusive_group()
     visibility.add_argument("--private", dest="private", action="store_true", default=HubConfig.private,
                             help="create the repository as private (the default, as hub.private)")
     visibility.add_argument("--public", dest="private", action="store_false", help="create it as public")
-    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
-    parser.add_argument("--commit-message", default=HubConfig.commit_message)
-    ns = parser.parse_args(args)
+    parser.add_argument("--revision", default=None, metavar="BRANCH",
+                        help="branch to push to (created from main if missing)")
+    parser.add_argument("--commit-message", default=HubConfig.commit_message, metavar="TEXT")
+
+
+def push_command(ns: argparse.Namespace, overrides: list[str]) -> int:
+    """``push_export`` with flags: the token is HF_TOKEN or the stored login (``hf auth login``)."""
+    from hf_streamlm.config import Config, HubConfig
+    from hf_streamlm.export import export_to_push, push_export
+
     hub = HubConfig(push=True, repo_id=ns.repo_id, private=ns.private, revision=ns.revision,
                     commit_message=ns.commit_message)
     folder = export_to_push(ns.path)
@@ -182,7 +185,14 @@ def push_command(args: list[str]) -> int:
     return 0
 
 
-def tokenizer_command(args: list[str]) -> int:
+def add_tokenizer_args(parser: ArgumentParser) -> None:
+    add_overrides(parser)
+    parser.add_argument("--output", metavar="DIR", help="folder to save it in (default: the run's tokenizer/, where "
+                                                        "train looks for it)")
+    parser.needs["--output"] = "a folder"
+
+
+def tokenizer_command(ns: argparse.Namespace, overrides: list[str]) -> int:
     """Train (or load) the recipe's tokenizer and save it where ``train`` looks for it."""
     from pathlib import Path
 
@@ -191,13 +201,8 @@ def tokenizer_command(args: list[str]) -> int:
     from hf_streamlm.data import iter_texts
     from hf_streamlm.tokenizer import build_tokenizer
 
-    output = None
-    if "--output" in args:
-        i = args.index("--output")
-        if i + 1 >= len(args):
-            fail("--output needs a folder")
-        output, args = args[i + 1], args[:i] + args[i + 2 :]
-    config = load_config(args)
+    output = ns.output
+    config = load_config(overrides)
     target = Path(output) if output else config.output_dir / "tokenizer"
     from hf_streamlm.tokenizer.train import tokenizer_doc_limit
 
@@ -211,7 +216,14 @@ def tokenizer_command(args: list[str]) -> int:
     return 0
 
 
-def stats_command(args: list[str]) -> int:
+def add_stats_args(parser: ArgumentParser) -> None:
+    add_overrides(parser)
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--plot", metavar="FILE", help="write a histogram of tokens per document")
+    parser.needs["--plot"] = "a file name (e.g. --plot tokens.png)"
+
+
+def stats_command(ns: argparse.Namespace, overrides: list[str]) -> int:
     """Seed 002's sample_stats: docs, tokens, blocks and speed of the recipe's pipeline (data.max_samples docs)."""
     import json
     import time
@@ -220,19 +232,7 @@ def stats_command(args: list[str]) -> int:
     from hf_streamlm.data.stats import DEFAULT_MAX_DOCS, pipeline_stats, plot_token_histogram
     from hf_streamlm.tokenizer import build_tokenizer
 
-    as_json, plot, overrides = False, None, []
-    rest = iter(args)
-    for arg in rest:
-        if arg == "--json":
-            as_json = True
-        elif arg == "--plot":
-            plot = next(rest, None)
-            if plot is None or plot.startswith("-"):
-                fail("--plot needs a file name (e.g. --plot tokens.png)")
-        elif arg.startswith("-"):
-            fail(f"unknown option '{arg}' for stats; options: --json, --plot FILE")
-        else:
-            overrides.append(arg)
+    as_json, plot = ns.json, ns.plot
     config = load_config(overrides)
     max_docs = config.data.max_samples or DEFAULT_MAX_DOCS
 
@@ -290,23 +290,26 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def cache_command(args: list[str]) -> int:
+def add_cache_args(parser: ArgumentParser) -> None:
+    # The default spelled out, not imported: hf_streamlm.data.cache imports datasets, which every command
+    # would then pay for when the parser is built (tests/test_docs.py checks the two agree).
+    parser.add_argument("action", choices=("info", "clear", "usage"))
+    parser.add_argument("overrides", nargs="*", metavar="recipe=NAME",
+                        help="take data.cache_dir from this recipe (and key=value overrides)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR", help="cache folder (default: .dataset_cache here)")
+    parser.add_argument("--key", default=None, metavar="KEY", help="clear: only the entry with this key (or a unique prefix)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cache_command(ns: argparse.Namespace, overrides: list[str]) -> int:
     """Seed 003's cache_manager.py: list, measure or clear ``<cache_dir>/processed``."""
     import json
 
-    from hf_streamlm.data.cache import DEFAULT_CACHE_DIR, cache_entries, cache_root, cache_usage, clear_cache
+    from hf_streamlm.data.cache import cache_entries, cache_root, cache_usage, clear_cache
 
-    parser = argparse.ArgumentParser(prog="hf-streamlm cache", description=COMMANDS["cache"])
-    parser.add_argument("action", choices=("info", "clear", "usage"))
-    parser.add_argument("config", nargs="*", metavar="recipe=NAME",
-                        help="take data.cache_dir from this recipe (and key=value overrides)")
-    parser.add_argument("--cache-dir", default=None, help=f"cache folder (default: {DEFAULT_CACHE_DIR} here)")
-    parser.add_argument("--key", default=None, help="clear: only the entry with this key (or a unique prefix)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    ns = parser.parse_intermixed_args(args)  # recipe=NAME may come before or after the flags
-    if ns.config and ns.cache_dir:
+    if overrides and ns.cache_dir:
         raise ConfigError("give --cache-dir or recipe=NAME, not both")
-    cache_dir = load_config(ns.config).data.cache_dir if ns.config else ns.cache_dir
+    cache_dir = load_config(overrides).data.cache_dir if overrides else ns.cache_dir
     root = cache_root(cache_dir)
 
     if ns.action == "info":
@@ -344,7 +347,7 @@ def _write_vocab_and_merges(folder) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def models_command(args: list[str]) -> int:
+def models_command(ns: argparse.Namespace, overrides: list[str]) -> int:
     """Seed 003's model_config_comparison.py: every recipe's and preset's model, sized without memory."""
     from hf_streamlm.config import ModelConfig, build
     from hf_streamlm.models.presets import MODEL_PRESETS, PRESET_VOCAB, SEED_PARAMETER_COUNTS
@@ -373,54 +376,89 @@ def models_command(args: list[str]) -> int:
     return 0
 
 
+def train_command(ns: argparse.Namespace, overrides: list[str]) -> int:
+    return train_main(overrides)
+
+
+def recipes_command(ns: argparse.Namespace, overrides: list[str]) -> int:
+    print("\n".join(available_recipes()))
+    return 0
+
+
+def add_config_args(parser: ArgumentParser) -> None:
+    add_overrides(parser)
+    parser.add_argument("--reference", action="store_true",
+                        help="print the reference of every key as Markdown (docs/configuration.md) instead")
+
+
+def config_command(ns: argparse.Namespace, overrides: list[str]) -> int:
+    if ns.reference:
+        if overrides:
+            fail("--reference lists every key of every recipe; it takes no recipe=NAME or key=value")
+        from hf_streamlm.config import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
+    print(load_config(overrides).to_yaml(), end="")
+    return 0
+
+
+Handler = Callable[[argparse.Namespace, list[str]], int]
+SUBCOMMANDS: dict[str, tuple[Callable[[ArgumentParser], None] | None, Handler, bool]] = {
+    "train": (add_overrides, train_command, True),
+    "config": (add_config_args, config_command, True),
+    "recipes": (None, recipes_command, False),
+    "tokenizer": (add_tokenizer_args, tokenizer_command, True),
+    "stats": (add_stats_args, stats_command, True),
+    "models": (None, models_command, False),
+    "eval": (add_eval_args, eval_command, True),
+    "export": (add_export_args, export_command, False),
+    "push": (add_push_args, push_command, False),
+    "cache": (add_cache_args, cache_command, True),
+}
+"""name -> (adds its arguments, runs it, takes recipe=NAME/key=value config arguments)."""
+
+LOGS = {"tokenizer", "stats", "eval", "export", "push"}
+"""Subcommands that log as training does (``train`` sets its logging up itself)."""
+
+EPILOGS = {"eval": lambda: EVAL_HELP}
+
+
+def build_parser() -> ArgumentParser:
+    """The ``hf-streamlm`` parser, one subparser per entry of :data:`COMMANDS`."""
+    parser = ArgumentParser(prog="hf-streamlm", description="Pretrain language models on streamed data "
+                            "(python -m hf_streamlm.run and accelerate launch take the same recipe=NAME key=value).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=ArgumentParser,
+                                required=True)
+    parser.commands = {}
+    for name, (add_args, _, takes_config) in SUBCOMMANDS.items():
+        epilog = EPILOGS.get(name, config_epilog if takes_config and name != "cache" else None)
+        command = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], epilog_fn=epilog)
+        if add_args is not None:
+            add_args(command)
+        parser.commands[name] = command
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
         return 0
-    command, rest = argv[0], argv[1:]
-    if command in ("config", "tokenizer", "stats", "recipes", "models") and any(a in ("-h", "--help") for a in rest):
-        from hf_streamlm.config import describe
-
-        if command in ("recipes", "models"):
-            print(f"usage: hf-streamlm {command}\n\n{COMMANDS[command]}")
-            return 0
-        print(f"usage: hf-streamlm {command} recipe=NAME [key=value ...]\n\n{COMMANDS[command]}\n\nConfig keys:\n"
-              + describe())
-        return 0
+    if argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        fail(f"unknown command '{argv[0]}'. Commands: {', '.join(COMMANDS)}")
+    ns, extras = parser.parse_known_args(argv)
+    overrides = parser.commands[ns.command].split_overrides(getattr(ns, "overrides", []), extras)
+    _, handler, takes_config = SUBCOMMANDS[ns.command]
+    if overrides and not takes_config:
+        fail(f"{ns.command} takes no key=value or further arguments, got '{overrides[0]}'")
     try:
-        if command == "train":
-            return train_main(rest)
-        if command == "recipes":
-            print("\n".join(available_recipes()))
-            return 0
-        if command == "tokenizer":
+        if ns.command in LOGS:
             setup_logging()
-            return tokenizer_command(rest)
-        if command == "stats":
-            setup_logging()
-            return stats_command(rest)
-        if command == "models":
-            return models_command(rest)
-        if command == "config":
-            if rest == ["--reference"]:
-                from hf_streamlm.config import reference_markdown
-
-                print(reference_markdown(), end="")
-                return 0
-            print(load_config(rest).to_yaml(), end="")
-            return 0
-        if command == "cache":
-            return cache_command(rest)
-        if command == "eval":
-            setup_logging()
-            return eval_command(rest)
-        if command in ("export", "push"):
-            setup_logging()
-            return (export_command if command == "export" else push_command)(rest)
+        return handler(ns, overrides)
     except ConfigError as err:
         fail(str(err))
-    fail(f"unknown command '{command}'. Commands: {', '.join(COMMANDS)}")
     return 2
 
 

@@ -25,13 +25,20 @@ MASKED, CAUSAL = "microbert", "decoder"
 """The two families, named by their ``model.type``."""
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``runtime.precision`` (None for fp32): what the loop's evals run under."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 @torch.no_grad()
 def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
-          device: torch.device | str = "cpu", precision: str = "fp32") -> dict[str, float]:
+          device: torch.device | str = "cpu", autocast: torch.dtype | None = None) -> dict[str, float]:
     """Mean loss per predicted token over ``blocks``, its perplexity, and (masked LM) accuracy.
 
     Each batch adds its loss sum (the model's mean loss x its labelled tokens) to the perplexity
-    metric, so the mean is token-weighted exactly as the training loop's ``evaluate`` computes it.
+    metric, so the mean is token-weighted exactly as the training loop's eval computes it.
+    ``autocast``: run the forward under ``torch.autocast`` with this dtype; None runs the model as it
+    is (fp32 for a loaded model; a model prepared by Accelerate brings its own autocast).
     """
     from hf_streamlm import metrics
 
@@ -39,14 +46,12 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
     causal = isinstance(collator, CausalCollator)
     perplexity = metrics.load("perplexity", keep_in_memory=True)
     accuracy = None if causal else metrics.load("masked_accuracy", keep_in_memory=True)
-    # The loop runs its eval under Accelerate's autocast when runtime.precision is bf16/fp16.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     model.eval()
     tokens = 0
     for i in range(0, len(blocks), batch_size):
         batch = {k: v.to(device) for k, v in collator(blocks[i : i + batch_size]).items()}
-        with autocast:
+        with context:
             out = model(**batch)
         labels = batch["labels"][:, 1:] if causal else batch["labels"]  # a causal LM predicts the next token
         n = int((labels != -100).sum())
@@ -151,7 +156,8 @@ def evaluate_model(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     device = default_device()
     model.to(device)
     collator = make_collator(config, tokenizer, seed=r.seed)  # the loop's eval masks: same seed, fresh generator
-    metrics = score(model, blocks, collator, d.batch_size, device, r.precision)
+    # Under the autocast the loop evaluates with (runtime.precision), so the figures match its eval rows.
+    metrics = score(model, blocks, collator, d.batch_size, device, autocast_dtype(r.precision))
     return {
         "model": str(path),
         "kind": kind,
@@ -352,6 +358,15 @@ def check_loop_tasks(config: Config, accelerator) -> None:
                           "sharded parameters do not allow; score the checkpoints with hf-streamlm eval PATH --tasks")
     if accelerator.is_main_process:
         task_manager(e.tasks, e.tasks_include_path, "'runtime.evaluation.tasks_include_path'")
+
+
+def loop_eval(model, eval_blocks: list[dict], collator, batch_size: int, accelerator) -> dict[str, float]:
+    """The loop's held-out eval: mean loss per predicted token, perplexity, MLM accuracy, by the same code and
+    ``evaluate`` modules as ``hf-streamlm eval``. No autocast of its own: the prepared model runs under
+    Accelerate's (``runtime.precision``). Leaves the model in training mode."""
+    metrics = score(model, eval_blocks, collator, batch_size, accelerator.device)
+    model.train()
+    return metrics
 
 
 def loop_tasks(model, tokenizer, config: Config, step: int, accelerator) -> dict[str, Any] | None:

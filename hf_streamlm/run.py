@@ -8,25 +8,88 @@ saved; 4 a data source failed after training started, with the last completed st
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 import sys
 
 from hf_streamlm.config import ConfigError, describe, load_config
+from hf_streamlm.config.errors import one_line
 from hf_streamlm.env import launched_by_accelerate
 
-USAGE = """usage: python -m hf_streamlm.run recipe=NAME [section.key=value ...]
-       accelerate launch [--config_file accelerate_configs/X.yaml] -m hf_streamlm.run recipe=NAME ...
+USAGE = """python -m hf_streamlm.run recipe=NAME [section.key=value ...]
+       accelerate launch [--config_file accelerate_configs/X.yaml] -m hf_streamlm.run recipe=NAME ..."""
 
-Values are YAML: lists and mappings work (data.sources='[{path: json, data_files: a.jsonl}]').
+CONFIG_HELP = """Values are YAML: lists and mappings work (data.sources='[{path: json, data_files: a.jsonl}]').
 Precedence: command line > recipe > defaults. Keys:
 """
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+"""A ``section.key=value`` argument (``recipe=NAME`` included)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with this project's error line (``hf-streamlm: error: ...``, exit 2, no usage block) and
+    ``key=value`` config arguments left to :func:`load_config`.
+
+    ``needs`` names what an option's value is, for the message when it is missing (``--json needs a
+    file name``); ``epilog_fn`` builds the help's epilog only when help is printed (the config key
+    reference takes a second to build)."""
+
+    def __init__(self, *args, needs: dict[str, str] | None = None, epilog_fn=None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # --js is not --json: documented flags are checked as written
+        super().__init__(*args, **kwargs)
+        self.needs = needs or {}
+        self.epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None and self.epilog is None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
+
+    def error(self, message: str):
+        m = re.match(r"argument ([^:]+): (.*)", message)
+        if m:
+            flag, why = m.group(1).split("/")[-1], m.group(2)
+            message = f"{flag} needs {self.needs[flag]}" if why.startswith("expected") and flag in self.needs \
+                else why if flag.startswith("-") and not why.startswith(("expected", "invalid choice")) else f"{flag}: {why}"
+        fail(message)
+
+    def options(self) -> str:
+        return ", ".join(" ".join([a.option_strings[-1], *([a.metavar] if a.metavar and a.nargs != 0 else [])])
+                         for a in self._actions if a.option_strings and a.dest != "help")
+
+    def split_overrides(self, given: list[str], extras: list[str]) -> list[str]:
+        """The ``key=value`` arguments among ``given`` (parsed as positionals) and ``extras`` (what
+        ``parse_known_args`` left); an unknown ``--option`` is refused, naming the ones there are."""
+        for arg in extras:
+            if arg.startswith("-"):
+                fail(f"unknown option '{arg}' for {self.prog.removeprefix('hf-streamlm ')}; options: {self.options()}")
+        return [*given, *extras]
+
+
+def config_epilog() -> str:
+    return CONFIG_HELP + describe()
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe=NAME (a shipped recipe or a YAML file) and section.key=value overrides")
+
+
+def run_parser() -> ArgumentParser:
+    """``python -m hf_streamlm.run`` (and ``hf-streamlm train``): config arguments only."""
+    parser = ArgumentParser(prog="python -m hf_streamlm.run", usage=USAGE, epilog_fn=config_epilog,
+                            description="Train a model according to a recipe and overrides (exit statuses: "
+                                        "docs/troubleshooting.md).")
+    add_overrides(parser)
+    return parser
+
 
 def fail(message: str) -> None:
-    if "Original Traceback" in message:  # raised in a DataLoader worker: torch appended its traceback
-        message = message.strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
-    print(f"hf-streamlm: error: {message}", file=sys.stderr)
+    print(f"hf-streamlm: error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -46,15 +109,16 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + describe())
-        return 0
+    parser = run_parser()
+    ns, extras = parser.parse_known_args(argv)
+    argv = parser.split_overrides(ns.overrides, extras)
     try:
         config = load_config(argv)
     except ConfigError as err:
         fail(str(err))
     setup_logging()
-    from hf_streamlm.train.loop import DataFailure, train
+    from hf_streamlm.train.loop import train
+    from hf_streamlm.train.stops import DataFailure
     from hf_streamlm.train.monitor import NonFiniteError
 
     try:

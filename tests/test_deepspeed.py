@@ -111,7 +111,8 @@ from transformers import AutoTokenizer
 from hf_streamlm.cli import main
 from hf_streamlm.config import load_config
 from hf_streamlm.data import build_eval_blocks
-from hf_streamlm.train.loop import evaluate, make_collator
+from hf_streamlm.data.collate import make_collator
+from hf_streamlm.evaluation import loop_eval
 
 assert main(["export", run + "/checkpoints/step-8", "--output", cli_export]) == 0
 from_checkpoint = auto.from_pretrained(cli_export).eval()
@@ -123,7 +124,7 @@ cpu = SimpleNamespace(device=torch.device("cpu"))
 ids = torch.tensor([blocks[0]["input_ids"]])
 with torch.no_grad():
     logits = [m(input_ids=ids).logits for m in (exported, from_checkpoint)]
-result = {"eval_loss": evaluate(exported, blocks, collator, config.data.batch_size, cpu)["eval_loss"],
+result = {"eval_loss": loop_eval(exported, blocks, collator, config.data.batch_size, cpu)["eval_loss"],
           "classes": [type(m).__name__ for m in (exported, from_checkpoint)], "logits_equal": torch.equal(*logits)}
 print(json.dumps(result))
 """

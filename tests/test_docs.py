@@ -13,9 +13,10 @@ checked without running it:
 - ``accelerate launch``: the flags parse with accelerate's own launch parser and pass its validation,
   the ``--config_file`` exists and loads with accelerate's loader, and the script is
   ``-m hf_streamlm.run``;
-- ``hf-streamlm CMD``: the subcommand exists, its ``--flags`` (and choices) are ones its usage shows,
-  and its positional arguments are what it takes; ``hf-streamlm CMD --help`` exits 0, once per
-  distinct subcommand;
+- ``hf-streamlm CMD``: the arguments parse with the console script's own argparse subparser (flags,
+  their values and choices, the positional arguments it takes), and what it leaves must be
+  ``key=value`` config arguments of a subcommand that takes them; ``hf-streamlm CMD --help`` exits 0,
+  once per distinct subcommand, and every subcommand's help has the same shape;
 - ``python benchmarks/X.py``: the script exists, and its ``--help`` (once per script and subcommand)
   shows every flag used.
 
@@ -44,6 +45,7 @@ import pytest
 
 from hf_streamlm import cli
 from hf_streamlm.config import ConfigError, load_config
+from hf_streamlm.run import OVERRIDE
 from hf_streamlm.run import main as run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,21 +63,6 @@ PLACEHOLDERS = {
     "<experiment>": "quickstart",
 }
 """Placeholders of the docs and the values they are checked with (the longest is replaced first)."""
-
-CLI_ARGS = {
-    "train": "config",
-    "config": "config",
-    "tokenizer": "config",
-    "stats": "config",
-    "eval": "path config",
-    "cache": "choice config",
-    "export": "path",
-    "push": "path",
-    "recipes": "",
-    "models": "",
-}
-"""What each ``hf-streamlm`` subcommand takes besides ``--flags``: ``recipe=``/``key=value`` config
-arguments, one path, one of a set of choices (``cache info|clear|usage``), or nothing."""
 
 WRAPPERS = {"nohup", "setsid", "exec", "time", "srun"}
 """Commands that run the command after them (``srun`` with its own options)."""
@@ -253,6 +240,11 @@ def cli_help(command: str) -> tuple[int, str]:
 
 
 @cache
+def cli_parser():
+    return cli.build_parser()
+
+
+@cache
 def bench_help(script: str, sub: str | None = None) -> tuple[int, str]:
     def run():
         saved = sys.argv
@@ -364,27 +356,34 @@ def check_cli(command: Command, resume_dir: Path) -> None:
     name = tokens[1]
     if re.fullmatch(r"<[^>]+>", name):  # `hf-streamlm <cmd> --help`: a placeholder for any of them
         return
-    assert name in cli.COMMANDS, f"{command.where}: unknown subcommand {name!r}; commands: {', '.join(cli.COMMANDS)}"
-    rc, help_text = cli_help(name)
-    flags, choices = flags_in(usage_text(help_text) + "\n" + cli.COMMANDS[name])
-    flags.setdefault("--help", None)
-    rest = check_flags(tokens[2:], flags, command.where)
-    if "--help" in tokens:
+    if name in ("--help", "-h"):
+        assert captured(cli.main, [name])[0] == 0 and len(tokens) == 2, f"{command.where}: {command.text}"
         return
-    takes = CLI_ARGS[name].split()
-    configs = [a for a in rest if re.match(r"^[A-Za-z_][\w.]*=", a)]
-    positionals = [a for a in rest if a not in configs]
-    if "config" in takes:
+    assert name in cli.COMMANDS, f"{command.where}: unknown subcommand {name!r}; commands: {', '.join(cli.COMMANDS)}"
+    if "--help" in tokens or "-h" in tokens:
+        rc, text = cli_help(name)
+        assert rc == 0, f"{command.where}: hf-streamlm {name} --help exits {rc}: {text[-300:]}"
+        return
+    parser = cli_parser().commands[name]
+    parsed = {}
+
+    def parse() -> None:  # the subcommand's own parser; its errors are one `hf-streamlm: error:` line and exit 2
+        ns, extras = parser.parse_known_args(tokens[2:])
+        parsed["ns"], parsed["rest"] = ns, parser.split_overrides(getattr(ns, "overrides", []), extras)
+
+    rc, output = captured(parse)
+    assert rc == 0, f"{command.where}: {command.text}\n  -> {output.strip()}"
+    ns, rest = parsed["ns"], parsed["rest"]
+    configs = [a for a in rest if OVERRIDE.match(a)]
+    others = [a for a in rest if a not in configs]
+    takes_config = cli.SUBCOMMANDS[name][2]
+    if name == "eval":  # PATH [recipe=NAME] [key=value ...]: one folder
+        assert ns.path and not OVERRIDE.match(ns.path) and not others, f"{command.where}: eval takes one model folder"
+    assert not others, f"{command.where}: {name} takes no further arguments, got {others}"
+    if takes_config:
         check_config(configs, command, resume_dir)
     else:
         assert not configs, f"{command.where}: {name} takes no key=value arguments, got {configs}"
-    if "choice" in takes:
-        assert len(positionals) == 1 and positionals[0] in choices, (
-            f"{command.where}: {name} takes one of {sorted(choices)}, got {positionals}")
-    elif "path" in takes:
-        assert len(positionals) == 1, f"{command.where}: {name} takes one path, got {positionals}"
-    else:
-        assert not positionals, f"{command.where}: {name} takes no positional arguments, got {positionals}"
 
 
 def check_run(command: Command, resume_dir: Path) -> None:
@@ -470,8 +469,44 @@ def test_the_docs_hold_many_commands():
     assert documented_errors, "the README shows what a bad key prints; that example is checked too"
 
 
-def test_every_cli_subcommand_is_known_to_this_check():
-    assert set(CLI_ARGS) == set(cli.COMMANDS), "add the new subcommand to CLI_ARGS in tests/test_docs.py"
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_subcommand_help_has_the_same_shape(name):
+    """argparse for every subcommand: usage, the one-line description, arguments, options; the config key
+    reference for those that take recipe=NAME key=value."""
+    rc, text = cli_help(name)
+    assert rc == 0, text[-300:]
+    assert text.startswith(f"usage: hf-streamlm {name}"), text[:200]
+    assert cli.COMMANDS[name].split(":")[0] in " ".join(text.split())
+    assert "\noptions:\n  -h, --help" in text
+    takes_config = cli.SUBCOMMANDS[name][2]
+    assert ("key=value" in text.split("\n\n")[0]) == (takes_config and name != "cache"), text[:300]
+    if takes_config and name not in ("cache", "eval"):
+        assert "Precedence: command line > recipe > defaults" in text and "model.type" in text
+    if name == "cache":
+        from hf_streamlm.data.cache import DEFAULT_CACHE_DIR
+
+        assert f"(default: {DEFAULT_CACHE_DIR} here)" in " ".join(text.split())
+
+
+def test_cli_errors_are_one_line_and_config_arguments_stand_anywhere(capsys):
+    cases = [
+        (["bogus"], "unknown command 'bogus'"),
+        (["recipes", "extra"], "recipes takes no key=value or further arguments"),
+        (["export", "run", "--format", "onnx", "--output", "x"], "--format: invalid choice: 'onnx'"),
+        (["export", "run"], "the following arguments are required: --output"),
+        (["config", "--reference", "recipe=quickstart"], "--reference lists every key"),
+        (["stats", "recipe=quickstart", "--plot"], "--plot needs a file name"),
+        (["tokenizer", "--outptu", "x", "recipe=quickstart"], "unknown option '--outptu' for tokenizer; options: --output DIR"),
+    ]
+    for args, message in cases:
+        rc, out = captured(cli.main, args)
+        assert rc == 2 and out.startswith("hf-streamlm: error:") and message in out, (args, out)
+        assert len(out.strip().splitlines()) == 1, (args, out)
+    # key=value before, between and after the flags: all reach load_config (a bad key names itself)
+    rc, out = captured(cli.main, ["config", "recipe=quickstart", "data.batch_size=3", "scheduler.total_steps=90"])
+    assert rc == 0 and "batch_size: 3" in out and "total_steps: 90" in out
+    rc, out = captured(cli.main, ["tokenizer", "recipe=quickstart", "--output", "/nonexistent/x", "data.batch_sise=3"])
+    assert rc == 2 and "data.batch_sise" in out and len(out.strip().splitlines()) == 1
 
 
 def test_console_script_and_top_level_help():
@@ -481,7 +516,7 @@ def test_console_script_and_top_level_help():
     assert rc == 0 and all(name in text for name in cli.COMMANDS)
 
 
-SUBCOMMANDS = sorted({c.tokens[1] for c in COMMANDS if c.kind == "cli" and c.tokens[1] in cli.COMMANDS})
+SUBCOMMANDS = sorted({c.tokens[1] for c in COMMANDS if c.kind == "cli" and len(c.tokens) > 1 and c.tokens[1] in cli.COMMANDS})
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)

@@ -150,3 +150,25 @@ def test_a_same_layout_resume_after_a_layout_change_is_exact(corpus):
     again[0].load_state_dict(middle)
     step(again, [iter(ld) for ld in again], 4, [], STOP + 4, resumed)
     assert resumed == straight
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.sequence_length=64", "data.sequence_length"),
+    ("tokenizer.vocab_size=999", "tokenizer.vocab_size"),
+    ("data.sources=[{path: other.jsonl, weight: 1.0}]", "data.sources[0].path"),
+    ("data.sources=[{path: a.jsonl, pinned_revision: " + "b" * 40 + "}]", "data.sources[0].pinned_revision"),
+])
+def test_a_resume_that_changes_the_stream_is_refused_naming_the_key(override, key):
+    """A changed source, sequence length or tokenizer is one line naming the key; a source whose pin is
+    left unset (it reads the checkpoint's, ``data.revisions``) and a layout change are not changes."""
+    from hf_streamlm.config import ConfigError
+    from hf_streamlm.train.elastic import check_same_stream
+
+    base = ["data.sources=[{path: a.jsonl}]", "data.sequence_length=32"]
+    old = load_config(base).to_dict()
+    old["data"]["sources"][0]["pinned_revision"] = "a" * 40
+    check_same_stream(old, load_config(base + ["data.num_workers=3", "data.batch_size=7"]))
+    with pytest.raises(ConfigError) as err:
+        check_same_stream(old, load_config(base + [override]))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{key} differs from the checkpoint's")

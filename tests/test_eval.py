@@ -130,6 +130,42 @@ def test_masked_accuracy_ignores_minus_100_in_rows_and_flat():
 # ------------------------------------------------------------------------------------------ eval command
 
 
+def test_score_is_fp32_unless_asked_and_the_loop_eval_runs_under_accelerates_autocast():
+    """``score`` without ``autocast`` is a plain fp32 forward (token-weighted over batches); with it, the
+    forward runs under ``torch.autocast``; the loop's eval (``loop_eval``) adds no autocast of its own and
+    gets the one a bf16-prepared model brings: the figure ``hf-streamlm eval`` gives with
+    ``runtime.precision=bf16``."""
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_streamlm.data.collate import CausalCollator
+    from hf_streamlm.evaluation import autocast_dtype, loop_eval, score
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16)).eval()
+    rng = random.Random(0)
+    blocks = [{"input_ids": [rng.randrange(64) for _ in range(16)]} for _ in range(6)]
+    collator = CausalCollator()
+    with torch.no_grad():  # batches of 4 and 2 blocks, 15 predicted tokens per block
+        losses = [model(**collator(blocks[i : i + 4])).loss.item() * 15 * len(blocks[i : i + 4]) for i in (0, 4)]
+    fp32 = score(model, blocks, collator, 4)
+    assert fp32["eval_tokens"] == 90 and fp32["eval_loss"] == pytest.approx(sum(losses) / 90, rel=1e-6)
+    bf16 = score(model, blocks, collator, 4, autocast=autocast_dtype("bf16"))
+    assert autocast_dtype("fp32") is None and abs(bf16["eval_loss"] - fp32["eval_loss"]) > 1e-5
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        prepared = accelerator.prepare(copy.deepcopy(model))
+        in_loop = loop_eval(prepared, blocks, collator, 4, accelerator)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert in_loop["eval_loss"] == pytest.approx(bf16["eval_loss"], rel=1e-6) and prepared.training
+
+
 def test_eval_of_export_and_checkpoint_equals_the_logged_eval_masked_lm(mlm_run, tmp_path, capsys):
     logged = last_eval(mlm_run)
     assert logged["step"] == 4 and logged["eval_accuracy"] > 0

@@ -1,11 +1,14 @@
 """FSDP2, the second sharded engine: what runs without a GPU. torch's ``fully_shard`` trains over gloo with
-2 CPU processes here, but Accelerate enables FSDP only for GPU launches (a CPU launch is MULTI_CPU, its FSDP
-plugin ignored), so the loop's checkpoint, resume and export under FSDP are left to the GPU check
-(docs/distributed.md). Checked here: the export's reader of an FSDP checkpoint, on shards that 2 real
-processes wrote in the layout Accelerate's ``save_state`` gives them."""
+2 CPU processes here, but Accelerate 1.15 enables FSDP only for GPU launches (a CPU launch is MULTI_CPU, its
+FSDP plugin ignored: benchmarks/gpu_fsdp.py cites the lines), so the loop's checkpoint, resume and export under
+FSDP are left to the GPU check (``bench_gpu.py``'s FSDP2 section, docs/distributed.md). Checked here: the
+export's reader of an FSDP checkpoint, on shards that 2 real processes wrote in the layout Accelerate's
+``save_state`` gives them; and that GPU check's FSDP2 section itself, run as its dry run (the same launch with
+``--cpu``), so the first GPU session runs code that has run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +71,23 @@ def test_export_reads_the_whole_model_from_fsdp2_shards_of_two_processes(tmp_pat
     assert not torch.equal(model.state_dict()["model.norm.weight"], weights["model.norm.weight"])
     model.load_state_dict(weights, strict=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_gpu_check_fsdp2_section_trains_resumes_exactly_and_exports_in_its_dry_run(tmp_path):
+    """``bench_gpu.py --dry-run --fsdp only``: the real loop under ``accelerate launch --config_file
+    accelerate_configs/fsdp2_8gpu.yaml --cpu``, stopped at its step-3 checkpoint and resumed in a new run directory,
+    logs the uninterrupted run's losses for steps 4-6 exactly, and both exports load in stock LlamaForCausalLM."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--dry-run", "--fsdp", "only",
+                           "--fsdp-dir", str(tmp_path / "runs"), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| FSDP2 check |" in proc.stdout and "| pass |" in proc.stdout
+    result = json.loads(out.read_text())["fsdp"]
+    assert result["ok"] and result["resumed_steps"] == [4, 5, 6], result
+    assert result["max_loss_delta"] == 0.0 and result["max_export_delta"] == 0.0, result
+    assert result["stock_load"].startswith("LlamaForCausalLM, all keys, logits finite"), result
+    # If Accelerate ever shards a CPU launch, this fails: then test FSDP2 here for real and drop the GPU-only note.
+    assert result["engine"].startswith("no FSDP"), result
+    resumed = [json.loads(line) for line in (tmp_path / "runs" / "resumed" / "history.jsonl").read_text().splitlines()]
+    assert min(row["step"] for row in resumed) == 4  # it did resume: steps 1-3 were not trained again

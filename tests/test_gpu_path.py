@@ -30,7 +30,8 @@ def test_fused_adamw_is_chosen_by_the_training_device():
 def test_gpu_check_dry_run_prints_the_table(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--dry-run", "--json", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--dry-run", "--fsdp", "off", "--json",
+         str(out)],
         capture_output=True,
         text=True,
         timeout=300,

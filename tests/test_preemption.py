@@ -231,7 +231,7 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
     """Every file of the source is replaced by one that cannot be parsed while the run trains: the first
     read after that (a worker starting its next pass) fails. The run saves the last completed step and
     exits 4 with one line (today's main: exit 2, nothing saved since the last regular checkpoint). With
-    the files back: a resume with another data.num_workers is refused in one line (exit 2); the run
+    the files back, the run
     resumes from the saved step and ends as the uninterrupted reference; a copy whose newest checkpoint
     is cut short on disk passes over it for the previous one, and ends the same."""
     import shutil
@@ -256,9 +256,6 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
 
     for path, data in originals.items():
         path.write_bytes(data)
-    refused = run([*tiny(source, bpe_500, workers=0), "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
-    assert refused.returncode == 2 and len(errors(refused)) == 1 and "Traceback" not in refused.stderr
-    assert "data.num_workers=2" in errors(refused)[0]
 
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)

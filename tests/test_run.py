@@ -144,17 +144,18 @@ def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run):
     assert "runtime.resume=never" in proc.stderr and "step-30" in proc.stderr
 
 
-def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run, tmp_path):
+def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run, tmp_path, capsys):
     import torch
     from transformers import AutoModelForMaskedLM
 
+    from hf_streamlm.cli import main
+
     out, _ = quickstart_run
-    script = Path(sys.executable).parent / "hf-streamlm"
+    # The console script's main in this process (its own process is tests/test_run_launch.py's, and
+    # test_run_decoder.py exports through it): an interpreter start per export was ~5 s each.
     for source, fmt in ((out, "custom"), (out / "checkpoints" / "step-15", "native")):
         target = tmp_path / f"{fmt}"
-        proc = subprocess.run([str(script), "export", str(source), "--format", fmt, "--output", str(target)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert main(["export", str(source), "--format", fmt, "--output", str(target)]) == 0
         assert (target / "tokenizer.json").is_file() and (target / "model.safetensors").is_file()
     native_final = AutoModelForMaskedLM.from_pretrained(out / "export")
     custom_final = AutoModelForMaskedLM.from_pretrained(tmp_path / "custom", trust_remote_code=True)
@@ -164,6 +165,7 @@ def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run
     with torch.no_grad():
         assert (native_final(ids).logits - custom_final(ids).logits).abs().max() <= 1e-5  # the run dir's newest = final
         assert (native_final(ids).logits - native_15(ids).logits).abs().max() > 1e-3  # step 15 is another model
-    bad = subprocess.run([str(script), "export", str(tmp_path), "--output", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "neither a checkpoint" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        main(["export", str(tmp_path), "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and "Traceback" not in err and "neither a checkpoint" in err

@@ -91,10 +91,12 @@ def test_continue_pretraining_from_the_native_export(decoder_run, tmp_path):
     assert losses(tmp_path / "continued")[0] < losses(out)[0] - 0.5
 
 
-def test_compiled_model_trains_and_exports(tmp_path):
+def test_compiled_model_trains_and_exports(decoder_run, tmp_path):
     run = tmp_path / "compiled"
+    # The end-to-end run's tokenizer (the recipe's 4000-token BPE), loaded rather than trained a second time.
     proc = run_cli(*SHORT, "scheduler.total_steps=4", "runtime.compile=true", "runtime.compile_backend=aot_eager",
-                   "runtime.checkpoint.every_n_steps=4", f"runtime.output_dir={run}")
+                   "runtime.checkpoint.every_n_steps=4", f"tokenizer.path={decoder_run[0] / 'tokenizer'}",
+                   f"runtime.output_dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "export" / "model.safetensors").is_file()
     script = Path(sys.executable).parent / "hf-streamlm"

@@ -174,8 +174,10 @@ def _tokenize(ds: datasets.IterableDataset, tokenizer, mlm: bool) -> datasets.It
 class PackedBlocks(torch.utils.data.IterableDataset):
     """A torch ``IterableDataset`` of packed blocks over a tokenized ``datasets`` stream.
 
-    One iteration is one pass (epoch) over this rank's share of the stream; call
-    :meth:`set_epoch` before each pass to reshuffle.
+    One iteration is one pass over the tokenized stream, in stream order: nothing here shuffles
+    (the training stream's shuffle buffer is :class:`hf_streamlm.data.stream.WorkerPipeline`'s), and
+    :meth:`set_epoch` only passes the pass number on to ``datasets``, which does not reorder an
+    unshuffled stream for it.
     """
 
     def __init__(

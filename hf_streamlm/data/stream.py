@@ -59,11 +59,12 @@ ANCHOR_EVERY = 1024
 class WorkerPipeline:
     """shuffle buffer -> batched tokenization -> packing -> collation, over a ``datasets`` text stream.
 
-    The text stream is cycled forever (one pass = one epoch, reshuffled by ``set_epoch``), so a
-    worker never runs dry while its peers still produce and the round-robin order of the
-    DataLoader stays fixed. The shuffle buffer never mixes passes: at the end of a pass it is
-    emptied before the next pass is read, so every document of pass ``e`` is trained before any of
-    pass ``e + 1`` and ``epoch`` is exact. A pass smaller than the buffer is shuffled whole (the
+    The text stream is cycled forever (one pass = one epoch), so a worker never runs dry while its
+    peers still produce and the round-robin order of the DataLoader stays fixed. Each pass is shuffled
+    anew by the buffer, whose seeded RNG runs on across passes: the text stream has no shuffle of its
+    own, and its ``set_epoch`` only numbers the pass. The shuffle buffer never mixes passes: at the
+    end of a pass it is emptied before the next pass is read, so every document of pass ``e`` is
+    trained before any of pass ``e + 1`` and ``epoch`` is exact. A pass smaller than the buffer is shuffled whole (the
     buffer is clamped to it, with a warning).
     """
 

@@ -255,7 +255,7 @@ def train_tokenizer(
     vocab_size: int = 10000,
     min_frequency: int = 2,
     lowercase: bool = True,
-    length: int | None = None,
+    *,
     mlm: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train a ``kind`` tokenizer on ``texts`` (streamed: only the counts are held in memory).
@@ -263,8 +263,7 @@ def train_tokenizer(
     The result depends on the documents and the settings, not on the process: the same documents in
     the same order give byte-identical saved files (for WordPiece, see :func:`_wordpiece_trainer`).
     ``texts`` is read by a background thread while the trainer counts (:func:`_read_ahead`).
-    ``length`` (the number of documents, if known) is accepted for compatibility and unused;
-    progress is shown by whoever iterates ``texts``. ``mlm``: for a masked LM (byte-level BPE then
+    Progress is shown by whoever iterates ``texts``. ``mlm``: for a masked LM (byte-level BPE then
     gets RoBERTa's special tokens and ``<s> X </s>`` template; the other kinds have BERT's either way).
     """
     tok, specials = _blank(kind, lowercase, mlm)

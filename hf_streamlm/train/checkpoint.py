@@ -29,6 +29,17 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"  # {relative path: size in bytes} of every other file; written before STATE_FILE
 
 
+def main_decides(accelerator: Accelerator, value):
+    """``value`` as the main process computed it, on every rank: decisions that read the file system
+    (which checkpoint to resume, whether an eval makes best/) are taken once, since a network volume
+    can show two nodes different listings and ranks that disagree wait in different collectives."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value if accelerator.is_main_process else None])[0]
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not directory.is_dir():

@@ -45,7 +45,10 @@ def saved_config(path: Path) -> dict[str, Any]:
 
 
 def _differs(old: Any, new: Any, key: str) -> str | None:
-    """The first key under ``key`` whose value differs (lists and dicts walked), or None."""
+    """The first key under ``key`` whose value differs (lists and dicts walked), or None. A source's
+    ``pinned_revision`` left unset reads the checkpoint's pin (``data.revisions``): not a change."""
+    if key.endswith(".pinned_revision") and new is None:
+        return None
     if isinstance(old, dict) and isinstance(new, dict):
         for name in sorted(set(old) | set(new)):
             found = _differs(old.get(name), new.get(name), f"{key}.{name}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,3 @@ def plot_history(history_path: str | Path, out_path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
