@@ -310,8 +310,8 @@ class RuntimeConfig:
     max_nonfinite_skips: int = 25
     """With on_nonfinite=skip: stop as ``stop`` would after this many consecutive skipped steps."""
     demo_sentences: list[str] = field(default_factory=list)
-    """Printed at the end: MicroBERT's top-5 guesses for these masked sentences; a decoder's greedy
-    continuation of these prompts."""
+    """Printed at the end: MicroBERT's top-5 guesses for these masked sentences (``[MASK]``, or
+    ``[MASK=word]`` to also print the true word's rank); a decoder's greedy continuation of these prompts."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Periodic checkpoints."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
