@@ -68,6 +68,25 @@ def cli():
     return run_cli
 
 
+def two_source_corpus(root: Path, per_shard: tuple[int, int]) -> dict[int, list[str]]:
+    """Two sources of 4 jsonl shards each (``a-*.jsonl``, ``b-*.jsonl``), ``per_shard`` short documents per
+    shard, each text distinct (the elastic tests' document traces key on it); returns the texts by source."""
+    import json
+
+    docs: dict[int, list[str]] = {0: [], 1: []}
+    n = 0
+    for source, name in ((0, "a"), (1, "b")):
+        for shard in range(4):
+            lines = []
+            for _ in range(per_shard[source]):
+                text = f"{name}{n:04d} " + " ".join(f"w{(n * 7 + i) % 40}" for i in range(2 + n % 5))
+                lines.append(json.dumps({"text": text}))
+                docs[source].append(text)
+                n += 1
+            (root / f"{name}-{shard}.jsonl").write_text("\n".join(lines) + "\n")
+    return docs
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """The shipped corpus dealt into 4 jsonl files (``part-<i>.jsonl`` holds documents i, i+4, ...), so

@@ -21,6 +21,7 @@ import pytest
 
 from hf_streamlm.data.stream import document_key
 from hf_streamlm.data.trace import read_trace
+from tests.conftest import two_source_corpus
 from tests.test_resume_run import launch
 
 STOP = 3  # the checkpoint the run is resumed from: inside the first pass
@@ -32,17 +33,7 @@ def mixture(tmp_path_factory):
     """Two sources of 4 jsonl shards each (so that 2 ranks x 2 workers all read whole shards): 48 and
     24 short documents, each text distinct."""
     root = tmp_path_factory.mktemp("elastic")
-    docs = {0: [], 1: []}
-    n = 0
-    for source, name, per_shard in ((0, "a", 12), (1, "b", 6)):
-        for shard in range(4):
-            lines = []
-            for _ in range(per_shard):
-                text = f"{name}{n:04d} " + " ".join(f"w{(n * 7 + i) % 40}" for i in range(2 + n % 5))
-                lines.append(json.dumps({"text": text}))
-                docs[source].append(text)
-                n += 1
-            (root / f"{name}-{shard}.jsonl").write_text("\n".join(lines) + "\n")
+    docs = two_source_corpus(root, (12, 6))
     return root, docs
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 from collections import Counter
 
 import pytest
@@ -22,6 +21,7 @@ from hf_streamlm.data.documents import document_key
 from hf_streamlm.data.elastic import origins
 from hf_streamlm.data.pipeline import buffer_per_worker, build_train_loader
 from hf_streamlm.tokenizer import train_tokenizer
+from tests.conftest import two_source_corpus
 
 GLOBAL = 4  # sequences per optimizer step, on every layout (batch 1 x accumulation x ranks)
 STOP = 1
@@ -31,17 +31,7 @@ STOP = 1
 def corpus(tmp_path_factory):
     """Two sources of 4 jsonl shards: 32 and 16 short documents, each text distinct."""
     root = tmp_path_factory.mktemp("elastic-stream")
-    docs: dict[int, list[str]] = {0: [], 1: []}
-    n = 0
-    for source, name, per_shard in ((0, "a", 8), (1, "b", 4)):
-        for shard in range(4):
-            lines = []
-            for _ in range(per_shard):
-                text = f"{name}{n:04d} " + " ".join(f"w{(n * 7 + i) % 40}" for i in range(2 + n % 5))
-                lines.append(json.dumps({"text": text}))
-                docs[source].append(text)
-                n += 1
-            (root / f"{name}-{shard}.jsonl").write_text("\n".join(lines) + "\n")
+    docs = two_source_corpus(root, (8, 4))
     texts = docs[0] + docs[1]
     return root, docs, {"microbert": train_tokenizer(texts, "wordpiece", vocab_size=200, min_frequency=1),
                         "decoder": train_tokenizer(texts, "bpe", vocab_size=300, min_frequency=1)}
