@@ -22,11 +22,14 @@ CASES = {2: "quickstart", 3: "quickstart_decoder"}
 
 
 def tiny(recipe: str, shards, tokenizer) -> list[str]:
-    """8 optimizer steps of 2 micro-batches of 8 blocks; checkpoints and evals at steps 4 and 8. Stock Llama
-    cannot keep attention inside documents, so the decoder trains without document masking: its native
-    export then computes exactly what the trained model does. ``tokenizer``: one of the session's."""
+    """8 optimizer steps of 2 micro-batches of 8 blocks of 64 tokens; checkpoints and evals at steps 4 and 8.
+    A 2-layer model of width 32: the engine, its checkpoints and the gathered export do not depend on the
+    size, and the recipe's model made each launch train several times longer. Stock Llama cannot keep
+    attention inside documents, so the decoder trains without document masking: its native export then
+    computes exactly what the trained model does. ``tokenizer``: one of the session's."""
     return [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
-            f"tokenizer.path={tokenizer}",
+            f"tokenizer.path={tokenizer}", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+            "model.max_position_embeddings=64", "data.sequence_length=64",
             "data.shuffle_buffer_size=300", "data.batch_size=8", "data.gradient_accumulation_steps=2",
             "data.document_masking=false", "scheduler.total_steps=8", "scheduler.warmup_steps=2",
             "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=4", "runtime.checkpoint.max_keep=5",
