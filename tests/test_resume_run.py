@@ -33,7 +33,8 @@ def tokenizers(wordpiece_800, bpe_800) -> dict[str, str]:
 
 def common(recipe: str, shards, workers: int, tokenizers: dict[str, str]) -> list[str]:
     return [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{shards}/part-*.jsonl'}}]",
-            f"tokenizer.path={tokenizers[recipe]}",
+            f"tokenizer.path={tokenizers[recipe]}", "model.hidden_size=32", "model.intermediate_size=64",
+            "model.num_layers=2", "model.max_position_embeddings=64", "data.sequence_length=64",
             f"data.num_workers={workers}", "data.shuffle_buffer_size=300", "data.batch_size=8",
             f"scheduler.total_steps={TOTAL_STEPS}", "scheduler.warmup_steps=2", "runtime.log_every_n_steps=1",
             "runtime.checkpoint.every_n_steps=3", "runtime.checkpoint.max_keep=2", "runtime.evaluation.every_n_steps=5",
