@@ -108,19 +108,27 @@ def test_history_reports_skipped_documents(tmp_path):
     assert set(skipped) == {"none", "empty"} and skipped["none"] >= 3 and skipped["none"] * 5 == skipped["empty"] * 3
 
 
-def test_a_source_that_yields_nothing_is_one_line(tmp_path):
+def test_a_source_that_yields_nothing_is_one_line(tmp_path, capsys):
+    """``hf_streamlm.run``'s main in this process, as tests/test_run_launch.py's bad-input cases (an
+    interpreter start each was ~10 s; the console script's own process is checked there)."""
+    from hf_streamlm.run import main
+
     path = tmp_path / "blank.jsonl"
     path.write_text("".join(json.dumps({"text": "  "}) + "\n" for _ in range(10)))
-    proc = run_cli("recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
-                   "tokenizer.path=" + str(tmp_path / "none"), f"runtime.output_dir={tmp_path / 'run'}")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exited:
+        main(["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
+              "tokenizer.path=" + str(tmp_path / "none"), f"runtime.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
     # the tokenizer folder does not exist: that is reported first, in one line
-    assert len(proc.stderr.strip().splitlines()) == 1
-    proc = run_cli("recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
-                   f"runtime.output_dir={tmp_path / 'run'}")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
-    assert len(errors) == 1 and ("no documents" in errors[0] or "no full batch" in errors[0]), proc.stderr[-1500:]
+    assert len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exited:
+        main(["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
+              f"runtime.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(errors) == 1 and ("no documents" in errors[0] or "no full batch" in errors[0]), err[-1500:]
 
 
 def test_stats_reports_skips_by_kind(tmp_path):
