@@ -137,11 +137,16 @@ def test_resume_auto_continues_from_newest_checkpoint(quickstart_run, tmp_path):
     assert steps == [5, 10, 15, 20, 25, 30]  # no duplicated rows after the resume point
 
 
-def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run):
+def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run, capsys):
+    """``hf_streamlm.run``'s main in this process: it refuses before training (an interpreter start was ~10 s)."""
+    from hf_streamlm.run import main
+
     out, _ = quickstart_run
-    proc = run_cli(*SHORT, "runtime.resume=never", f"runtime.output_dir={out}")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "runtime.resume=never" in proc.stderr and "step-30" in proc.stderr
+    with pytest.raises(SystemExit) as exited:
+        main([*SHORT, "runtime.resume=never", f"runtime.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert "runtime.resume=never" in err and "step-30" in err
 
 
 def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run, tmp_path, capsys):

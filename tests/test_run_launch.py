@@ -64,6 +64,11 @@ def test_bad_data_found_while_building_is_one_line(tmp_path):
     assert "no column 'text'" in proc.stderr and "body" in proc.stderr
 
 
+# A model of width 32: what these runs check is the launch, the ranks' token counts and the resume, not the
+# model; the recipe's width made the two-process run and its resume several times longer.
+SMALL_MODEL = ["model.hidden_size=32", "model.intermediate_size=64"]
+
+
 def test_accelerate_launch_two_processes(tmp_path, wordpiece_800):
     out = tmp_path / "ddp"
     # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the processes
@@ -73,7 +78,7 @@ def test_accelerate_launch_two_processes(tmp_path, wordpiece_800):
            "--main_process_port", "29517", "-m", "hf_streamlm.run",
            *[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=10",
            "runtime.checkpoint.every_n_steps=10", "runtime.evaluation.every_n_steps=10", f"tokenizer.path={wordpiece_800}",
-           f"runtime.output_dir={out}"]
+           *SMALL_MODEL, f"runtime.output_dir={out}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -85,7 +90,8 @@ def test_accelerate_launch_two_processes(tmp_path, wordpiece_800):
     assert (out / "export" / "model.safetensors").is_file()
     # Resumed by one process (elastic resume, issue #17): both ranks' stream positions are taken over and the
     # global batch is kept by doubling gradient accumulation.
-    proc = run_cli(*SHORT, "scheduler.total_steps=20", f"tokenizer.path={wordpiece_800}", f"runtime.output_dir={out}")
+    proc = run_cli(*SHORT, "scheduler.total_steps=12", f"tokenizer.path={wordpiece_800}", *SMALL_MODEL,
+                   f"runtime.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed 2x0 -> 1x0" in proc.stdout
     assert "data.gradient_accumulation_steps 1 -> 2" in proc.stderr
