@@ -63,20 +63,21 @@ def pytest_terminal_summary(terminalreporter) -> None:
 SLOW_FILES = (
     "tests/test_resume_run.py",
     "tests/test_preemption.py",
-    "tests/test_signals.py",
     "tests/test_deepspeed.py",
-    "tests/test_run_launch.py",
-    "tests/test_run.py",
-    "tests/test_run_decoder.py",
-    "tests/test_bad_input.py",
+    "tests/test_signals.py",
     "tests/test_export_clients.py",
     "tests/test_elastic_resume.py",
     "tests/test_tokenizer.py",
+    "tests/test_run_launch.py",
     "tests/test_loop_features.py",
     "tests/test_fsdp.py",
     "tests/models/test_decoder_attention.py",
     "tests/test_stats.py",
     "tests/test_multinode.py",
+    "tests/test_run.py",
+    "tests/test_run_decoder.py",
+    "tests/test_hub.py",
+    "tests/test_bad_input.py",
 )
 
 

@@ -45,28 +45,39 @@ def losses(run) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_at_step_boundary_exits_0_and_resume_is_exact(tmp_path, args, full, sig):
-    run = tmp_path / "run"
+def stop_after_rows(args: list[str], run: Path, rows: int, sig: signal.Signals) -> tuple[int, str]:
+    """Start the run, send ``sig`` to it once history.jsonl has ``rows`` lines; it must save at the step boundary,
+    exit 0 and not export. Returns the step it stopped at and its stdout."""
     proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history = run / "history.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 20):
+    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= rows):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert f"Stopped by {sig.name}" in out
-    (checkpoint,) = (run / "checkpoints").iterdir()
-    stopped_at = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-    assert 20 <= stopped_at < 120
+    newest = max((run / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    stopped_at = json.loads((newest / "trainer_state.json").read_text())["step"]
+    assert newest.name == f"step-{stopped_at}" and rows <= stopped_at < 120
     assert not (run / "export").exists()  # preempted, not finished
+    return stopped_at, out
 
+
+def test_sigterm_then_sigint_save_at_step_boundary_exit_0_and_resume_is_exact(tmp_path, args, full):
+    """SIGTERM stops the run after step 20 or later; the same command resumes and SIGINT stops it 20 steps
+    further; the same command again ends as the uninterrupted run. One chain instead of a run per signal:
+    the resume between the stops is itself stopped."""
+    run = tmp_path / "run"
+    first, _ = stop_after_rows(args, run, 20, signal.SIGTERM)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{first}"]  # the one checkpoint: the stop's
+    second, out = stop_after_rows(args, run, first + 20, signal.SIGINT)
+    assert f"step-{first}" in out  # it resumed from the first stop
     resumed = run_cli(*args, f"runtime.output_dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"step-{stopped_at}" in resumed.stdout
+    assert f"step-{second}" in resumed.stdout
     assert losses(run) == losses(full)  # max |delta| = 0 over all 120 steps
 
 
