@@ -100,6 +100,17 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def in_process():
+    """For a test that calls ``hf_streamlm.run``'s main in the test process (an interpreter start is ~6-10 s):
+    afterwards, Accelerate's process-wide state is reset, so a later test in this worker can make an
+    ``Accelerator`` with other settings (accelerate refuses to change an initialized state)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def two_source_corpus(root: Path, per_shard: tuple[int, int]) -> dict[int, list[str]]:
     """Two sources of 4 jsonl shards each (``a-*.jsonl``, ``b-*.jsonl``), ``per_shard`` short documents per
     shard, each text distinct (the elastic tests' document traces key on it); returns the texts by source."""

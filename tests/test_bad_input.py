@@ -108,7 +108,7 @@ def test_history_reports_skipped_documents(tmp_path):
     assert set(skipped) == {"none", "empty"} and skipped["none"] >= 3 and skipped["none"] * 5 == skipped["empty"] * 3
 
 
-def test_a_source_that_yields_nothing_is_one_line(tmp_path, capsys):
+def test_a_source_that_yields_nothing_is_one_line(tmp_path, capsys, in_process):
     """``hf_streamlm.run``'s main in this process, as tests/test_run_launch.py's bad-input cases (an
     interpreter start each was ~10 s; the console script's own process is checked there)."""
     from hf_streamlm.run import main

@@ -137,7 +137,7 @@ def test_resume_auto_continues_from_newest_checkpoint(quickstart_run, tmp_path):
     assert steps == [5, 10, 15, 20, 25, 30]  # no duplicated rows after the resume point
 
 
-def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run, capsys):
+def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run, capsys, in_process):
     """``hf_streamlm.run``'s main in this process: it refuses before training (an interpreter start was ~10 s)."""
     from hf_streamlm.run import main
 
