@@ -66,7 +66,10 @@ class DecoderRMSNorm(nn.Module):
     """Root-mean-square LayerNorm without centring or bias (Zhang & Sennrich 2019), Llama's normalisation.
 
     Statistics in float32 and the weight applied after casting back, in that order, as in `LlamaRMSNorm`, so that
-    exported checkpoints reproduce these activations bit for bit.
+    exported checkpoints reproduce these activations bit for bit. On float32 inputs and weights (training under
+    autocast keeps the residual stream in float32) torch's fused `rms_norm` computes the same values in one kernel,
+    forward and backward: bit for bit on the CPU (tests/models/test_decoder_norm.py) and a fraction of the time of the
+    five elementwise kernels.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -76,6 +79,8 @@ class DecoderRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
+        if input_dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
