@@ -101,14 +101,26 @@ def cli():
 
 
 @pytest.fixture
-def in_process():
-    """For a test that calls ``hf_streamlm.run``'s main in the test process (an interpreter start is ~6-10 s):
-    afterwards, Accelerate's process-wide state is reset, so a later test in this worker can make an
-    ``Accelerator`` with other settings (accelerate refuses to change an initialized state)."""
+def reset_accelerate():
+    """For a test that makes an ``Accelerator`` or calls ``hf_streamlm.run``'s main in the test process (an
+    interpreter start is ~6-10 s): afterwards, Accelerate's process-wide state is reset, so a later test in this
+    worker can make an ``Accelerator`` with other settings (accelerate refuses to change an initialized state)."""
     yield
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def main_refuses(args: list[str], capsys) -> str:
+    """Run ``hf_streamlm.run``'s main in this process on ``args``; assert it exits 2 without a traceback and return
+    its stderr (use with the ``reset_accelerate`` fixture)."""
+    from hf_streamlm.run import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err, err[-1500:]
+    return err
 
 
 def two_source_corpus(root: Path, per_shard: tuple[int, int]) -> dict[int, list[str]]:

@@ -11,7 +11,7 @@ from hf_streamlm.config import ConfigError, load_config
 from hf_streamlm.data.packing import pack
 from hf_streamlm.data.pipeline import describe_read_failure, iter_rows
 from hf_streamlm.data.quality import skip_counter
-from tests.conftest import run_cli
+from tests.conftest import main_refuses, run_cli
 
 
 def config_for(files: str, *extra: str):
@@ -108,25 +108,17 @@ def test_history_reports_skipped_documents(tmp_path):
     assert set(skipped) == {"none", "empty"} and skipped["none"] >= 3 and skipped["none"] * 5 == skipped["empty"] * 3
 
 
-def test_a_source_that_yields_nothing_is_one_line(tmp_path, capsys, in_process):
+def test_a_source_that_yields_nothing_is_one_line(tmp_path, capsys, reset_accelerate):
     """``hf_streamlm.run``'s main in this process, as tests/test_run_launch.py's bad-input cases (an
     interpreter start each was ~10 s; the console script's own process is checked there)."""
-    from hf_streamlm.run import main
-
     path = tmp_path / "blank.jsonl"
     path.write_text("".join(json.dumps({"text": "  "}) + "\n" for _ in range(10)))
-    with pytest.raises(SystemExit) as exited:
-        main(["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
-              "tokenizer.path=" + str(tmp_path / "none"), f"runtime.output_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and "Traceback" not in err
+    err = main_refuses(["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
+                        "tokenizer.path=" + str(tmp_path / "none"), f"runtime.output_dir={tmp_path / 'run'}"], capsys)
     # the tokenizer folder does not exist: that is reported first, in one line
     assert len(err.strip().splitlines()) == 1, err
-    with pytest.raises(SystemExit) as exited:
-        main(["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
-              f"runtime.output_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and "Traceback" not in err
+    err = main_refuses(["recipe=quickstart_decoder", f"data.sources=[{{path: json, data_files: '{path}'}}]",
+                        f"runtime.output_dir={tmp_path / 'run'}"], capsys)
     errors = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
     assert len(errors) == 1 and ("no documents" in errors[0] or "no full batch" in errors[0]), err[-1500:]
 

@@ -164,7 +164,7 @@ def test_a_resume_that_changes_the_stream_is_refused_naming_the_key(override, ke
     assert "\n" not in message and message.startswith(f"{key} differs from the checkpoint's")
 
 
-def test_the_global_batch_is_kept_by_accumulation_or_the_resume_is_refused(tmp_path):
+def test_the_global_batch_is_kept_by_accumulation_or_the_resume_is_refused(tmp_path, reset_accelerate):
     """One process resuming a checkpoint of 2 (``data_state_*.pt`` per rank) at batch 4 x accumulation 1:
     batch 4 becomes accumulation 2 (8 sequences per step, as before); batch 3 cannot make 8 sequences and
     is one line; a DeepSpeed checkpoint (``pytorch_model/``, ZeRO shards per rank) on another process
@@ -172,23 +172,15 @@ def test_the_global_batch_is_kept_by_accumulation_or_the_resume_is_refused(tmp_p
     import torch
     import yaml
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+
+    from hf_streamlm.config import ConfigError
+    from hf_streamlm.train.elastic import keep_global_batch
 
     base = ["data.sources=[{path: a.jsonl}]", "data.sequence_length=32", "data.gradient_accumulation_steps=1"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(load_config([*base, "data.batch_size=4"]).to_dict()))
     for rank in range(2):
         torch.save({"num_workers": 0}, tmp_path / f"data_state_{rank}.pt")
     accelerator = Accelerator(cpu=True)
-    try:
-        refusals(tmp_path, base, accelerator)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def refusals(tmp_path, base, accelerator):
-    from hf_streamlm.config import ConfigError
-    from hf_streamlm.train.elastic import keep_global_batch
-
     kept = load_config([*base, "data.batch_size=4"])
     keep_global_batch(kept, accelerator, tmp_path)
     assert kept.data.gradient_accumulation_steps == 2 and accelerator.gradient_accumulation_steps == 2

@@ -130,7 +130,7 @@ def test_masked_accuracy_ignores_minus_100_in_rows_and_flat():
 # ------------------------------------------------------------------------------------------ eval command
 
 
-def test_score_is_fp32_unless_asked_and_the_loop_eval_runs_under_accelerates_autocast():
+def test_score_is_fp32_unless_asked_and_the_loop_eval_runs_under_accelerates_autocast(reset_accelerate):
     """``score`` without ``autocast`` is a plain fp32 forward (token-weighted over batches); with it, the
     forward runs under ``torch.autocast``; the loop's eval (``loop_eval``) adds no autocast of its own and
     gets the one a bf16-prepared model brings: the figure ``hf-streamlm eval`` gives with
@@ -139,7 +139,6 @@ def test_score_is_fp32_unless_asked_and_the_loop_eval_runs_under_accelerates_aut
 
     import torch
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_streamlm.data.collate import CausalCollator
@@ -157,12 +156,9 @@ def test_score_is_fp32_unless_asked_and_the_loop_eval_runs_under_accelerates_aut
     assert fp32["eval_tokens"] == 90 and fp32["eval_loss"] == pytest.approx(sum(losses) / 90, rel=1e-6)
     bf16 = score(model, blocks, collator, 4, autocast=autocast_dtype("bf16"))
     assert autocast_dtype("fp32") is None and abs(bf16["eval_loss"] - fp32["eval_loss"]) > 1e-5
-    try:
-        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-        prepared = accelerator.prepare(copy.deepcopy(model))
-        in_loop = loop_eval(prepared, blocks, collator, 4, accelerator)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    prepared = accelerator.prepare(copy.deepcopy(model))
+    in_loop = loop_eval(prepared, blocks, collator, 4, accelerator)
     assert in_loop["eval_loss"] == pytest.approx(bf16["eval_loss"], rel=1e-6) and prepared.training
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import main_refuses, run_cli
 
 SHORT = [
     "recipe=quickstart",
@@ -137,15 +137,11 @@ def test_resume_auto_continues_from_newest_checkpoint(quickstart_run, tmp_path):
     assert steps == [5, 10, 15, 20, 25, 30]  # no duplicated rows after the resume point
 
 
-def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run, capsys, in_process):
+def test_resume_never_refuses_a_folder_with_checkpoints(quickstart_run, capsys, reset_accelerate):
     """``hf_streamlm.run``'s main in this process: it refuses before training (an interpreter start was ~10 s)."""
-    from hf_streamlm.run import main
 
     out, _ = quickstart_run
-    with pytest.raises(SystemExit) as exited:
-        main([*SHORT, "runtime.resume=never", f"runtime.output_dir={out}"])
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and "Traceback" not in err
+    err = main_refuses([*SHORT, "runtime.resume=never", f"runtime.output_dir={out}"], capsys)
     assert "runtime.resume=never" in err and "step-30" in err
 
 

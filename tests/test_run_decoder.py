@@ -91,7 +91,7 @@ def test_continue_pretraining_from_the_native_export(decoder_run, tmp_path):
     assert losses(tmp_path / "continued")[0] < losses(out)[0] - 0.5
 
 
-def test_compiled_model_trains_and_exports(decoder_run, tmp_path, in_process):
+def test_compiled_model_trains_and_exports(decoder_run, tmp_path, reset_accelerate):
     run = tmp_path / "compiled"
     # The end-to-end run's tokenizer (the recipe's 4000-token BPE), loaded rather than trained a second time.
     # One layer: compiling is most of this run's time, and it grows with the graph (what is checked is that the
