@@ -106,9 +106,29 @@ def reset_accelerate():
     interpreter start is ~6-10 s): afterwards, Accelerate's process-wide state is reset, so a later test in this
     worker can make an ``Accelerator`` with other settings (accelerate refuses to change an initialized state)."""
     yield
+    reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run_in_process(*args: str) -> None:
+    """``python -m hf_streamlm.run ARGS`` as its ``main`` in this process, for a run whose subject is not the
+    process itself (an uninterrupted reference, a resume after a kill, a shared run): the same run bit for bit
+    (this process has the one intra-op thread too; history.jsonl compared between the two ways: equal), without
+    the ~6 s of interpreter start and imports of a subprocess. Accelerate's process-wide state is reset before
+    and after. Its stdout is the test's (``capsys``), its log records are the test's (``caplog``: pytest's
+    handlers on the root logger make the run's ``logging.basicConfig`` a no-op)."""
+    from hf_streamlm.run import main
+
+    reset_accelerate_state()
+    try:
+        assert main(list(args)) == 0
+    finally:
+        reset_accelerate_state()
 
 
 def main_refuses(args: list[str], capsys) -> str:
@@ -204,8 +224,9 @@ def bpe_500(tmp_path_factory) -> Path:
     return shared_tokenizer(tmp_path_factory, "quickstart_decoder", 500)
 
 
-# Tiny runs shared by every test that needs a trained model, its checkpoints or its export: each takes
-# ~20 s of the suite's time, so they are trained once per session. Tests that write into a run (eval
+# Tiny runs shared by every test that needs a trained model, its checkpoints or its export: trained once per
+# session, in the process of the first test that needs one (``run_in_process``; the entry point's own process
+# is tests/test_run.py's and tests/test_run_decoder.py's). Tests that write into a run (eval
 # results, model card) copy it first (``copy_run``).
 TINY = [
     "scheduler.total_steps=4",
@@ -249,8 +270,7 @@ def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.is_file() or json.loads(done.read_text()) != args:
             shutil.rmtree(out, ignore_errors=True)
-            proc = run_cli(*args, f"runtime.output_dir={out}")
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            run_in_process(*args, f"runtime.output_dir={out}")
             done.write_text(json.dumps(args))
     return out
 
