@@ -9,23 +9,59 @@ The signal is real and goes through the OS; only the moment is chosen:
 - ``sigterm-in-checkpoint N``: SIGTERM to the run at that same point (the handler only records it).
 - ``sigterm-after-row N``: SIGTERM to the run as step N's train row reaches history.jsonl, before that
   step's evaluation and checkpoint.
+- ``kill-after-row N``: SIGKILL to the process group at that same point: a preemption at a step chosen by the
+  test, which no poll of history.jsonl can overshoot into the end of the run.
+- ``hold-after-step N``: as step N's line reaches the document trace (``data.trace_documents=true``), before
+  that step's row, evaluation and stop check, the run writes ``held-after-step-N`` into its output folder and
+  waits until a stop signal has reached it (from the test, or from the launcher's death); then it goes on,
+  and stops at that step's boundary. The test sends its signal once the file is there: the run cannot have
+  gone on meanwhile. Under ``accelerate launch`` the rank named by ``TESTS_FAULTS_RANK`` (default 0) holds.
 
-The hooks wrap ``checkpoint.sync_tree`` (the first call after ``accelerator.save_state`` in
-``save_checkpoint``) and ``History.write``; nothing else of the run is changed.
+A kill reaches beyond the run's own process only where the test made the processes a group of their own
+(:func:`kill_everything`). The row hooks fire on the process that writes history.jsonl (rank 0). They wrap ``checkpoint.sync_tree`` (the
+first call after ``accelerator.save_state`` in ``save_checkpoint``), ``History.write``, ``DocumentTrace.write``
+and ``StopSignal._handle``; nothing else of the run is changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
-FAULTS = ("kill-in-checkpoint", "sigterm-in-checkpoint", "sigterm-after-row")
+FAULTS = ("kill-in-checkpoint", "sigterm-in-checkpoint", "sigterm-after-row", "kill-after-row", "hold-after-step")
+HOLD_TIMEOUT = 300  # seconds a held run waits for its signal before it fails
+
+
+def kill_everything() -> None:
+    """SIGKILL to the run's processes: its process group when it leads one (it was started in a session of its
+    own: it, and its DataLoader workers); under an ``accelerate launch`` that leads its own group, the launcher
+    and everything it started too (torchrun starts each rank in a session of its own, so the launcher's group
+    does not hold the ranks)."""
+    import psutil
+
+    from hf_streamlm.env import launched_by_accelerate
+
+    parent = os.getppid()
+    if launched_by_accelerate() and os.getpgid(parent) == parent:
+        launcher = psutil.Process(parent)
+        for process in [launcher, *launcher.children(recursive=True)]:
+            if process.pid != os.getpid():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+    if os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def install(fault: str, step: int) -> None:
-    from hf_streamlm.train import checkpoint, history
+    import threading
+
+    from hf_streamlm.data import trace
+    from hf_streamlm.train import checkpoint, history, signals
 
     if fault not in FAULTS:
         raise SystemExit(f"tests.faults: unknown fault {fault!r}; choose one of {', '.join(FAULTS)}")
@@ -36,10 +72,8 @@ def install(fault: str, step: int) -> None:
         if fired:
             return
         fired = True
-        if fault == "kill-in-checkpoint":
-            if os.getpgid(0) == os.getpid():  # started in a session of its own: the group is this run's
-                os.killpg(0, signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if fault.startswith("kill-"):
+            kill_everything()
         os.kill(os.getpid(), signal.SIGTERM)
 
     if fault.endswith("-in-checkpoint"):
@@ -51,7 +85,7 @@ def install(fault: str, step: int) -> None:
                 fire()
 
         checkpoint.sync_tree = sync_tree_then_fire
-    else:
+    elif fault.endswith("-after-row"):
         write = history.History.write
 
         def write_then_fire(self, row) -> None:
@@ -60,6 +94,30 @@ def install(fault: str, step: int) -> None:
                 fire()
 
         history.History.write = write_then_fire
+    elif os.environ.get("RANK", "0") == os.environ.get("TESTS_FAULTS_RANK", "0"):  # hold-after-step
+        signalled = threading.Event()  # a stop signal reached the run's handler
+        handle = signals.StopSignal._handle
+
+        def handle_and_note(self, signum, frame) -> None:
+            handle(self, signum, frame)
+            signalled.set()
+
+        signals.StopSignal._handle = handle_and_note
+        write_trace = trace.DocumentTrace.write
+
+        def write_then_hold(self, at: int, docs: list[list]) -> None:
+            write_trace(self, at, docs)
+            if at != step:
+                return
+            (self.path.parent.parent / f"held-after-step-{step}").touch()
+            # Short waits: Python runs a signal's handler in the main thread between bytecodes, and a signal
+            # that the kernel hands to another thread does not interrupt this thread's wait.
+            deadline = time.monotonic() + HOLD_TIMEOUT
+            while not signalled.wait(0.05):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"tests.faults: no stop signal within {HOLD_TIMEOUT} s of step {step}")
+
+        trace.DocumentTrace.write = write_then_hold
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 random steps (and once while a checkpoint is being written), the same command is run again, and the
 finished run logs the same per-step losses, eval losses and token counts as an uninterrupted run
 (max |delta| = 0, CPU fp32), for MicroBERT and the decoder, with 0 and 2 DataLoader workers, and
-with two processes under ``accelerate launch``. Kill points are drawn from a seeded generator
-(``KILL_SEED``, printed on failure) so a failure can be replayed."""
+with two processes under ``accelerate launch``; one case kills the resumed run a second time. Kill points
+are drawn from a seeded generator (``KILL_SEED``, printed on failure) so a failure can be replayed; the
+run kills itself as the drawn step's row reaches history.jsonl (tests/faults.py), so the kill lands at that
+step however busy the machine is. The killed runs are processes of their own; the uninterrupted references
+and the one-process resumes run ``main`` in the test process (conftest ``run_in_process``: the same run)."""
 
 from __future__ import annotations
 
@@ -14,12 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from hf_streamlm.data.trace import read_trace
-from tests.conftest import REPO
+from tests.conftest import REPO, run_in_process
 
 KILL_SEED = int(os.environ.get("KILL_SEED", "20261123"))
 TOTAL_STEPS = 14
@@ -48,40 +50,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def command(args: list[str], processes: int) -> list[str]:
+def command(args: list[str], processes: int, module: list[str] | None = None) -> list[str]:
+    """The run on ``processes`` processes; ``module``: what to run instead of ``-m hf_streamlm.run`` (a fault
+    of tests/faults.py: ``["-m", "tests.faults", FAULT, STEP]``)."""
+    module = module or ["-m", "hf_streamlm.run"]
     if processes == 1:
-        return [sys.executable, "-m", "hf_streamlm.run", *args]
+        return [sys.executable, *module, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "hf_streamlm.run", *args]
+            "--main_process_port", str(free_port()), *module, *args]
 
 
-def launch(args: list[str], processes: int, kill_when=None) -> subprocess.CompletedProcess | None:
-    """Run to the end, or, with ``kill_when(run_dir)``, SIGKILL the whole process group (launcher,
-    ranks, DataLoader workers: what a preempted machine loses) as soon as it returns True. Returns
-    None when killed."""
-    proc = subprocess.Popen(command(args, processes), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def launch(args: list[str], processes: int, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """Run to the end in a session of its own, or, with ``kill_after``, SIGKILL the whole process group
+    (launcher, ranks, DataLoader workers: what a preempted machine loses) as step ``kill_after``'s row
+    reaches history.jsonl (tests/faults.py ``kill-after-row``)."""
+    module = None if kill_after is None else ["-m", "tests.faults", "kill-after-row", str(kill_after)]
+    proc = subprocess.Popen(command(args, processes, module), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    if kill_when is None:
+    try:
         out, err = proc.communicate(timeout=600)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        if kill_when():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=60)
-            return None
-        time.sleep(0.001)
-    out, err = proc.communicate(timeout=60)
-    raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill point: {err[-2000:]}")
-
-
-def logged_steps(run) -> int:
-    path = run / "history.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()[:-1]]  # last may be partial
-    return max(steps, default=0)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if kill_after is not None:
+        assert proc.returncode == -signal.SIGKILL, (proc.returncode, err[-3000:])
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def history(run) -> list[tuple]:
@@ -99,8 +93,12 @@ def uninterrupted(tmp_path_factory, shards, tokenizers):
     def get(recipe: str, workers: int, processes: int):
         if (recipe, workers, processes) not in runs:
             full = tmp_path_factory.mktemp("full") / "run"
-            proc = launch(common(recipe, shards, workers, tokenizers) + [f"runtime.output_dir={full}"], processes)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            args = common(recipe, shards, workers, tokenizers) + [f"runtime.output_dir={full}"]
+            if processes == 1:
+                run_in_process(*args)
+            else:
+                proc = launch(args, processes)
+                assert proc.returncode == 0, proc.stderr[-3000:]
             assert len([r for r in history(full) if r[1] is not None]) == TOTAL_STEPS
             runs[recipe, workers, processes] = full
         return runs[recipe, workers, processes]
@@ -108,25 +106,38 @@ def uninterrupted(tmp_path_factory, shards, tokenizers):
     return get
 
 
+def resume(args: list[str], processes: int, capsys) -> str:
+    """The same command again, to the end; returns its stdout. One process: ``main`` in this process."""
+    if processes == 1:
+        capsys.readouterr()
+        run_in_process(*args)
+        return capsys.readouterr().out
+    proc = launch(args, processes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.parametrize(
-    ("recipe", "workers", "processes"),
-    [("quickstart", 0, 1), ("quickstart_decoder", 2, 1), ("quickstart", 2, 1), ("quickstart_decoder", 0, 2)],
+    ("recipe", "workers", "processes", "kills"),
+    [("quickstart", 0, 1, 1), ("quickstart_decoder", 2, 1, 1), ("quickstart", 2, 1, 2), ("quickstart_decoder", 0, 2, 1)],
 )
 def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path, shards, tokenizers, uninterrupted,
-                                                                      recipe, workers, processes):
+                                                                      capsys, recipe, workers, processes, kills):
+    """``kills`` kills in one run: with 2, the second kill lands in a run resumed from the first (5 kill points
+    in all)."""
     args = common(recipe, shards, workers, tokenizers)
     full = uninterrupted(recipe, workers, processes)
 
     rng = random.Random(f"{KILL_SEED}-{recipe}-{workers}-{processes}")
-    kills = sorted(rng.sample(range(2, TOTAL_STEPS - 1), 2))  # two kills in one run: 8 kill points in all
+    steps = sorted(rng.sample(range(2, TOTAL_STEPS - 1), kills))
     run = tmp_path / "killed"
-    for step in kills:
-        launch(args + [f"runtime.output_dir={run}"], processes, kill_when=lambda: logged_steps(run) >= step)
-    proc = launch(args + [f"runtime.output_dir={run}"], processes)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if kills[-1] > 3:  # step 3's checkpoint was complete before step 4 was logged
-        assert "Resuming from" in proc.stdout, (kills, proc.stdout[-2000:])
-    assert history(run) == history(full), f"KILL_SEED={KILL_SEED} kills after steps {kills}"
+    for step in steps:
+        launch(args + [f"runtime.output_dir={run}"], processes, kill_after=step)
+        assert max(r[0] for r in history(run)) == step  # the kill came before step `step`'s checkpoint
+    out = resume(args + [f"runtime.output_dir={run}"], processes, capsys)
+    if steps[-1] > 3:  # step 3's checkpoint was complete before step 4 was logged
+        assert "Resuming from" in out, (steps, out[-2000:])
+    assert history(run) == history(full), f"KILL_SEED={KILL_SEED} kills after steps {steps}"
     # The document trace survives the kills: one line per step, none lost or repeated, same documents.
     for rank in range(processes):
         killed, uninterrupted_trace = (read_trace(r / "trace" / f"rank-{rank}.jsonl") for r in (run, full))
@@ -135,7 +146,7 @@ def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path,
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, shards, tokenizers,
-                                                                                 uninterrupted):
+                                                                                 uninterrupted, capsys, caplog):
     """The process group (run and its 2 DataLoader workers) is SIGKILLed while step 6's checkpoint is being
     written (tests/faults.py: after the rank's files are in ``.tmp-step-6``, before the rename)."""
     args = common("quickstart_decoder", shards, 2, tokenizers)
@@ -146,9 +157,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_on
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (ckpts / ".tmp-step-6").is_dir() and not (ckpts / "step-6").exists()
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-3"]
-    proc = launch(args + [f"runtime.output_dir={run}"], 1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from" in proc.stdout and "step-3 (step 3)" in proc.stdout
-    assert "incomplete checkpoint" in proc.stderr
+    out = resume(args + [f"runtime.output_dir={run}"], 1, capsys)
+    assert "Resuming from" in out and "step-3 (step 3)" in out
+    assert "incomplete checkpoint" in caplog.text
     assert not list(ckpts.glob(".tmp-*"))
     assert history(run) == history(uninterrupted("quickstart_decoder", 2, 1))

@@ -1,5 +1,9 @@
 """SIGTERM (how RunPod stops a pod) and SIGINT: the run saves a checkpoint at the next step boundary
-and exits 0; running the same command again resumes and ends exactly like an uninterrupted run."""
+and exits 0; running the same command again resumes and ends exactly like an uninterrupted run.
+
+A test that sends a signal itself does so while the run waits for it after a chosen step (tests/faults.py
+``hold-after-step``): the run stops at exactly that step, however busy the machine. The uninterrupted
+reference and the resumes to the end run ``main`` in the test process (conftest ``run_in_process``)."""
 
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_in_process
 
-ARGS = ["recipe=quickstart_decoder", "scheduler.total_steps=120", "scheduler.warmup_steps=2",
+TOTAL_STEPS = 40
+ARGS = ["recipe=quickstart_decoder", f"scheduler.total_steps={TOTAL_STEPS}", "scheduler.warmup_steps=2",
         "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=1000", "runtime.evaluation.every_n_steps=null",
         "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]", "data.batch_size=4",
-        "data.sequence_length=64", "model.num_layers=1"]
+        "data.sequence_length=64", "model.num_layers=1", "data.trace_documents=true"]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,7 @@ def args(bpe_800) -> list[str]:
 def full(tmp_path_factory, args) -> Path:
     """The uninterrupted run the resumed ones must equal (checkpoint writes do not change what is trained)."""
     out = tmp_path_factory.mktemp("full") / "run"
-    proc = run_cli(*args, f"runtime.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_in_process(*args, f"runtime.output_dir={out}")
     return out
 
 
@@ -40,48 +44,68 @@ def with_fault(fault: str, step: int, args: list[str]) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=600)
 
 
+def held(args: list[str], run: Path, step: int, launcher: list[str] | None = None, env: dict | None = None
+         ) -> subprocess.Popen:
+    """The run (under ``launcher``, an ``accelerate launch`` command, if given), started and waiting after
+    ``step`` for a stop signal (tests/faults.py ``hold-after-step``)."""
+    import os
+
+    cmd = [*(launcher or [sys.executable]), "-m", "tests.faults", "hold-after-step", str(step), *args,
+           f"runtime.output_dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    marker = run / f"held-after-step-{step}"
+    while not marker.exists():  # the run holds there until signalled: no deadline to race, only its end
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+def resume_to_the_end(args: list[str], run: Path, capsys) -> str:
+    capsys.readouterr()
+    run_in_process(*args, f"runtime.output_dir={run}")
+    return capsys.readouterr().out
+
+
 def losses(run) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def stop_after_rows(args: list[str], run: Path, rows: int, sig: signal.Signals) -> tuple[int, str]:
-    """Start the run, send ``sig`` to it once history.jsonl has ``rows`` lines; it must save at the step boundary,
-    exit 0 and not export. Returns the step it stopped at and its stdout."""
-    proc = subprocess.Popen([sys.executable, "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    history = run / "history.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= rows):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.2)
+def checkpoint_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+
+
+def stop_at(args: list[str], run: Path, step: int, sig: signal.Signals) -> str:
+    """Start the run, send ``sig`` to it while it holds after ``step``; it must save at that step's boundary,
+    exit 0 and not export. Returns its stdout."""
+    proc = held(args, run, step)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    assert f"Stopped by {sig.name}" in out
+    assert f"Stopped by {sig.name} at step {step};" in out, out[-2000:]
     newest = max((run / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
-    stopped_at = json.loads((newest / "trainer_state.json").read_text())["step"]
-    assert newest.name == f"step-{stopped_at}" and rows <= stopped_at < 120
+    assert newest.name == f"step-{step}" and checkpoint_step(newest) == step
     assert not (run / "export").exists()  # preempted, not finished
-    return stopped_at, out
+    return out
 
 
-def test_sigterm_then_sigint_save_at_step_boundary_exit_0_and_resume_is_exact(tmp_path, args, full):
-    """SIGTERM stops the run after step 20 or later; the same command resumes and SIGINT stops it 20 steps
-    further; the same command again ends as the uninterrupted run. One chain instead of a run per signal:
-    the resume between the stops is itself stopped."""
+def test_sigterm_then_sigint_save_at_step_boundary_exit_0_and_resume_is_exact(tmp_path, args, full, capsys):
+    """SIGTERM stops the run at step 10; the same command resumes and SIGINT stops it at step 20; the same
+    command again ends as the uninterrupted run. One chain instead of a run per signal: the resume between
+    the stops is itself stopped."""
     run = tmp_path / "run"
-    first, _ = stop_after_rows(args, run, 20, signal.SIGTERM)
-    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{first}"]  # the one checkpoint: the stop's
-    second, out = stop_after_rows(args, run, first + 20, signal.SIGINT)
-    assert f"step-{first}" in out  # it resumed from the first stop
-    resumed = run_cli(*args, f"runtime.output_dir={run}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"step-{second}" in resumed.stdout
-    assert losses(run) == losses(full)  # max |delta| = 0 over all 120 steps
+    stop_at(args, run, 10, signal.SIGTERM)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-10"]  # the one checkpoint: the stop's
+    out = stop_at(args, run, 20, signal.SIGINT)
+    assert "step-10 (step 10)" in out  # it resumed from the first stop
+    out = resume_to_the_end(args, run, capsys)
+    assert "step-20 (step 20)" in out
+    assert losses(run) == losses(full)  # max |delta| = 0 over all steps
 
 
-def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_boundary(tmp_path, args, full):
+def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_boundary(tmp_path, args, full, capsys):
     """The signal lands while step 30's checkpoint is being written (tests/faults.py: its files are in
     ``.tmp-step-30``, not yet renamed): that write completes, the run stops after step 31 with a checkpoint
     there, exits 0, and resumes exactly."""
@@ -91,9 +115,8 @@ def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_bou
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Stopped by SIGTERM at step 31" in proc.stdout, proc.stdout[-2000:]  # never step 30's write cut short
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-31"]
-    resumed = run_cli(*args, f"runtime.output_dir={run}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "step-31 (step 31)" in resumed.stdout
+    out = resume_to_the_end(args, run, capsys)
+    assert "step-31 (step 31)" in out
     assert losses(run) == losses(full)
 
 
@@ -101,19 +124,14 @@ def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_run(tmp_path, ar
     """`accelerate launch` with one process does not forward SIGTERM (it dies); the training process
     follows its launcher (PR_SET_PDEATHSIG), saves at the next step boundary and exits 0."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_streamlm.run", *args,
-           f"runtime.output_dir={run}"]
-    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    history = run / "history.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 10):
-        time.sleep(0.2)
-    launcher.send_signal(signal.SIGTERM)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = held(args, run, 10, launch)  # the training process waits after step 10
+    launcher.send_signal(signal.SIGTERM)  # to the launcher only
     out, err = launcher.communicate(timeout=300)  # the pipes close when the training process has exited
-    assert "Stopped by SIGTERM" in out, err[-2000:]
+    assert "Stopped by SIGTERM at step 10;" in out, err[-2000:]
     (checkpoint,) = (run / "checkpoints").iterdir()
-    assert 10 <= json.loads((checkpoint / "trainer_state.json").read_text())["step"] < 120
+    assert checkpoint_step(checkpoint) == 10
 
 
 def test_sigterm_during_eval_finishes_it_and_stops_at_that_step(tmp_path, args):
@@ -131,26 +149,24 @@ def test_sigterm_during_eval_finishes_it_and_stops_at_that_step(tmp_path, args):
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, args):
-    """Two processes; only rank 1 gets SIGTERM. The ranks agree at the next step boundary: one
-    checkpoint holding both ranks' data states, both exit 0, and the launcher with them."""
+    """Two processes; only rank 1 gets SIGTERM, while it waits after step 10 (rank 0 waits for it in the
+    step's stop check). The ranks agree at that step's boundary: one checkpoint holding both ranks' data
+    states, both exit 0, and the launcher with them."""
     import psutil
 
+    from tests.test_resume_run import free_port
+
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           "29541", "-m", "hf_streamlm.run", *args, f"runtime.output_dir={run}"]
-    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    history = run / "history.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 10):
-        time.sleep(0.2)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(free_port())]
+    launcher = held(args, run, 10, launch, env={"TESTS_FAULTS_RANK": "1"})
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "hf_streamlm.run" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+             if "tests.faults" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
     assert len(ranks) == 1
     ranks[0].send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-2000:]
     (checkpoint,) = (run / "checkpoints").iterdir()
     assert sorted(p.name for p in checkpoint.glob("data_state_*.pt")) == ["data_state_0.pt", "data_state_1.pt"]
-    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-    assert f"Stopped by SIGTERM at step {step}" in out and 10 <= step < 120
+    assert checkpoint_step(checkpoint) == 10 and "Stopped by SIGTERM at step 10;" in out
