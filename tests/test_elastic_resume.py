@@ -9,7 +9,8 @@ resume drops them), so nothing depends on when a kill lands.
 
 The sizes are small on purpose, and they are the hard case: each reader's share of a pass (18 documents
 with 4 readers) is much smaller than a tokenizing chunk (256 documents), so at the stop every old reader
-holds many passes in flight (packing remainder, chunk in the tokenizer, shuffle buffer)."""
+holds many passes in flight (packing remainder, chunk in the tokenizer, shuffle buffer). The one-process
+runs are ``main`` in the test process (conftest ``run_in_process``), the two-process ones real launches."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 
 from hf_streamlm.data.stream import document_key
 from hf_streamlm.data.trace import read_trace
-from tests.conftest import two_source_corpus
+from tests.conftest import run_in_process, two_source_corpus
 from tests.test_resume_run import launch
 
 STOP = 3  # the checkpoint the run is resumed from: inside the first pass
@@ -47,6 +48,18 @@ def args(recipe: str, sources: str, tokenizer, workers: int, accumulation: int, 
             "scheduler.warmup_steps=1", "runtime.log_every_n_steps=1", f"runtime.checkpoint.every_n_steps={STOP}",
             "runtime.checkpoint.max_keep=100", f"runtime.evaluation.every_n_steps={total}",
             "runtime.logging.progress_bar=false", "runtime.logging.tensorboard=false", "runtime.demo_sentences=[]"]
+
+
+def run_to_end(args: list[str], processes: int, capsys, caplog) -> tuple[str, str]:
+    """The run to its end; its stdout, and its stderr (in process: its log records)."""
+    if processes == 1:
+        capsys.readouterr()
+        caplog.clear()
+        run_in_process(*args)
+        return capsys.readouterr().out, caplog.text
+    proc = launch(args, processes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, proc.stderr
 
 
 def stopped_copy(run, target):
@@ -87,7 +100,7 @@ def check_exactly_once(run, want: Counter) -> None:
     ids=["decoder-2x2-to-1x0", "microbert-1x0-to-2x2"],
 )
 def test_elastic_resume_trains_every_document_of_the_first_pass_once(tmp_path, mixture, bpe_500, wordpiece_800,
-                                                                    recipe, before, after):
+                                                                    capsys, caplog, recipe, before, after):
     root, docs = mixture
     tokenizer = bpe_500 if recipe == "quickstart_decoder" else wordpiece_800
     # A weighted mixture of two sources; the mixture's randomness continues over the layout change.
@@ -96,9 +109,8 @@ def test_elastic_resume_trains_every_document_of_the_first_pass_once(tmp_path, m
     want = expected(docs, [0, 1])
     processes, workers, accumulation = before
     full = tmp_path / "full"
-    proc = launch(args(recipe, sources, tokenizer, workers, accumulation, STEPS) + [f"runtime.output_dir={full}"],
-                  processes)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_to_end(args(recipe, sources, tokenizer, workers, accumulation, STEPS) + [f"runtime.output_dir={full}"],
+               processes, capsys, caplog)
     check_exactly_once(full, want)  # the uninterrupted run reads the first pass whole too
     # The stop lands inside the first pass: documents of it are still to come after the checkpoint.
     before_stop = Counter((s, k) for path in (full / "trace").glob("rank-*.jsonl") for row in read_trace(path)
@@ -108,11 +120,10 @@ def test_elastic_resume_trains_every_document_of_the_first_pass_once(tmp_path, m
     run = tmp_path / "elastic"
     stopped_copy(full, run)
     processes, workers, accumulation = after
-    proc = launch(args(recipe, sources, tokenizer, workers, before[2], STEPS) + [f"runtime.output_dir={run}"],
-                  processes)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed {before[0]}x{before[1]} -> {processes}x{workers}" in proc.stdout, proc.stdout[-2000:]
-    assert f"data.gradient_accumulation_steps {before[2]} -> {accumulation}" in proc.stderr
+    out, err = run_to_end(args(recipe, sources, tokenizer, workers, before[2], STEPS) + [f"runtime.output_dir={run}"],
+                          processes, capsys, caplog)
+    assert f"resumed {before[0]}x{before[1]} -> {processes}x{workers}" in out, out[-2000:]
+    assert f"data.gradient_accumulation_steps {before[2]} -> {accumulation}" in err
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
