@@ -5,7 +5,10 @@ workers included: the tests here do the same (``os.killpg``), with 2 workers per
 process and for a 2-process ``accelerate launch``. Stopped runs are resumed and must log the losses
 of an uninterrupted run bit for bit. To keep the suite short, each uninterrupted run is made once
 and serves several tests: the learning rate is constant, so a run started for 2000 steps and resumed
-with ``scheduler.total_steps=REFERENCE_STEPS`` trains exactly as the reference of that length."""
+with ``scheduler.total_steps=REFERENCE_STEPS`` trains exactly as the reference of that length. A signal is
+sent while the run waits for it after a chosen step (tests/faults.py ``hold-after-step``), so the stop lands
+at that step; the one-process reference and resumes run ``main`` in the test process (conftest
+``run_in_process``)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_in_process
 from tests.test_resume_run import command  # `accelerate launch` for 2+ processes, on a free port
 
 
@@ -35,14 +38,15 @@ def tiny(shards: Path, tokenizer: Path, workers: int = 2) -> list[str]:
             "data.sequence_length=128", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
             "tokenizer.vocab_size=500", "scheduler.strategy=constant", "scheduler.warmup_steps=0",
             "runtime.log_every_n_steps=1", "runtime.checkpoint.every_n_steps=5", "runtime.checkpoint.max_keep=5",
-            "runtime.evaluation.every_n_steps=null", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]"]
+            "runtime.evaluation.every_n_steps=null", "runtime.logging.progress_bar=false", "runtime.demo_sentences=[]",
+            "data.trace_documents=true"]
 
 
-def start(args: list[str], processes: int = 1) -> subprocess.Popen:
+def start(args: list[str], processes: int = 1, module: list[str] | None = None) -> subprocess.Popen:
     """In a session of its own: its process group is the launcher, the ranks' parent and their workers,
-    as a container's or a SLURM step's is."""
-    return subprocess.Popen(command(args, processes), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    as a container's or a SLURM step's is. ``module``: a fault of tests/faults.py instead of the run's own."""
+    return subprocess.Popen(command(args, processes, module), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -86,10 +90,13 @@ def errors(result: subprocess.CompletedProcess) -> list[str]:
 def stop_by_group_signal(
     args: list[str], out: Path, processes: int, sig: signal.Signals = signal.SIGTERM, after: int = 3
 ) -> tuple[int, subprocess.CompletedProcess]:
-    """Start, signal the process group with `sig` once step `after` is logged; the run must save at a step
-    boundary."""
-    proc = start([*args, f"runtime.output_dir={out}"], processes)
-    wait_for_step(proc, out, after)
+    """Start, signal the process group with `sig` while rank 0 waits after step `after` (tests/faults.py
+    ``hold-after-step``); the run must save at that step's boundary."""
+    proc = start([*args, f"runtime.output_dir={out}"], processes, ["-m", "tests.faults", "hold-after-step", str(after)])
+    marker = out / f"held-after-step-{after}"
+    while not marker.exists():  # the run holds there until signalled: no deadline to race, only its end
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {after}: {proc.stderr.read()[-3000:]}"
+        time.sleep(0.05)
     os.killpg(proc.pid, sig)
     result = finish(proc)
     match = re.search(rf"Stopped by {sig.name} at step (\d+); checkpoint saved in .* \(save ([\d.]+) s, ([\d.]+) s after",
@@ -98,6 +105,7 @@ def stop_by_group_signal(
     print(f"stop-time save: {match.group(2)} s, {match.group(3)} s after the signal")  # for the record (-s)
     assert "killed by signal" not in result.stderr  # no DataLoader worker died of it
     step = int(match.group(1))
+    assert step == after
     newest = max((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     assert newest.name == f"step-{step}"
     assert sorted(p.name for p in newest.glob("data_state_*.pt")) == [f"data_state_{r}.pt" for r in range(processes)]
@@ -108,13 +116,20 @@ def stop_by_group_signal(
 def reference(tmp_path_factory, shards, bpe_500) -> Path:
     """One process, 2 workers, REFERENCE_STEPS uninterrupted steps."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    result = run([*tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process(*tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}")
     return out
 
 
+def resume_in_process(args: list[str], capsys) -> str:
+    """The same command again, to the end, as ``main`` in this process; its stdout."""
+    capsys.readouterr()
+    run_in_process(*args)
+    return capsys.readouterr().out
+
+
 def test_sigterm_then_sigint_to_the_process_group_with_two_workers_save_exit_0_and_resume_exactly(tmp_path, shards,
-                                                                                                 bpe_500, reference):
+                                                                                                 bpe_500, reference,
+                                                                                                 capsys):
     """What ``docker stop``, SLURM and a pod shutdown do (today's main: the workers die first, the run
     crashes with "DataLoader worker ... is killed by signal: Terminated" and saves nothing), then SIGINT,
     what Ctrl-C in a terminal sends to the whole foreground process group, to the resumed run: each stop
@@ -128,9 +143,9 @@ def test_sigterm_then_sigint_to_the_process_group_with_two_workers_save_exit_0_a
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step-{first} (step {first})" in result.stdout  # the second run resumed from the first stop
     assert first < second < REFERENCE_STEPS
-    resumed = run([*tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={out}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"step-{second} (step {second})" in resumed.stdout
+    resumed = resume_in_process([*tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}",
+                                 f"runtime.output_dir={out}"], capsys)
+    assert f"step-{second} (step {second})" in resumed
     assert losses(out) == losses(reference)  # max |delta| = 0 over every step
 
 
@@ -233,7 +248,7 @@ def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path, bpe_500):
 # ------------------------------------------------------------------------------ data failure, damage
 
 def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards, bpe_500,
-                                                                                       reference):
+                                                                                       reference, capsys, caplog):
     """Every file of the source is replaced by one that cannot be parsed while the run trains: the first
     read after that (a worker starting its next pass) fails. The run saves the last completed step and
     exits 4 with one line (today's main: exit 2, nothing saved since the last regular checkpoint). With
@@ -269,8 +284,9 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
     with open(newest, "r+b") as f:  # what a crash of the file system or a partial copy leaves
         f.truncate(newest.stat().st_size // 2)
     for run_dir, resumed_from in ((out, step), (damaged, checkpoints[-2])):
-        resumed = run([*args, f"scheduler.total_steps={REFERENCE_STEPS}", f"runtime.output_dir={run_dir}"])
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert f"step-{resumed_from} (step {resumed_from})" in resumed.stdout
+        caplog.clear()
+        resumed = resume_in_process([*args, f"scheduler.total_steps={REFERENCE_STEPS}",
+                                     f"runtime.output_dir={run_dir}"], capsys)
+        assert f"step-{resumed_from} (step {resumed_from})" in resumed
         assert losses(run_dir) == losses(reference)
-    assert f"skipping checkpoint {newest.parent}: model.safetensors has" in resumed.stderr
+    assert f"skipping checkpoint {newest.parent}: model.safetensors has" in caplog.text
