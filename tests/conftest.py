@@ -131,15 +131,17 @@ def run_in_process(*args: str) -> None:
         reset_accelerate_state()
 
 
-def main_refuses(args: list[str], capsys) -> str:
-    """Run ``hf_streamlm.run``'s main in this process on ``args``; assert it exits 2 without a traceback and return
-    its stderr (use with the ``reset_accelerate`` fixture)."""
+def main_refuses(args: list[str], capsys, code: int = 2) -> str:
+    """Run ``hf_streamlm.run``'s main in this process on ``args``; assert it exits ``code`` (2: bad input; 3: a
+    non-finite stop; 4: a source failed mid-run) without a traceback and return its stderr (use with the
+    ``reset_accelerate`` fixture)."""
     from hf_streamlm.run import main
 
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         main(args)
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and "Traceback" not in err, err[-1500:]
+    assert exited.value.code == code and "Traceback" not in err, err[-1500:]
     return err
 
 

@@ -1,7 +1,8 @@
 """The loop's smaller duties, each shown by a real run: a token budget sets the length, best/ keeps
 the best checkpoints by eval loss (hard links when the step was saved anyway), MFU is logged when the
 peak is known, the model card carries the final figures and the command, and NaN/inf losses are
-skipped or stop the run with the last good state saved (runtime.on_nonfinite)."""
+skipped or stop the run with the last good state saved (runtime.on_nonfinite). The runs are ``main`` in the
+test process (conftest ``run_in_process``, ``main_refuses``): the entry point's own process is tests/test_run.py's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import main_refuses, run_in_process
 
 TINY = ["recipe=quickstart_decoder", "scheduler.warmup_steps=1", "runtime.logging.progress_bar=false",
         "runtime.demo_sentences=[]", "data.batch_size=4", "data.sequence_length=32", "data.shuffle_buffer_size=100",
@@ -31,11 +32,10 @@ def state(checkpoint: Path) -> dict:
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory, bpe_500) -> Path:
     run = tmp_path_factory.mktemp("loop") / "budget"
-    proc = run_cli(*TINY, f"tokenizer.path={bpe_500}", "scheduler.total_tokens=5000", "runtime.log_every_n_steps=4",
+    run_in_process(*TINY, f"tokenizer.path={bpe_500}", "scheduler.total_tokens=5000", "runtime.log_every_n_steps=4",
                    "runtime.evaluation.every_n_steps=4", "runtime.evaluation.max_batches=2",
                    "runtime.checkpoint.every_n_steps=8", "runtime.checkpoint.max_keep=2",
                    "runtime.evaluation.best.max_keep=2", "runtime.logging.peak_tflops=0.5", f"runtime.output_dir={run}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 
@@ -87,9 +87,9 @@ def test_model_card_has_final_figures_and_command(budget_run):
 
 
 def test_export_command_writes_the_same_card_from_a_checkpoint(budget_run, tmp_path):
-    proc = run_cli("-m", "hf_streamlm.cli", "export", str(budget_run / "checkpoints" / "step-40"),
-                   "--output", str(tmp_path / "exp"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from hf_streamlm.cli import main
+
+    assert main(["export", str(budget_run / "checkpoints" / "step-40"), "--output", str(tmp_path / "exp")]) == 0
     card = (tmp_path / "exp" / "README.md").read_text()
     assert "scheduler.total_tokens=5000" in card and "5,120 tokens seen" in card
 
@@ -107,25 +107,25 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "model.safetensors")
 
 
-def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path, bpe_500):
+def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path, bpe_500, capfd, reset_accelerate):
     run = tmp_path / "run"
-    proc = run_cli(*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=stop", f"runtime.output_dir={run}")
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    message = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    err = main_refuses([*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=stop", f"runtime.output_dir={run}"],
+                       capfd, code=3)  # no traceback either
+    message = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
     assert len(message) == 1 and "non-finite loss or gradient norm at step 2" in message[0]
-    assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
     good = weights(run / "checkpoints" / "step-1")
     assert all(torch.isfinite(t).all() for t in good.values())
     assert not (run / "export").exists()
 
 
-def test_nonfinite_skip_counts_steps_without_updating_then_stops_after_the_limit(tmp_path, bpe_500):
+def test_nonfinite_skip_counts_steps_without_updating_then_stops_after_the_limit(tmp_path, bpe_500, capfd, caplog,
+                                                                                 reset_accelerate):
     run = tmp_path / "run"
-    proc = run_cli(*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=skip", "runtime.max_nonfinite_skips=4", f"runtime.output_dir={run}")
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "after 4 skipped steps in a row" in proc.stderr
-    assert proc.stderr.count("update skipped") == 3  # steps 2-4 logged as skipped; the 4th in a row stops
+    err = main_refuses([*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=skip", "runtime.max_nonfinite_skips=4",
+                        f"runtime.output_dir={run}"], capfd, code=3)
+    assert "after 4 skipped steps in a row" in err
+    assert caplog.text.count("update skipped") == 3  # steps 2-4 logged as skipped; the 4th in a row stops
     train = [r for r in rows(run) if "loss" in r]
     assert [r["nonfinite_skips"] for r in train] == [0, 1, 2, 3]
     assert math.isfinite(train[0]["loss"]) and math.isfinite(train[0]["grad_norm"])

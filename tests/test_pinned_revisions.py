@@ -61,14 +61,15 @@ def test_pins_survive_a_push_and_a_squashed_commit_is_one_line(hub_server, tmp_p
     assert "\n" not in message and sha in message and REPO in message and "no longer has that commit" in message
 
 
-def test_resumed_run_trains_on_the_pinned_commit_after_a_push(hub_server, tmp_path):
+def test_resumed_run_trains_on_the_pinned_commit_after_a_push(hub_server, tmp_path, capsys, reset_accelerate):
     """A real run stops after step 3 (its last step), a commit replaces the first shard, the same command
     with a longer schedule resumes: every document traced after the resume is one of the first commit's
     (blake2b keys of their text); config.yaml, the checkpoints and the model card name the commit. With
-    the commit squashed away, the next resume is one line."""
+    the commit squashed away, the next resume is one line. The runs are ``main`` in the test process (conftest
+    ``run_in_process``, ``main_refuses``), against the loopback Hub as a process of its own would be."""
     from huggingface_hub import HfApi, ModelCard
 
-    from tests.conftest import run_cli
+    from tests.conftest import main_refuses, run_in_process
 
     old = {r["text"] for k in range(len(SHARDS)) for r in docs(k * 120, 120)}
     jsonl_repo(hub_server)
@@ -81,14 +82,13 @@ def test_resumed_run_trains_on_the_pinned_commit_after_a_push(hub_server, tmp_pa
             "runtime.checkpoint.every_n_steps=3", "runtime.evaluation.every_n_steps=null", "runtime.log_every_n_steps=1",
             "runtime.logging.progress_bar=false", "runtime.logging.report_to=none", "runtime.demo_sentences=[]",
             f"runtime.output_dir={out}"]
-    proc = run_cli(*args, "scheduler.total_steps=3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_process(*args, "scheduler.total_steps=3")
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["sources"][0]["pinned_revision"] == sha
     push_new_rows(hub_server)
 
-    proc = run_cli(*args, "scheduler.total_steps=12")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from" in proc.stdout
+    capsys.readouterr()
+    run_in_process(*args, "scheduler.total_steps=12")
+    assert "Resuming from" in capsys.readouterr().out
     trace = [json.loads(line) for line in (out / "trace" / "rank-0.jsonl").read_text().splitlines()]
     keys = {hashlib.blake2b(t.encode("utf-8"), digest_size=8).hexdigest() for t in old}
     resumed = [doc for row in trace if row["step"] > 3 for doc in row["docs"]]
@@ -101,6 +101,6 @@ def test_resumed_run_trains_on_the_pinned_commit_after_a_push(hub_server, tmp_pa
     assert f"{REPO} (commit {sha})" in card.text
 
     HfApi().super_squash_history(REPO, repo_type="dataset")
-    proc = run_cli(*args, "scheduler.total_steps=15")
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and sha in errors[0], proc.stderr[-2000:]
+    err = main_refuses([*args, "scheduler.total_steps=15"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(errors) == 1 and sha in errors[0], err[-2000:]

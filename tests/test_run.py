@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import main_refuses, run_cli
+from tests.conftest import main_refuses, run_cli, run_in_process
 
 SHORT = [
     "recipe=quickstart",
@@ -121,7 +121,9 @@ def test_export_loads_with_auto_classes_in_process(quickstart_run):
     assert len(fill("raise a [MASK] if the file does not exist.", top_k=5)) == 5
 
 
-def test_resume_auto_continues_from_newest_checkpoint(quickstart_run, tmp_path):
+def test_resume_auto_continues_from_newest_checkpoint(quickstart_run, tmp_path, capsys):
+    """The resume is ``main`` in this process (conftest ``run_in_process``; the run's own process is
+    ``quickstart_run``'s)."""
     out, _ = quickstart_run
     run = tmp_path / "resumed"
     import shutil
@@ -129,9 +131,10 @@ def test_resume_auto_continues_from_newest_checkpoint(quickstart_run, tmp_path):
     shutil.copytree(out, run)
     shutil.rmtree(run / "checkpoints" / "step-30")  # as if killed between step 15 and 30
     args = [a for a in SHORT if not a.startswith("scheduler.total_steps")]
-    proc = run_cli(*args, "scheduler.total_steps=30", f"runtime.output_dir={run}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Resuming from" in proc.stdout and "step-15" in proc.stdout
+    capsys.readouterr()
+    run_in_process(*args, "scheduler.total_steps=30", f"runtime.output_dir={run}")
+    stdout = capsys.readouterr().out
+    assert "Resuming from" in stdout and "step-15" in stdout
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [5, 10, 15, 20, 25, 30]  # no duplicated rows after the resume point
