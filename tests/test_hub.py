@@ -234,14 +234,12 @@ def test_push_export_uploads_the_folder(hub_server, tmp_path):
 # ---------------------------------------------------------------------------------------------- training
 
 
-def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(hub_server, tmp_path):
+def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(hub_server, tmp_path, capfd,
+                                                                              reset_accelerate):
     """Two good shards, then one that always answers 429: the run saves its last completed step, stops with
     one line naming the source and the cause, and exits 4 (a data failure after training started); no
-    checkpoint is left half-written."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO as ROOT
+    checkpoint is left half-written. The run is ``main`` in this process (conftest ``main_refuses``)."""
+    from tests.conftest import main_refuses
 
     for k in range(2):
         rows = docs(k * 1500, 1500)
@@ -251,17 +249,16 @@ def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(h
     hub_server.add_file(f"datasets/org/flaky/{bad}", "".join(json.dumps(r) + "\n" for r in docs(3000, 100)))
     hub_server.fail_with(bad, 429, times=None)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "hf_streamlm.run", "recipe=quickstart_decoder", "data.sources=[{path: org/flaky}]",
-           "data.retries=1", "data.retry_backoff=0", "data.eval_holdout=0", "data.shuffle_buffer_size=0",
-           "data.sequence_length=32", "data.batch_size=4", "model.hidden_size=64", "model.num_layers=1",
-           "model.intermediate_size=128", "tokenizer.train_samples=200", "tokenizer.vocab_size=300",
-           "scheduler.total_steps=2000", "scheduler.warmup_steps=1", "runtime.checkpoint.every_n_steps=20",
-           "runtime.checkpoint.max_keep=3", "runtime.evaluation.every_n_steps=null", "runtime.log_every_n_steps=20",
-           "runtime.logging.progress_bar=false", f"runtime.output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 4, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
-    assert len(errors) == 1 and "org/flaky" in errors[0] and "429" in errors[0], proc.stderr[-2000:]
+    args = ["recipe=quickstart_decoder", "data.sources=[{path: org/flaky}]",
+            "data.retries=1", "data.retry_backoff=0", "data.eval_holdout=0", "data.shuffle_buffer_size=0",
+            "data.sequence_length=32", "data.batch_size=4", "model.hidden_size=64", "model.num_layers=1",
+            "model.intermediate_size=128", "tokenizer.train_samples=200", "tokenizer.vocab_size=300",
+            "scheduler.total_steps=2000", "scheduler.warmup_steps=1", "runtime.checkpoint.every_n_steps=20",
+            "runtime.checkpoint.max_keep=3", "runtime.evaluation.every_n_steps=null", "runtime.log_every_n_steps=20",
+            "runtime.logging.progress_bar=false", f"runtime.output_dir={out}"]
+    err = main_refuses(args, capfd, code=4)
+    errors = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(errors) == 1 and "org/flaky" in errors[0] and "429" in errors[0], err[-2000:]
     assert hub_server.count(bad) >= 2  # retried before giving up
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert checkpoints and all(p.name.startswith("step-") for p in checkpoints)  # no .tmp- folder left

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO as ROOT
+from tests.conftest import run_in_process
 from tests.hub_fixtures import hub_server  # noqa: F401 - the fixture
 
 TOKEN = "hf_PushTestToken_q7Zr41xVb93KmW"
@@ -33,10 +34,9 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, timeout=timeout)
 
 
-def train(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    proc = run("-m", "hf_streamlm.run", *TINY, f"runtime.output_dir={out}", *overrides)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    return proc
+def train(out: Path, *overrides: str) -> None:
+    """``main`` in this process (conftest ``run_in_process``): the loopback Hub and HF_TOKEN are this process's."""
+    run_in_process(*TINY, f"runtime.output_dir={out}", *overrides)
 
 
 def local_files(folder: Path) -> set[str]:
@@ -104,8 +104,12 @@ def token(hub_server, monkeypatch):
 
 
 def test_training_run_pushes_its_export_to_a_branch(hub_server, token, tmp_path):
+    """A process of its own: in the test process, the stream's copy of its sources (``copy.deepcopy`` in
+    ``WorkerPipeline``) met huggingface_hub's file-system cache changing size under it."""
     out = tmp_path / "run"
-    proc = train(out, "hub.push=true", "hub.repo_id=me/tiny", "hub.revision=exp-1")
+    proc = run("-m", "hf_streamlm.run", *TINY, f"runtime.output_dir={out}", "hub.push=true", "hub.repo_id=me/tiny",
+               "hub.revision=exp-1")
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
 
     assert hub_server.is_private("me/tiny")  # hub.private defaults to true
     assert hub_server.branches("me/tiny") == ["main", "exp-1"]
