@@ -18,7 +18,6 @@ from tests.conftest import run_cli
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 LENGTHS = [3, 5, 8, 1, 12, 4, 6]
 TEXTS = [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(n)) for i, n in enumerate(LENGTHS)]
-OFFLINE_RECIPES = ["quickstart", "quickstart_decoder"]
 
 
 def write_jsonl(path, texts):
@@ -85,24 +84,39 @@ def stats_cli(tmp_path, *args):
     return run_cli("-m", "hf_streamlm.cli", "stats", *args, cwd=tmp_path, timeout=120)
 
 
-@pytest.mark.parametrize("recipe", OFFLINE_RECIPES)
-def test_cli_json(tmp_path, recipe):
-    proc = stats_cli(tmp_path, f"recipe={recipe}", "data.max_samples=200", "--json")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    stats = json.loads(proc.stdout)  # exactly one JSON object on stdout; logs went to stderr
+def stats_in_process(tmp_path, monkeypatch, capsys, *args) -> str:
+    """The command's main in this process (the console script's dispatch), from an empty folder; its stdout."""
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["stats", *args]) == 0
+    return capsys.readouterr().out
+
+
+def check_json(stats: dict) -> None:
     assert {"docs", "tokens", "tokens_per_s", "avg_tokens", "median_tokens", "blocks", "batches",
             "bytes_per_token", "docs_per_s", "sources"} <= stats.keys()
     assert stats["docs"] == 200 and stats["max_docs_default"] is False
     assert stats["tokens"] > stats["docs"] and stats["tokens_per_s"] > 0
 
 
-def test_cli_table_and_plot(tmp_path):
-    plot = tmp_path / "out" / "tokens.png"
-    proc = stats_cli(tmp_path, "recipe=quickstart", "--plot", str(plot))
+def test_cli_json(tmp_path):
+    """The console script's process: exactly one JSON object on its stdout, its logs on stderr."""
+    proc = stats_cli(tmp_path, "recipe=quickstart", "data.max_samples=200", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "first 1000 documents (default" in proc.stdout  # the recipe leaves data.max_samples null
+    check_json(json.loads(proc.stdout))
+
+
+def test_cli_json_decoder_in_process(tmp_path, monkeypatch, capsys):
+    check_json(json.loads(stats_in_process(tmp_path, monkeypatch, capsys, "recipe=quickstart_decoder",
+                                           "data.max_samples=200", "--json")))
+
+
+def test_cli_table_and_plot(tmp_path, monkeypatch, capsys):
+    plot = tmp_path / "out" / "tokens.png"
+    out = stats_in_process(tmp_path, monkeypatch, capsys, "recipe=quickstart", "--plot", str(plot))
+    assert "first 1000 documents (default" in out  # the recipe leaves data.max_samples null
     for label in ("docs", "tokens", "median tokens/doc", "bytes/token", "tokens/s"):
-        assert f"  {label} " in proc.stdout
+        assert f"  {label} " in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
