@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, main_refuses, run_in_process
 from tests.test_run import SHORT
 
 
@@ -54,14 +54,13 @@ def test_bad_input_exits_with_one_line_and_no_traceback(args, needle, capsys):
     assert len(lines) == 1 and needle in lines[0], err
 
 
-def test_bad_data_found_while_building_is_one_line(tmp_path):
+def test_bad_data_found_while_building_is_one_line(tmp_path, capfd, reset_accelerate):
+    """``hf_streamlm.run``'s main in this process (conftest ``main_refuses``: exit 2, no traceback)."""
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"body": "some words here"}) + "\n")
-    proc = run_cli("recipe=quickstart", f"runtime.output_dir={tmp_path / 'out'}",
-                   f"data.sources=[{{path: json, data_files: '{corpus}'}}]")
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert "no column 'text'" in proc.stderr and "body" in proc.stderr
+    err = main_refuses(["recipe=quickstart", f"runtime.output_dir={tmp_path / 'out'}",
+                        f"data.sources=[{{path: json, data_files: '{corpus}'}}]"], capfd)
+    assert "no column 'text'" in err and "body" in err
 
 
 # A model of width 32: what these runs check is the launch, the ranks' token counts and the resume, not the
@@ -69,13 +68,17 @@ def test_bad_data_found_while_building_is_one_line(tmp_path):
 SMALL_MODEL = ["model.hidden_size=32", "model.intermediate_size=64"]
 
 
-def test_accelerate_launch_two_processes(tmp_path, wordpiece_800):
+def test_accelerate_launch_two_processes(tmp_path, wordpiece_800, capsys, caplog):
+    """The two-process launch, then its resume by one process as ``main`` in this process (conftest
+    ``run_in_process``)."""
+    from tests.test_resume_run import free_port
+
     out = tmp_path / "ddp"
     # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the processes
     # meet over gloo on the CPU (--cpu would start one process).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29517", "-m", "hf_streamlm.run",
+           "--main_process_port", str(free_port()), "-m", "hf_streamlm.run",
            *[a for a in SHORT if not a.startswith("scheduler.total_steps")], "scheduler.total_steps=10",
            "runtime.checkpoint.every_n_steps=10", "runtime.evaluation.every_n_steps=10", f"tokenizer.path={wordpiece_800}",
            *SMALL_MODEL, f"runtime.output_dir={out}"]
@@ -90,11 +93,11 @@ def test_accelerate_launch_two_processes(tmp_path, wordpiece_800):
     assert (out / "export" / "model.safetensors").is_file()
     # Resumed by one process (elastic resume, issue #17): both ranks' stream positions are taken over and the
     # global batch is kept by doubling gradient accumulation.
-    proc = run_cli(*SHORT, "scheduler.total_steps=12", f"tokenizer.path={wordpiece_800}", *SMALL_MODEL,
+    capsys.readouterr()
+    run_in_process(*SHORT, "scheduler.total_steps=12", f"tokenizer.path={wordpiece_800}", *SMALL_MODEL,
                    f"runtime.output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed 2x0 -> 1x0" in proc.stdout
-    assert "data.gradient_accumulation_steps 1 -> 2" in proc.stderr
+    assert "resumed 2x0 -> 1x0" in capsys.readouterr().out
+    assert "data.gradient_accumulation_steps 1 -> 2" in caplog.text
 
 
 def test_precision_auto_takes_the_launchers_choice(tmp_path, wordpiece_800):
@@ -110,6 +113,5 @@ def test_precision_auto_takes_the_launchers_choice(tmp_path, wordpiece_800):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["precision"] == "bf16"
-    plain = run_cli(*args, f"runtime.output_dir={tmp_path / 'plain'}")
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    run_in_process(*args, f"runtime.output_dir={tmp_path / 'plain'}")  # main in this process: no launcher
     assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["runtime"]["precision"] == "fp32"
