@@ -10,7 +10,7 @@ import json
 import pytest
 
 from hf_streamlm.config import ConfigError, load_config
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, main_refuses, run_cli
 
 
 def history(run) -> list[dict]:
@@ -71,15 +71,16 @@ def wandb_records(path):
             yield record
 
 
-def test_a_tracker_that_is_not_installed_is_one_line(tmp_path):
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys, reset_accelerate):
+    """``hf_streamlm.run``'s main in this process (conftest ``main_refuses``: exit 2, no traceback)."""
     from accelerate.tracking import get_available_trackers
 
     missing = next(n for n in ("aim", "dvclive", "swanlab", "clearml", "comet_ml")
                    if n not in {str(t.value) for t in get_available_trackers()})
-    proc = run_cli("recipe=quickstart_decoder", *TINY, f"runtime.logging.report_to=[tensorboard, {missing}]",
-                   "runtime.logging.tensorboard=true", f"runtime.output_dir={tmp_path / 'run'}")
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    err = main_refuses(["recipe=quickstart_decoder", *TINY, f"runtime.logging.report_to=[tensorboard, {missing}]",
+                        "runtime.logging.tensorboard=true", f"runtime.output_dir={tmp_path / 'run'}"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert len(errors) == 1, err[-2000:]
     assert f"names {missing}, which is not installed: pip install" in errors[0]
     assert not (tmp_path / "run" / "tokenizer").exists()  # stopped before any work
 
