@@ -13,9 +13,10 @@ The signal is real and goes through the OS; only the moment is chosen:
   test, which no poll of history.jsonl can overshoot into the end of the run.
 - ``hold-after-step N``: as step N's line reaches the document trace (``data.trace_documents=true``), before
   that step's row, evaluation and stop check, the run writes ``held-after-step-N`` into its output folder and
-  waits until a stop signal has reached it (from the test, or from the launcher's death); then it goes on,
-  and stops at that step's boundary. The test sends its signal once the file is there: the run cannot have
-  gone on meanwhile. Under ``accelerate launch`` the rank named by ``TESTS_FAULTS_RANK`` (default 0) holds.
+  waits until a stop signal has reached it (from the test, or from the launcher's death), then stops at that
+  step's boundary; or until the test writes ``release-after-step-N`` there (after changing what the run
+  reads, say), then goes on. The test acts once the first file is there: the run cannot have gone on
+  meanwhile. Under ``accelerate launch`` the rank named by ``TESTS_FAULTS_RANK`` (default 0) holds.
 
 A kill reaches beyond the run's own process only where the test made the processes a group of their own
 (:func:`kill_everything`). The row hooks fire on the process that writes history.jsonl (rank 0). They wrap ``checkpoint.sync_tree`` (the
@@ -109,13 +110,14 @@ def install(fault: str, step: int) -> None:
             write_trace(self, at, docs)
             if at != step:
                 return
-            (self.path.parent.parent / f"held-after-step-{step}").touch()
+            out = self.path.parent.parent
+            (out / f"held-after-step-{step}").touch()
             # Short waits: Python runs a signal's handler in the main thread between bytecodes, and a signal
             # that the kernel hands to another thread does not interrupt this thread's wait.
             deadline = time.monotonic() + HOLD_TIMEOUT
-            while not signalled.wait(0.05):
+            while not signalled.wait(0.05) and not (out / f"release-after-step-{step}").exists():
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"tests.faults: no stop signal within {HOLD_TIMEOUT} s of step {step}")
+                    raise SystemExit(f"tests.faults: no stop signal or release within {HOLD_TIMEOUT} s of step {step}")
 
         trace.DocumentTrace.write = write_then_hold
 

@@ -63,19 +63,15 @@ def run(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     return finish(start(args, processes))
 
 
-def logged_steps(run_dir: Path) -> int:
-    path = run_dir / "history.jsonl"
-    if not path.exists():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines()[:-1]), default=0)
-
-
-def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while logged_steps(run_dir) < step:
+def held(args: list[str], out: Path, processes: int, step: int) -> subprocess.Popen:
+    """The run started, and waiting after ``step`` (tests/faults.py ``hold-after-step``) for a signal or for
+    ``release-after-step-<step>``: it cannot go on while the test acts."""
+    proc = start([*args, f"runtime.output_dir={out}"], processes, ["-m", "tests.faults", "hold-after-step", str(step)])
+    marker = out / f"held-after-step-{step}"
+    while not marker.exists():  # the run holds there: no deadline to race, only its end
         assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, f"no step {step} after {timeout} s"
         time.sleep(0.05)
+    return proc
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -92,11 +88,7 @@ def stop_by_group_signal(
 ) -> tuple[int, subprocess.CompletedProcess]:
     """Start, signal the process group with `sig` while rank 0 waits after step `after` (tests/faults.py
     ``hold-after-step``); the run must save at that step's boundary."""
-    proc = start([*args, f"runtime.output_dir={out}"], processes, ["-m", "tests.faults", "hold-after-step", str(after)])
-    marker = out / f"held-after-step-{after}"
-    while not marker.exists():  # the run holds there until signalled: no deadline to race, only its end
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {after}: {proc.stderr.read()[-3000:]}"
-        time.sleep(0.05)
+    proc = held(args, out, processes, after)
     os.killpg(proc.pid, sig)
     result = finish(proc)
     match = re.search(rf"Stopped by {sig.name} at step (\d+); checkpoint saved in .* \(save ([\d.]+) s, ([\d.]+) s after",
@@ -249,8 +241,9 @@ def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path, bpe_500):
 
 def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_readable(tmp_path, shards, bpe_500,
                                                                                        reference, capsys, caplog):
-    """Every file of the source is replaced by one that cannot be parsed while the run trains: the first
-    read after that (a worker starting its next pass) fails. The run saves the last completed step and
+    """Every file of the source is replaced by one that cannot be parsed while the run waits after step 3
+    (tests/faults.py ``hold-after-step``, released by the test): the first read after that (a worker
+    starting its next pass) fails. The run saves the last completed step and
     exits 4 with one line (today's main: exit 2, nothing saved since the last regular checkpoint). With
     the files back, the run
     resumes from the saved step and ends as the uninterrupted reference; a copy whose newest checkpoint
@@ -262,10 +255,10 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
     originals = {p: p.read_bytes() for p in source.glob("part-*.jsonl")}
     args = tiny(source, bpe_500)
     out = tmp_path / "run"
-    proc = start([*args, "scheduler.total_steps=2000", f"runtime.output_dir={out}"])
-    wait_for_step(proc, out, 3)
+    proc = held([*args, "scheduler.total_steps=2000"], out, 1, 3)  # waits after step 3 while the files change
     for path in originals:
         path.write_text('{"text": "a document cut short\\n')
+    (out / "release-after-step-3").touch()
     result = finish(proc)
     assert result.returncode == 4, result.stderr[-3000:]
     assert len(errors(result)) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
