@@ -61,23 +61,22 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # one worker busy while the other idles (the suite's tail was test_resume_run, test_run* and test_signals, all near
 # the end of the alphabet). Collected first, they run while the many short files fill the gaps.
 SLOW_FILES = (
-    "tests/test_resume_run.py",
     "tests/test_preemption.py",
     "tests/test_deepspeed.py",
+    "tests/test_resume_run.py",
     "tests/test_signals.py",
-    "tests/test_export_clients.py",
+    "tests/test_fsdp.py",
+    "tests/test_hub.py",
+    "tests/test_multinode.py",
+    "tests/test_run_decoder.py",
+    "tests/test_run_launch.py",
     "tests/test_elastic_resume.py",
     "tests/test_tokenizer.py",
-    "tests/test_run_launch.py",
-    "tests/test_loop_features.py",
-    "tests/test_fsdp.py",
-    "tests/models/test_decoder_attention.py",
-    "tests/test_stats.py",
-    "tests/test_multinode.py",
     "tests/test_run.py",
-    "tests/test_run_decoder.py",
-    "tests/test_hub.py",
-    "tests/test_bad_input.py",
+    "tests/test_harness.py",
+    "tests/models/test_decoder_attention.py",
+    "tests/test_push.py",
+    "tests/test_gpu_path.py",
 )
 
 
