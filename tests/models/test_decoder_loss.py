@@ -54,11 +54,12 @@ def test_fused_loss_matches_unfused_and_stock_llama(chunk, tied, num_items, monk
     stock = to_native(unfused).train()
     calls = record_fused_calls(monkeypatch)
 
-    loss, grads, out = loss_and_grads(fused, batch(), num_items_in_batch=num_items_in_batch)
+    kwargs = {"num_items_in_batch": num_items_in_batch}
+    loss, grads, out = loss_and_grads(fused, batch(), **kwargs)
     assert len(calls) == 1 and out.logits is None  # the fused path ran; no (batch, seq, vocab) logits
-    expected_loss, expected_grads, expected_out = loss_and_grads(unfused, batch(), num_items_in_batch=num_items_in_batch)
+    expected_loss, expected_grads, expected_out = loss_and_grads(unfused, batch(), **kwargs)
     assert len(calls) == 1 and expected_out.logits.shape == (3, 11, VOCAB)  # loss_chunk_size=0: the plain head
-    stock_loss, stock_grads, _ = loss_and_grads(stock, batch(), num_items_in_batch=num_items_in_batch)
+    stock_loss, stock_grads, _ = loss_and_grads(stock, batch(), **kwargs)
 
     torch.testing.assert_close(loss, expected_loss, atol=ATOL, rtol=0)
     torch.testing.assert_close(loss, stock_loss, atol=ATOL, rtol=0)

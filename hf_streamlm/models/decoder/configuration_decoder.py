@@ -101,8 +101,8 @@ class DecoderConfig(PreTrainedConfig):
         loss_chunk_size (`int`, *optional*, defaults to 512):
             Positions per chunk of the fused LM head + cross entropy that a training-mode forward with `labels` uses
             when it will be differentiated: the (batch, seq, vocab) logits are never materialised and `logits` is
-            None in the output. 0 computes the full logits and then the loss, as `LlamaForCausalLM` does. Not a Llama field
-            (dropped by the native export); it changes no result beyond float rounding.
+            None in the output. 0 computes the full logits and then the loss, as `LlamaForCausalLM` does. Not a
+            Llama field (dropped by the native export); it changes no result beyond float rounding.
 
     Example:
 

@@ -64,55 +64,6 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     return past_key_values
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Cross entropy of `hidden @ weight.T` against `labels`, summed and divided by `divisor`, without the logits.
-
-    The forward walks the rows `chunk_size` at a time: one chunk's logits (float32), their log-sum-exp and target
-    logit give its loss, and the same buffer then becomes the gradient of that loss with respect to the logits
-    (softmax minus one-hot, zero on ignored rows), which is multiplied into the gradients of `hidden` and `weight`
-    at once. The backward only scales them by the incoming gradient. Peak memory is one chunk of logits instead of
-    the full (rows, vocab) logits plus their float32 copy, log-probabilities and gradient; the matrix products are
-    the three the unfused LM head does.
-
-    hidden: (rows, hidden_size); weight: (vocab, hidden_size); labels: (rows,), -100 = ignored; divisor: a number
-    or 0-dim tensor (the target count for a mean). Returns a float32 scalar.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, divisor, chunk_size: int):
-        with torch.autocast(hidden.device.type, enabled=False):
-            grad_hidden_chunks = []
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for start in range(0, hidden.shape[0], chunk_size):
-                rows = hidden[start : start + chunk_size]
-                targets = labels[start : start + chunk_size]
-                logits = (rows @ weight.T).float()
-                kept = targets != -100
-                safe_targets = torch.where(kept, targets, 0).unsqueeze(1)
-                log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
-                target_logit = logits.gather(1, safe_targets)
-                total = total + ((log_normaliser - target_logit).squeeze(1) * kept).sum()
-                # d loss / d logits = (softmax - one_hot) / divisor on kept rows, built in the logits' buffer.
-                grad_logits = logits.sub_(log_normaliser).exp_()
-                grad_logits.scatter_add_(1, safe_targets, torch.full_like(target_logit, -1.0))
-                grad_logits.mul_((kept / divisor).unsqueeze(1))
-                grad_logits = grad_logits.to(hidden.dtype)
-                grad_hidden_chunks.append(grad_logits @ weight)
-                if weight.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.T, rows)
-                else:  # half-precision product, summed over the chunks in float32
-                    grad_weight.add_(grad_logits.T @ rows)
-            grad_hidden = torch.cat(grad_hidden_chunks) if grad_hidden_chunks else torch.zeros_like(hidden)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / divisor
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
-
-
 class DecoderRMSNorm(nn.Module):
     """Root-mean-square LayerNorm without centring or bias (Zhang & Sennrich 2019), Llama's normalisation.
 
@@ -748,6 +699,57 @@ class DecoderModel(DecoderPreTrainedModel):
             **{CACHE_FIELD: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross entropy of `hidden @ weight.T` against `labels`, summed and divided by `divisor`, without the logits.
+
+    The forward walks the rows `chunk_size` at a time: one chunk's logits (float32), their log-sum-exp and target
+    logit give its loss, and the same buffer then becomes the gradient of that loss with respect to the logits
+    (softmax minus one-hot, zero on ignored rows), which is multiplied into the gradients of `hidden` and `weight`
+    at once. The backward only scales them by the incoming gradient. Peak memory is one chunk of logits instead of
+    the full (rows, vocab) logits plus their float32 copy, log-probabilities and gradient; the matrix products are
+    the three the unfused LM head does. The trick is Liger Kernel's fused linear cross entropy (Hsu et al. 2024),
+    here in plain PyTorch so that it runs, and compiles, wherever the model does.
+
+    hidden: (rows, hidden_size); weight: (vocab, hidden_size); labels: (rows,), -100 = ignored; divisor: a number
+    or 0-dim tensor (the target count for a mean). Returns a float32 scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, chunk_size: int):
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad_hidden_chunks = []
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = hidden[start : start + chunk_size]
+                targets = labels[start : start + chunk_size]
+                logits = (rows @ weight.T).float()
+                kept = targets != -100
+                safe_targets = torch.where(kept, targets, 0).unsqueeze(1)
+                log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+                target_logit = logits.gather(1, safe_targets)
+                total = total + ((log_normaliser - target_logit).squeeze(1) * kept).sum()
+                # d loss / d logits = (softmax - one_hot) / divisor on kept rows, built in the logits' buffer.
+                grad_logits = logits.sub_(log_normaliser).exp_()
+                grad_logits.scatter_add_(1, safe_targets, torch.full_like(target_logit, -1.0))
+                grad_logits.mul_((kept / divisor).unsqueeze(1))
+                grad_logits = grad_logits.to(hidden.dtype)
+                grad_hidden_chunks.append(grad_logits @ weight)
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.T, rows)
+                else:  # half-precision product, summed over the chunks in float32
+                    grad_weight.add_(grad_logits.T @ rows)
+            grad_hidden = torch.cat(grad_hidden_chunks) if grad_hidden_chunks else torch.zeros_like(hidden)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(grad_hidden.dtype), grad_loss.to(grad_weight.dtype)
+        return grad_hidden * scale[0], grad_weight * scale[1], None, None, None
 
 
 class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
