@@ -31,7 +31,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,10 +56,12 @@ class Variant:
     attention: str
     documents: bool
     compile: bool
+    full_logits: bool = False  # model.loss_chunk_size=0: the (batch, seq, vocab) logits, then the loss
 
     @property
     def name(self) -> str:
-        return f"{self.attention} docs={'on' if self.documents else 'off'} compile={'on' if self.compile else 'off'}"
+        name = f"{self.attention} docs={'on' if self.documents else 'off'} compile={'on' if self.compile else 'off'}"
+        return name + (" logits=full" if self.full_logits else "")
 
 
 @dataclass
@@ -81,6 +83,7 @@ def variants(device: torch.device) -> list[Variant]:
         Variant("flex_attention", documents=True, compile=False),  # documents as a block mask
         Variant("sdpa", documents=False, compile=True),
         Variant("flex_attention", documents=True, compile=True),
+        Variant("sdpa", documents=True, compile=False, full_logits=True),  # what the fused loss saves
     ]
     if device.type == "cuda":
         from transformers.utils import is_flash_attn_2_available
@@ -129,7 +132,8 @@ def run_variant(variant: Variant, config, vocab: int, batch_size: int, args, dev
         return row
     torch.manual_seed(0)
     config.model.attn_implementation = variant.attention
-    model = AutoModelForCausalLM.from_config(hf_model_config(config.model, vocab)).to(device).train()
+    model_config = replace(config.model, loss_chunk_size=0) if variant.full_logits else config.model
+    model = AutoModelForCausalLM.from_config(hf_model_config(model_config, vocab)).to(device).train()
     model.set_attn_implementation(variant.attention)
     optimizer = build_optimizer(model, config, device)
     forward = torch.compile(model, backend=args.compile_backend) if variant.compile else model

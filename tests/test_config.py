@@ -77,6 +77,7 @@ def test_null_override_and_nested_keys():
         (["model.hidden_size=30", "model.num_attention_heads=4"], ["model.hidden_size", "model.num_attention_heads"]),
         (["model.num_key_value_heads=3", "model.num_attention_heads=4", "model.hidden_size=8"], ["num_key_value_heads"]),
         (["data.sequence_length=512"], ["data.sequence_length", "max_position_embeddings"]),
+        (["model.loss_chunk_size=-1"], ["model.loss_chunk_size", ">= 0"]),
         (["scheduler.warmup_steps=2000", "scheduler.total_steps=10"], ["warmup_steps", "total_steps"]),
         (["scheduler.total_steps=null"], ["total_steps", "total_epochs"]),
         (["data.sources=[{path: builtin, name: nothing}]"], ["data.sources[0].name", "pydocs"]),

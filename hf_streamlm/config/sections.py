@@ -56,6 +56,9 @@ class ModelConfig:
     flash-attn package and a CUDA GPU), or any name registered with transformers' ``AttentionInterface``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    loss_chunk_size: int = 512
+    """Decoder training steps compute the LM head and the cross entropy together, this many positions at a time,
+    without building the (batch, sequence, vocabulary) logits; ``0`` builds them as stock Llama does."""
     tie_word_embeddings: bool = True
     """Share the input embedding matrix with the output projection."""
     initializer_range: float = 0.02

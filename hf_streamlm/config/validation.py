@@ -56,6 +56,8 @@ def validate(c: Config) -> None:
         value = getattr(m, key)
         if value is not None and not 0 <= value < 1:
             raise ConfigError(f"'model.{key}' must be in [0, 1), got {value}")
+    if m.loss_chunk_size < 0:
+        raise ConfigError(f"'model.loss_chunk_size' must be >= 0 (0 = full logits), got {m.loss_chunk_size}")
     if m.type == "microbert" and m.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(
             f"'model.attn_implementation' of a microbert must be sdpa or eager; got {m.attn_implementation!r}"

@@ -61,6 +61,7 @@ def hf_model_config(m: ModelConfig, vocab_size: int, special_ids: dict[str, int 
         rope_parameters=rope,
         initializer_range=m.initializer_range,
         tie_word_embeddings=m.tie_word_embeddings,
+        loss_chunk_size=m.loss_chunk_size,
         pad_token_id=ids.get("pad_token_id"),
         bos_token_id=ids.get("bos_token_id"),
         eos_token_id=ids.get("eos_token_id"),

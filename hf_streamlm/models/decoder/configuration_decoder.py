@@ -98,6 +98,11 @@ class DecoderConfig(PreTrainedConfig):
         head_dim (`int`, *optional*):
             Width of each attention head; `None` means `hidden_size // num_attention_heads`. Must be even (RoPE
             rotates pairs of dimensions).
+        loss_chunk_size (`int`, *optional*, defaults to 512):
+            Positions per chunk of the fused LM head + cross entropy that a training-mode forward with `labels` uses
+            when it will be differentiated: the (batch, seq, vocab) logits are never materialised and `logits` is
+            None in the output. 0 computes the full logits and then the loss, as `LlamaForCausalLM` does. Not a
+            Llama field (dropped by the native export); it changes no result beyond float rounding.
 
     Example:
 
@@ -138,6 +143,7 @@ class DecoderConfig(PreTrainedConfig):
     residual_dropout: float = 0.0
     mlp_bias: bool = False
     head_dim: int | None = None
+    loss_chunk_size: int = 512
 
     def __post_init__(self, **kwargs):
         # An explicit head_dim frees hidden_size from being a multiple of the head count (as in LlamaConfig).
@@ -214,6 +220,10 @@ class DecoderConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not _is_positive_int(value):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+        chunk = self.loss_chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(f"`loss_chunk_size` must be a non-negative integer, got {self.loss_chunk_size!r}.")
 
         if derived_head_dim and self.hidden_size % self.num_attention_heads != 0:
             # A derived head_dim would silently drop hidden_size % num_attention_heads dimensions.

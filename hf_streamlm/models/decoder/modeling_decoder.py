@@ -20,7 +20,9 @@ What this file adds to (or does differently from) the stock implementation, for 
   "flex_attention" a document-causal `BlockMask`, "flash_attention_2/3" the padding mask and the restarting
   `position_ids` (transformers' padding-free path), so packed documents never build a dense T x T mask there.
 - A float32 shifted cross-entropy that honours the `num_items_in_batch` the Trainer passes under gradient
-  accumulation.
+  accumulation. A forward that will be differentiated computes it fused with the LM head, `loss_chunk_size`
+  positions at a time (`LinearCrossEntropy`): the (batch, seq, vocab) logits are never materialised, and their
+  gradient is taken chunk by chunk in the forward (Liger's fused linear cross-entropy, in plain PyTorch).
 
 This file is copied next to the weights by the "custom" export and imported with `trust_remote_code=True` in
 processes where `hf_streamlm` is not installed: it imports only torch, transformers and, relatively, its config.
@@ -699,6 +701,57 @@ class DecoderModel(DecoderPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross entropy of `hidden @ weight.T` against `labels`, summed and divided by `divisor`, without the logits.
+
+    The forward walks the rows `chunk_size` at a time: one chunk's logits (float32), their log-sum-exp and target
+    logit give its loss, and the same buffer then becomes the gradient of that loss with respect to the logits
+    (softmax minus one-hot, zero on ignored rows), which is multiplied into the gradients of `hidden` and `weight`
+    at once. The backward only scales them by the incoming gradient. Peak memory is one chunk of logits instead of
+    the full (rows, vocab) logits plus their float32 copy, log-probabilities and gradient; the matrix products are
+    the three the unfused LM head does. The trick is Liger Kernel's fused linear cross entropy (Hsu et al. 2024),
+    here in plain PyTorch so that it runs, and compiles, wherever the model does.
+
+    hidden: (rows, hidden_size); weight: (vocab, hidden_size); labels: (rows,), -100 = ignored; divisor: a number
+    or 0-dim tensor (the target count for a mean). Returns a float32 scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, chunk_size: int):
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad_hidden_chunks = []
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = hidden[start : start + chunk_size]
+                targets = labels[start : start + chunk_size]
+                logits = (rows @ weight.T).float()
+                kept = targets != -100
+                safe_targets = torch.where(kept, targets, 0).unsqueeze(1)
+                log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+                target_logit = logits.gather(1, safe_targets)
+                total = total + ((log_normaliser - target_logit).squeeze(1) * kept).sum()
+                # d loss / d logits = (softmax - one_hot) / divisor on kept rows, built in the logits' buffer.
+                grad_logits = logits.sub_(log_normaliser).exp_()
+                grad_logits.scatter_add_(1, safe_targets, torch.full_like(target_logit, -1.0))
+                grad_logits.mul_((kept / divisor).unsqueeze(1))
+                grad_logits = grad_logits.to(hidden.dtype)
+                grad_hidden_chunks.append(grad_logits @ weight)
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.T, rows)
+                else:  # half-precision product, summed over the chunks in float32
+                    grad_weight.add_(grad_logits.T @ rows)
+            grad_hidden = torch.cat(grad_hidden_chunks) if grad_hidden_chunks else torch.zeros_like(hidden)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(grad_hidden.dtype), grad_loss.to(grad_weight.dtype)
+        return grad_hidden * scale[0], grad_weight * scale[1], None, None, None
+
+
 class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
     """The decoder with a linear LM head (optionally tied to the embeddings); `generate()` works on it.
 
@@ -729,6 +782,63 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def _fuses_loss(self, hidden_states: torch.Tensor, logits_to_keep) -> bool:
+        """Whether this forward computes the loss with `LinearCrossEntropy`: a training-mode forward that will be
+        differentiated, the LM head a plain bias-free linear layer whose weight is all here (not a DeepSpeed ZeRO-3
+        partition, which only its own forward hook gathers), every position kept."""
+        head = self.lm_head
+        return (
+            self.config.loss_chunk_size > 0
+            and self.training
+            and torch.is_grad_enabled()
+            and (hidden_states.requires_grad or head.weight.requires_grad)
+            and type(head) is nn.Linear
+            and head.bias is None
+            and not hasattr(head.weight, "ds_id")
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
+        )
+
+    @staticmethod
+    def _shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+        # Shift the labels, not the logits: padding one -100 on the right avoids copying the (batch, seq, vocab)
+        # logits.
+        return nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+
+    def _fused_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        if labels.shape[:2] != hidden_states.shape[:2]:
+            raise ValueError(
+                f"`labels` have shape {tuple(labels.shape)} but the inputs cover {tuple(hidden_states.shape[:2])}."
+            )
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weight = self.lm_head.weight
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # What autocast does to the unfused head's matmul, once for all chunks (the casts stay differentiable).
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        flat_labels = self._shifted_labels(labels).to(hidden.device)
+        divisor = (flat_labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+        if torch.is_tensor(divisor):
+            divisor = divisor.to(hidden.device)
+        return LinearCrossEntropy.apply(hidden, weight, flat_labels, divisor, self.config.loss_chunk_size)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        if labels.shape[-1] != logits.shape[-2]:
+            raise ValueError(
+                f"`labels` cover {labels.shape[-1]} positions but logits were kept for {logits.shape[-2]} "
+                "(leave `logits_to_keep` at 0 when computing the loss)."
+            )
+        # float32 cross entropy: the log-sum-exp over the vocabulary is where half precision hurts most.
+        flat_logits = logits.float().reshape(-1, logits.shape[-1])
+        flat_labels = self._shifted_labels(labels).to(flat_logits.device)
+        if num_items_in_batch is None:
+            return nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+        loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -753,6 +863,9 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
                 Target ids aligned with the inputs (usually the inputs themselves), -100 where no loss is wanted;
                 the model shifts them: position t predicts token t + 1. The target after a packed document's last
                 token is the next document's first token, as in GPT-style packing; set it to -100 to drop it.
+                In training mode with gradients enabled (a training step) and `config.loss_chunk_size` > 0, the loss
+                is computed fused with the LM head and the output's `logits` is None; in eval mode, or under
+                `torch.no_grad()`, the output has both.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits only for the last `logits_to_keep` positions (0 = all), or for the given sequence
                 indices; `generate` passes 1 to skip the vocabulary projection of the prompt.
@@ -777,32 +890,18 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             document_ids=document_ids,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            if logits_to_keep > 0:
-                hidden_states = hidden_states[:, -logits_to_keep:]
+        if labels is not None and self._fuses_loss(hidden_states, logits_to_keep):
+            # Differentiated forward: the loss without the logits (`logits` is None in the output).
+            logits = None
+            loss = self._fused_loss(hidden_states, labels, num_items_in_batch)
         else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            if labels.shape[-1] != logits.shape[-2]:
-                raise ValueError(
-                    f"`labels` cover {labels.shape[-1]} positions but logits were kept for {logits.shape[-2]} "
-                    "(leave `logits_to_keep` at 0 when computing the loss)."
-                )
-            # Shift the labels, not the logits: padding one -100 on the right avoids copying the (batch, seq, vocab)
-            # logits. float32 cross entropy: the log-sum-exp over the vocabulary is where half precision hurts most.
-            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-            flat_logits = logits.float().reshape(-1, logits.shape[-1])
-            flat_labels = shift_labels.reshape(-1).to(flat_logits.device)
-            if num_items_in_batch is None:
-                loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+            if isinstance(logits_to_keep, int):
+                if logits_to_keep > 0:
+                    hidden_states = hidden_states[:, -logits_to_keep:]
             else:
-                loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
-                if torch.is_tensor(num_items_in_batch):
-                    num_items_in_batch = num_items_in_batch.to(loss.device)
-                loss = loss / num_items_in_batch
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+            loss = None if labels is None else self._loss(logits, labels, num_items_in_batch)
 
         output = CausalLMOutputWithPast(
             loss=loss,
