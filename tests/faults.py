@@ -19,9 +19,9 @@ The signal is real and goes through the OS; only the moment is chosen:
   meanwhile. Under ``accelerate launch`` the rank named by ``TESTS_FAULTS_RANK`` (default 0) holds.
 
 A kill reaches beyond the run's own process only where the test made the processes a group of their own
-(:func:`kill_everything`). The row hooks fire on the process that writes history.jsonl (rank 0). They wrap ``checkpoint.sync_tree`` (the
-first call after ``accelerator.save_state`` in ``save_checkpoint``), ``History.write``, ``DocumentTrace.write``
-and ``StopSignal._handle``; nothing else of the run is changed.
+(:func:`kill_everything`). The row hooks fire on the process that writes history.jsonl (rank 0). They wrap
+``checkpoint.sync_tree`` (the first call after ``accelerator.save_state`` in ``save_checkpoint``),
+``History.write``, ``DocumentTrace.write`` and ``StopSignal._handle``; nothing else of the run is changed.
 """
 
 from __future__ import annotations

@@ -109,8 +109,8 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path, bpe_500, capfd, reset_accelerate):
     run = tmp_path / "run"
-    err = main_refuses([*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=stop", f"runtime.output_dir={run}"],
-                       capfd, code=3)  # no traceback either
+    err = main_refuses([*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=stop",
+                        f"runtime.output_dir={run}"], capfd, code=3)  # no traceback either
     message = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
     assert len(message) == 1 and "non-finite loss or gradient norm at step 2" in message[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
@@ -122,8 +122,8 @@ def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path, bpe_500,
 def test_nonfinite_skip_counts_steps_without_updating_then_stops_after_the_limit(tmp_path, bpe_500, capfd, caplog,
                                                                                  reset_accelerate):
     run = tmp_path / "run"
-    err = main_refuses([*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=skip", "runtime.max_nonfinite_skips=4",
-                        f"runtime.output_dir={run}"], capfd, code=3)
+    err = main_refuses([*DIVERGE, f"tokenizer.path={bpe_500}", "runtime.on_nonfinite=skip",
+                        "runtime.max_nonfinite_skips=4", f"runtime.output_dir={run}"], capfd, code=3)
     assert "after 4 skipped steps in a row" in err
     assert caplog.text.count("update skipped") == 3  # steps 2-4 logged as skipped; the 4th in a row stops
     train = [r for r in rows(run) if "loss" in r]

@@ -69,7 +69,8 @@ def held(args: list[str], out: Path, processes: int, step: int) -> subprocess.Po
     proc = start([*args, f"runtime.output_dir={out}"], processes, ["-m", "tests.faults", "hold-after-step", str(step)])
     marker = out / f"held-after-step-{step}"
     while not marker.exists():  # the run holds there: no deadline to race, only its end
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, \
+            f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}"
         time.sleep(0.05)
     return proc
 

@@ -83,8 +83,6 @@ def history(run) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("tokens")) for r in rows]
 
 
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shards, tokenizers):
     """The uninterrupted run of (recipe, workers, processes), made once for the tests that compare with it."""
@@ -119,7 +117,8 @@ def resume(args: list[str], processes: int, capsys) -> str:
 
 @pytest.mark.parametrize(
     ("recipe", "workers", "processes", "kills"),
-    [("quickstart", 0, 1, 1), ("quickstart_decoder", 2, 1, 1), ("quickstart", 2, 1, 2), ("quickstart_decoder", 0, 2, 1)],
+    [("quickstart", 0, 1, 1), ("quickstart_decoder", 2, 1, 1), ("quickstart", 2, 1, 2),
+     ("quickstart_decoder", 0, 2, 1)],
 )
 def test_sigkill_at_random_steps_then_resume_matches_uninterrupted_run(tmp_path, shards, tokenizers, uninterrupted,
                                                                       capsys, recipe, workers, processes, kills):

@@ -57,7 +57,8 @@ def held(args: list[str], run: Path, step: int, launcher: list[str] | None = Non
     marker = run / f"held-after-step-{step}"
     while not marker.exists():  # the run holds there until signalled: no deadline to race, only its end
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: "
+                                 f"{proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
     return proc
 
