@@ -146,7 +146,7 @@ def train(config: Config, command: str | None = None) -> Path:
                 if guard.must_stop:
                     raise stop_nonfinite(accelerator, config, tokenizer, ckpt_dir, state, loader, loss, grad_norm, guard)
                 logger.warning("step %d: non-finite loss or gradient norm (loss %s, grad norm %s); update skipped "
-                               "(%d skipped so far)", state["step"] + 1, float(loss), float(grad_norm),
+                               "(%d skipped so far)", state["step"] + 1, loss.item(), float(grad_norm),
                                state["nonfinite_skips"])
             scheduler.step()
             state["step"] += 1

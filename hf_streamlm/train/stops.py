@@ -95,7 +95,7 @@ def stop_nonfinite(accelerator: Accelerator, config: Config, tokenizer, ckpt_dir
     why = "with runtime.on_nonfinite=stop" if guard.mode == "stop" else \
         f"after {guard.in_a_row} skipped steps in a row (runtime.max_nonfinite_skips)"
     return NonFiniteError(
-        f"non-finite loss or gradient norm at step {state['step'] + 1} (loss {float(loss.detach())}, grad "
+        f"non-finite loss or gradient norm at step {state['step'] + 1} (loss {loss.item()}, grad "
         f"norm {float(grad_norm)}), stopped {why}; the last good state is in {path}. Lower optimizer.learning_rate or "
         "set optimizer.max_grad_norm, then run again to resume"
     )
