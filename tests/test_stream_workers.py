@@ -107,3 +107,25 @@ def test_forkserver_workers_give_the_same_batches(tmp_path, tokenizer):
     forked = take(config_for(root, 2), tokenizer, 6)
     batches = take(config_for(root, 2, "data.worker_start_method=forkserver"), tokenizer, 6)
     assert len(batches) == 6 and all(torch.equal(a[k], b[k]) for a, b in zip(forked, batches) for k in a)
+
+
+def test_the_in_process_stream_starts_beside_a_hub_filesystem_made_in_another_thread(tmp_path, tokenizer):
+    """huggingface_hub keeps its `HfFileSystem` instances in one process-wide cache, which every `datasets`
+    stream references, and fsspec keys them by the thread that made them. An instance made in another thread (an
+    upload, a reader thread) is re-created under a new key by a deep copy of the stream from this thread: copied
+    with the stream, the cache changed size under the copy ("dictionary changed size during iteration") at the
+    first batch of a `data.num_workers=0` run. The stream now shares the cache."""
+    import threading
+
+    from huggingface_hub import HfFileSystem
+
+    made = []
+    thread = threading.Thread(target=lambda: made.append(HfFileSystem(endpoint="http://127.0.0.1:9", token=False)))
+    thread.start()
+    thread.join()
+    try:
+        assert made[0] in HfFileSystem._cache.values()
+        batches = take(config_for(write_shards(tmp_path / "data"), 0), tokenizer, 3)
+        assert len(batches) == 3 and made[0] in HfFileSystem._cache.values()
+    finally:
+        HfFileSystem.clear_instance_cache()
