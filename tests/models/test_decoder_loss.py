@@ -128,3 +128,25 @@ def test_compiled_training_step_keeps_the_fused_loss():
 def test_loss_chunk_size_is_validated(value):
     with pytest.raises(ValueError, match="loss_chunk_size"):
         DecoderConfig(loss_chunk_size=value)
+
+
+def test_a_sharded_head_takes_the_plain_path_its_own_hook_gathers():
+    """Only a head whose weight is all here is fused: a DeepSpeed ZeRO-3 partition (`ds_id`) or an FSDP2 shard
+    (`DTensor`) is gathered by the head's own forward hook, which the fused loss would bypass."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = tiny_model().train()
+    hidden = torch.zeros(1, 2, model.config.hidden_size, requires_grad=True)
+    assert model._fuses_loss(hidden, 0)
+    model.lm_head.weight.ds_id = 7  # what deepspeed.zero.Init sets on every partitioned parameter
+    assert not model._fuses_loss(hidden, 0)
+    del model.lm_head.weight.ds_id
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
+        assert not model._fuses_loss(hidden, 0)
+    finally:
+        dist.destroy_process_group()

@@ -701,6 +701,18 @@ class DecoderModel(DecoderPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def _is_shard(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a shard that only its module's own forward hook gathers: a DeepSpeed ZeRO-3 partition
+    (`ds_id`), or an FSDP2 shard (a `DTensor`, when the head is a unit of its own, as size-based wrapping makes it)."""
+    if hasattr(weight, "ds_id"):
+        return True
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        return isinstance(weight, DTensor)
+    return False
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross entropy of `hidden @ weight.T` against `labels`, summed and divided by `divisor`, without the logits.
 
@@ -784,8 +796,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
 
     def _fuses_loss(self, hidden_states: torch.Tensor, logits_to_keep) -> bool:
         """Whether this forward computes the loss with `LinearCrossEntropy`: a training-mode forward that will be
-        differentiated, the LM head a plain bias-free linear layer whose weight is all here (not a DeepSpeed ZeRO-3
-        partition, which only its own forward hook gathers), every position kept."""
+        differentiated, the LM head a plain bias-free linear layer whose weight is all here, every position kept."""
         head = self.lm_head
         return (
             self.config.loss_chunk_size > 0
@@ -794,7 +805,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             and (hidden_states.requires_grad or head.weight.requires_grad)
             and type(head) is nn.Linear
             and head.bias is None
-            and not hasattr(head.weight, "ds_id")
+            and not _is_shard(head.weight)
             and isinstance(logits_to_keep, int)
             and logits_to_keep == 0
         )
