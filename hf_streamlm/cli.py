@@ -372,7 +372,9 @@ def models_command(ns: argparse.Namespace, overrides: list[str]) -> int:
               f"{e['train_memory_gib']:>9.2f}Gi  {seed}")
     print("\nFLOPs/token = 6N + 12·L·d·T (Kaplan et al. 2020 + attention; T = sequence length). train mem = bf16"
           " mixed precision with AdamW: 16 bytes/param (fp32 weights, grads, two moments) + activations of one"
-          " micro-batch without checkpointing (Korthikanti et al. 2022: T·b·d·(34 + 5·a·T/d) bytes per layer).")
+          " micro-batch without checkpointing (Korthikanti et al. 2022: T·b·d·(34 + 5·a·T/d) bytes per layer) + ~12"
+          " bytes per logit of the LM head and its loss (all T·b positions; one model.loss_chunk_size chunk for a"
+          " decoder's fused loss).")
     return 0
 
 

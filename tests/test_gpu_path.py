@@ -114,3 +114,16 @@ def test_compiled_training_with_document_masking_matches_uncompiled(tmp_path):
 
     assert len(losses(compiled)) == 3 and all(math.isfinite(x) for x in losses(compiled))
     assert losses(compiled) == pytest.approx(losses(plain), abs=1e-5)
+
+
+def test_memory_estimate_counts_the_logits_the_loss_holds():
+    """`hf-streamlm models`' training memory holds the LM head's logits and loss (~12 bytes per logit): every
+    position of the micro-batch with full logits, one `model.loss_chunk_size` chunk with the fused loss."""
+    from hf_streamlm.config import load_config
+    from hf_streamlm.train.builders import estimate
+
+    config = load_config(["recipe=runpod_1b"])
+    fused = estimate(config.model, 50_000, 2048, 8)["train_memory_gib"]
+    config.model.loss_chunk_size = 0
+    full = estimate(config.model, 50_000, 2048, 8)["train_memory_gib"]
+    assert (full - fused) * 2**30 == pytest.approx(12 * (8 * 2048 - 512) * 50_000)

@@ -163,6 +163,13 @@ def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: 
     flops = 6 * n + 12 * layers * d * sequence_length
     # Korthikanti et al. (2022), eq. 2: activation bytes per layer = T·b·d·(34 + 5·a·T/d) in 16-bit.
     activations = layers * sequence_length * batch_size * d * (34 + 5 * heads * sequence_length / d)
+    # The LM head's logits and the loss on them, about 12 bytes per (position, vocabulary) entry at their peak
+    # (16-bit logits, their float32 copy and its gradient, the 16-bit gradient): every position of the micro-batch
+    # at once, or one chunk of the decoder's fused loss (`model.loss_chunk_size`).
+    positions = sequence_length * batch_size
+    if m.type == "decoder" and m.loss_chunk_size:
+        positions = min(positions, m.loss_chunk_size)
+    logits = 12 * positions * vocab_size
     return {
         "type": m.type,
         "layers": layers,
@@ -173,5 +180,5 @@ def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: 
         "vocab": vocab_size,
         "params": n,
         "flops_per_token": flops,
-        "train_memory_gib": (16 * n + activations) / 2**30,
+        "train_memory_gib": (16 * n + activations + logits) / 2**30,
     }
