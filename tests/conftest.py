@@ -130,6 +130,13 @@ def run_in_process(*args: str) -> None:
         reset_accelerate_state()
 
 
+def run_in_process_stdout(capsys, *args: str) -> str:
+    """``run_in_process``, returning what the run printed on stdout."""
+    capsys.readouterr()
+    run_in_process(*args)
+    return capsys.readouterr().out
+
+
 def main_refuses(args: list[str], capsys, code: int = 2) -> str:
     """Run ``hf_streamlm.run``'s main in this process on ``args``; assert it exits ``code`` (2: bad input; 3: a
     non-finite stop; 4: a source failed mid-run) without a traceback and return its stderr (use with the

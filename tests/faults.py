@@ -122,6 +122,22 @@ def install(fault: str, step: int) -> None:
         trace.DocumentTrace.write = write_then_hold
 
 
+def wait_until_held(proc, out: Path, step: int) -> None:
+    """Return once the run started as ``proc`` with ``hold-after-step step`` holds there (its marker is in ``out``);
+    fail if it ends first. No deadline to race: the run waits there until signalled or released."""
+    marker = out / f"held-after-step-{step}"
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+
+
+def release(out: Path, step: int) -> None:
+    """Let a run held after ``step`` go on."""
+    (out / f"release-after-step-{step}").touch()
+
+
 if __name__ == "__main__":
     install(sys.argv[1], int(sys.argv[2]))
     from hf_streamlm.run import main

@@ -22,7 +22,7 @@ import pytest
 
 from hf_streamlm.data.stream import document_key
 from hf_streamlm.data.trace import read_trace
-from tests.conftest import run_in_process, two_source_corpus
+from tests.conftest import run_in_process_stdout, two_source_corpus
 from tests.test_resume_run import launch
 
 STOP = 3  # the checkpoint the run is resumed from: inside the first pass
@@ -53,10 +53,8 @@ def args(recipe: str, sources: str, tokenizer, workers: int, accumulation: int, 
 def run_to_end(args: list[str], processes: int, capsys, caplog) -> tuple[str, str]:
     """The run to its end; its stdout, and its stderr (in process: its log records)."""
     if processes == 1:
-        capsys.readouterr()
         caplog.clear()
-        run_in_process(*args)
-        return capsys.readouterr().out, caplog.text
+        return run_in_process_stdout(capsys, *args), caplog.text
     proc = launch(args, processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, proc.stderr

@@ -69,7 +69,7 @@ def test_resumed_run_trains_on_the_pinned_commit_after_a_push(hub_server, tmp_pa
     ``run_in_process``, ``main_refuses``), against the loopback Hub as a process of its own would be."""
     from huggingface_hub import HfApi, ModelCard
 
-    from tests.conftest import main_refuses, run_in_process
+    from tests.conftest import main_refuses, run_in_process, run_in_process_stdout
 
     old = {r["text"] for k in range(len(SHARDS)) for r in docs(k * 120, 120)}
     jsonl_repo(hub_server)
@@ -86,9 +86,7 @@ def test_resumed_run_trains_on_the_pinned_commit_after_a_push(hub_server, tmp_pa
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["sources"][0]["pinned_revision"] == sha
     push_new_rows(hub_server)
 
-    capsys.readouterr()
-    run_in_process(*args, "scheduler.total_steps=12")
-    assert "Resuming from" in capsys.readouterr().out
+    assert "Resuming from" in run_in_process_stdout(capsys, *args, "scheduler.total_steps=12")
     trace = [json.loads(line) for line in (out / "trace" / "rank-0.jsonl").read_text().splitlines()]
     keys = {hashlib.blake2b(t.encode("utf-8"), digest_size=8).hexdigest() for t in old}
     resumed = [doc for row in trace if row["step"] > 3 for doc in row["docs"]]

@@ -17,12 +17,12 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_in_process
+from tests.conftest import REPO, run_in_process, run_in_process_stdout
+from tests.faults import release, wait_until_held
 from tests.test_resume_run import command  # `accelerate launch` for 2+ processes, on a free port
 
 
@@ -67,11 +67,7 @@ def held(args: list[str], out: Path, processes: int, step: int) -> subprocess.Po
     """The run started, and waiting after ``step`` (tests/faults.py ``hold-after-step``) for a signal or for
     ``release-after-step-<step>``: it cannot go on while the test acts."""
     proc = start([*args, f"runtime.output_dir={out}"], processes, ["-m", "tests.faults", "hold-after-step", str(step)])
-    marker = out / f"held-after-step-{step}"
-    while not marker.exists():  # the run holds there: no deadline to race, only its end
-        assert proc.poll() is None, \
-            f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}"
-        time.sleep(0.05)
+    wait_until_held(proc, out, step)
     return proc
 
 
@@ -113,13 +109,6 @@ def reference(tmp_path_factory, shards, bpe_500) -> Path:
     return out
 
 
-def resume_in_process(args: list[str], capsys) -> str:
-    """The same command again, to the end, as ``main`` in this process; its stdout."""
-    capsys.readouterr()
-    run_in_process(*args)
-    return capsys.readouterr().out
-
-
 def test_sigterm_then_sigint_to_the_process_group_with_two_workers_save_exit_0_and_resume_exactly(tmp_path, shards,
                                                                                                  bpe_500, reference,
                                                                                                  capsys):
@@ -136,8 +125,8 @@ def test_sigterm_then_sigint_to_the_process_group_with_two_workers_save_exit_0_a
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step-{first} (step {first})" in result.stdout  # the second run resumed from the first stop
     assert first < second < REFERENCE_STEPS
-    resumed = resume_in_process([*tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}",
-                                 f"runtime.output_dir={out}"], capsys)
+    resumed = run_in_process_stdout(capsys, *tiny(shards, bpe_500), f"scheduler.total_steps={REFERENCE_STEPS}",
+                                    f"runtime.output_dir={out}")
     assert f"step-{second} (step {second})" in resumed
     assert losses(out) == losses(reference)  # max |delta| = 0 over every step
 
@@ -259,7 +248,7 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
     proc = held([*args, "scheduler.total_steps=2000"], out, 1, 3)  # waits after step 3 while the files change
     for path in originals:
         path.write_text('{"text": "a document cut short\\n')
-    (out / "release-after-step-3").touch()
+    release(out, 3)
     result = finish(proc)
     assert result.returncode == 4, result.stderr[-3000:]
     assert len(errors(result)) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -279,8 +268,8 @@ def test_a_source_failing_mid_run_saves_the_last_step_exits_4_and_resumes_once_r
         f.truncate(newest.stat().st_size // 2)
     for run_dir, resumed_from in ((out, step), (damaged, checkpoints[-2])):
         caplog.clear()
-        resumed = resume_in_process([*args, f"scheduler.total_steps={REFERENCE_STEPS}",
-                                     f"runtime.output_dir={run_dir}"], capsys)
+        resumed = run_in_process_stdout(capsys, *args, f"scheduler.total_steps={REFERENCE_STEPS}",
+                                        f"runtime.output_dir={run_dir}")
         assert f"step-{resumed_from} (step {resumed_from})" in resumed
         assert losses(run_dir) == losses(reference)
     assert f"skipping checkpoint {newest.parent}: model.safetensors has" in caplog.text

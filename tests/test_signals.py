@@ -11,12 +11,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_in_process
+from tests.conftest import REPO, run_in_process, run_in_process_stdout
+from tests.faults import wait_until_held
 
 TOTAL_STEPS = 40
 ARGS = ["recipe=quickstart_decoder", f"scheduler.total_steps={TOTAL_STEPS}", "scheduler.warmup_steps=2",
@@ -54,19 +54,8 @@ def held(args: list[str], run: Path, step: int, launcher: list[str] | None = Non
            f"runtime.output_dir={run}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
-    marker = run / f"held-after-step-{step}"
-    while not marker.exists():  # the run holds there until signalled: no deadline to race, only its end
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: "
-                                 f"{proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
+    wait_until_held(proc, run, step)
     return proc
-
-
-def resume_to_the_end(args: list[str], run: Path, capsys) -> str:
-    capsys.readouterr()
-    run_in_process(*args, f"runtime.output_dir={run}")
-    return capsys.readouterr().out
 
 
 def losses(run) -> list[tuple[int, float]]:
@@ -101,7 +90,7 @@ def test_sigterm_then_sigint_save_at_step_boundary_exit_0_and_resume_is_exact(tm
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-10"]  # the one checkpoint: the stop's
     out = stop_at(args, run, 20, signal.SIGINT)
     assert "step-10 (step 10)" in out  # it resumed from the first stop
-    out = resume_to_the_end(args, run, capsys)
+    out = run_in_process_stdout(capsys, *args, f"runtime.output_dir={run}")
     assert "step-20 (step 20)" in out
     assert losses(run) == losses(full)  # max |delta| = 0 over all steps
 
@@ -116,7 +105,7 @@ def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_bou
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Stopped by SIGTERM at step 31" in proc.stdout, proc.stdout[-2000:]  # never step 30's write cut short
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-31"]
-    out = resume_to_the_end(args, run, capsys)
+    out = run_in_process_stdout(capsys, *args, f"runtime.output_dir={run}")
     assert "step-31 (step 31)" in out
     assert losses(run) == losses(full)
 

@@ -50,15 +50,15 @@ from hf_streamlm.data.quality import skip_counter
 logger = logging.getLogger(__name__)
 
 
-def _hub_filesystems() -> dict:
-    """huggingface_hub's process-wide cache of `HfFileSystem` instances, which every `datasets.IterableDataset`
-    holds a reference to (so that pickling keeps it). A deep copy must share it, not copy it: copying re-creates
-    each instance, and fsspec keys instances by the creating thread, so an instance made in another thread (the
-    tokenizer's stream reader, an upload) is re-created under a new key, into the dict being copied: "dictionary
-    changed size during iteration"."""
+def private_copy(texts: datasets.IterableDataset) -> datasets.IterableDataset:
+    """A deep copy of ``texts`` that shares huggingface_hub's process-wide cache of `HfFileSystem` instances, which
+    every `datasets.IterableDataset` holds a reference to (so that pickling keeps it). Copying the cache would
+    re-create each instance, and fsspec keys instances by the creating thread: an instance made in another thread
+    (a reader, an upload) would be re-created under a new key, into the dict being copied ("dictionary changed size
+    during iteration")."""
     from huggingface_hub import HfFileSystem
 
-    return HfFileSystem._cache
+    return copy.deepcopy(texts, {id(HfFileSystem._cache): HfFileSystem._cache})
 
 SNAPSHOT_EVERY = 16
 """Batches between state snapshots sent from a DataLoader worker (bounds the replay on resume)."""
@@ -99,7 +99,7 @@ class WorkerPipeline:
     ):
         # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
         # the main process; here each worker runs its own passes and must not move its peers' epoch.
-        self.texts = copy.deepcopy(texts, {id(_hub_filesystems()): _hub_filesystems()})
+        self.texts = private_copy(texts)
         self.encode = encode
         self.collate = collate
         self.batch_size = batch_size
