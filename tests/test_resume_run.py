@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from hf_streamlm.data.trace import read_trace
-from tests.conftest import REPO, run_in_process
+from tests.conftest import REPO, run_in_process, run_in_process_stdout
 
 KILL_SEED = int(os.environ.get("KILL_SEED", "20261123"))
 TOTAL_STEPS = 14
@@ -107,9 +107,7 @@ def uninterrupted(tmp_path_factory, shards, tokenizers):
 def resume(args: list[str], processes: int, capsys) -> str:
     """The same command again, to the end; returns its stdout. One process: ``main`` in this process."""
     if processes == 1:
-        capsys.readouterr()
-        run_in_process(*args)
-        return capsys.readouterr().out
+        return run_in_process_stdout(capsys, *args)
     proc = launch(args, processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

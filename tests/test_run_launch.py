@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, main_refuses, run_in_process
+from tests.conftest import REPO, main_refuses, run_in_process, run_in_process_stdout
 from tests.test_run import SHORT
 
 
@@ -93,10 +93,9 @@ def test_accelerate_launch_two_processes(tmp_path, wordpiece_800, capsys, caplog
     assert (out / "export" / "model.safetensors").is_file()
     # Resumed by one process (elastic resume, issue #17): both ranks' stream positions are taken over and the
     # global batch is kept by doubling gradient accumulation.
-    capsys.readouterr()
-    run_in_process(*SHORT, "scheduler.total_steps=12", f"tokenizer.path={wordpiece_800}", *SMALL_MODEL,
-                   f"runtime.output_dir={out}")
-    assert "resumed 2x0 -> 1x0" in capsys.readouterr().out
+    out_text = run_in_process_stdout(capsys, *SHORT, "scheduler.total_steps=12", f"tokenizer.path={wordpiece_800}",
+                                     *SMALL_MODEL, f"runtime.output_dir={out}")
+    assert "resumed 2x0 -> 1x0" in out_text
     assert "data.gradient_accumulation_steps 1 -> 2" in caplog.text
 
 
