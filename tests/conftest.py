@@ -276,10 +276,15 @@ def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
     out, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file() or json.loads(done.read_text()) != args:
-            shutil.rmtree(out, ignore_errors=True)
+        if not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)  # what a failed first try left
             run_in_process(*args, f"runtime.output_dir={out}")
             done.write_text(json.dumps(args))
+        elif json.loads(done.read_text()) != args:
+            # Never retrain a shared run in place: the other worker may be reading it. Any path in the arguments
+            # must be the same on both workers (made under shared_root, not by mktemp).
+            raise AssertionError(f"shared run {name!r} asked for with other arguments: {args}, "
+                                 f"trained with {json.loads(done.read_text())}")
     return out
 
 
@@ -311,13 +316,23 @@ CLOZE_TASK = "pydocs_cloze"
 def cloze_task(tmp_path_factory) -> Path:
     """A local lm-evaluation-harness task (offline): a YAML over a JSONL of 40 four-way cloze items from the
     last documents of the shipped corpus (the context: a document's first 8-15 words; the choices: the next
-    word and 3 other words of the corpus)."""
+    word and 3 other words of the corpus). One folder for both xdist workers: the shared ``decoder_run``'s
+    arguments name it, and ``trained`` asks both workers for the same ones."""
+    root = shared_root(tmp_path_factory) / "lm_eval_tasks"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "cloze.yaml").is_file():  # written last
+            write_cloze_task(root)
+    return root
+
+
+def write_cloze_task(root: Path) -> None:
     import json
     import random
 
     from hf_streamlm.data.corpus import BUILTIN_CORPORA
 
-    root = tmp_path_factory.mktemp("lm_eval_tasks")
+    root.mkdir(exist_ok=True)
     docs = [json.loads(line)["text"] for line in gzip.open(BUILTIN_CORPORA["pydocs"], "rt")][-200:]
     rng = random.Random(0)
     pool = sorted({w for d in docs for w in d.split() if w.isalpha()})
