@@ -279,6 +279,7 @@ def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
         if not done.is_file():
             shutil.rmtree(out, ignore_errors=True)  # what a failed first try left
             run_in_process(*args, f"runtime.output_dir={out}")
+            (root / f"{name}.files").write_text(json.dumps(files_of(out)))
             done.write_text(json.dumps(args))
         elif json.loads(done.read_text()) != args:
             # Never retrain a shared run in place: the other worker may be reading it. Any path in the arguments
@@ -286,6 +287,27 @@ def trained(tmp_path_factory, name: str, args: list[str]) -> Path:
             raise AssertionError(f"shared run {name!r} asked for with other arguments: {args}, "
                                  f"trained with {json.loads(done.read_text())}")
     return out
+
+
+def files_of(run: Path) -> list[list]:
+    """Every file of ``run`` with its size and modification time: what a test that writes into it changes."""
+    return sorted([str(p.relative_to(run)), p.stat().st_size, p.stat().st_mtime_ns] for p in run.rglob("*") if p.is_file())
+
+
+@pytest.fixture(autouse=True)
+def shared_runs_unchanged(request):
+    """After each test, the shared runs it asked for must hold the files ``trained`` left: a test that writes
+    into one (eval results, a model card, a resumed step) changes what every later test reads, on both
+    workers. Such a test copies the run first (``copy_run``)."""
+    yield
+    import json
+
+    for name in request.fixturenames:
+        run = request.getfixturevalue(name) if name.endswith("_run") else None
+        if isinstance(run, Path) and run.parent.joinpath(f"{run.name}.files").is_file():
+            before = {tuple(f) for f in json.loads(run.parent.joinpath(f"{run.name}.files").read_text())}
+            changed = sorted(f[0] for f in before.symmetric_difference(tuple(f) for f in files_of(run)))
+            assert not changed, f"{request.node.nodeid} changed the shared run {run.name!r}: {changed[:10]}"
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:

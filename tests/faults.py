@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,14 +124,41 @@ def install(fault: str, step: int) -> None:
         trace.DocumentTrace.write = write_then_hold
 
 
-def wait_until_held(proc, out: Path, step: int) -> None:
+class Drained(subprocess.Popen):
+    """A run whose stdout and stderr (text pipes) are read from the start, by a thread each, while the test
+    waits for it to hold: a chatty run can never block on a full pipe before it reaches the hold.
+    ``communicate`` returns what the threads read, once the pipes close (every process holding them ended)."""
+
+    def __init__(self, cmd: list[str], **kwargs) -> None:
+        super().__init__(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+        self.read = {"stdout": [], "stderr": []}
+        self.readers = [threading.Thread(target=self._drain, args=(pipe, self.read[name]), daemon=True)
+                        for name, pipe in (("stdout", self.stdout), ("stderr", self.stderr))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _drain(pipe, chunks: list[str]) -> None:
+        chunks.extend(pipe)  # line by line, until every process holding the pipe has ended
+
+    def communicate(self, input=None, timeout: float | None = None) -> tuple[str, str]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait(timeout)
+        for reader in self.readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return "".join(self.read["stdout"]), "".join(self.read["stderr"])
+
+
+def wait_until_held(proc: Drained, out: Path, step: int) -> None:
     """Return once the run started as ``proc`` with ``hold-after-step step`` holds there (its marker is in ``out``);
     fail if it ends first. No deadline to race: the run waits there until signalled or released."""
     marker = out / f"held-after-step-{step}"
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: "
-                                 f"{proc.stderr.read()[-3000:]}")
+            _, err = proc.communicate(timeout=60)
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}: {err[-3000:]}")
         time.sleep(0.05)
 
 

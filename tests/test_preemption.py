@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_in_process, run_in_process_stdout
-from tests.faults import release, wait_until_held
+from tests.faults import Drained, release, wait_until_held
 from tests.test_resume_run import command  # `accelerate launch` for 2+ processes, on a free port
 
 
@@ -42,14 +42,13 @@ def tiny(shards: Path, tokenizer: Path, workers: int = 2) -> list[str]:
             "data.trace_documents=true"]
 
 
-def start(args: list[str], processes: int = 1, module: list[str] | None = None) -> subprocess.Popen:
+def start(args: list[str], processes: int = 1, module: list[str] | None = None) -> Drained:
     """In a session of its own: its process group is the launcher, the ranks' parent and their workers,
     as a container's or a SLURM step's is. ``module``: a fault of tests/faults.py instead of the run's own."""
-    return subprocess.Popen(command(args, processes, module), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return Drained(command(args, processes, module), cwd=REPO, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+def finish(proc: Drained, timeout: int = 300) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -63,7 +62,7 @@ def run(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     return finish(start(args, processes))
 
 
-def held(args: list[str], out: Path, processes: int, step: int) -> subprocess.Popen:
+def held(args: list[str], out: Path, processes: int, step: int) -> Drained:
     """The run started, and waiting after ``step`` (tests/faults.py ``hold-after-step``) for a signal or for
     ``release-after-step-<step>``: it cannot go on while the test acts."""
     proc = start([*args, f"runtime.output_dir={out}"], processes, ["-m", "tests.faults", "hold-after-step", str(step)])

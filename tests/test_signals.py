@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_in_process, run_in_process_stdout
-from tests.faults import wait_until_held
+from tests.faults import Drained, wait_until_held
 
 TOTAL_STEPS = 40
 ARGS = ["recipe=quickstart_decoder", f"scheduler.total_steps={TOTAL_STEPS}", "scheduler.warmup_steps=2",
@@ -44,16 +44,14 @@ def with_fault(fault: str, step: int, args: list[str]) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=600)
 
 
-def held(args: list[str], run: Path, step: int, launcher: list[str] | None = None, env: dict | None = None
-         ) -> subprocess.Popen:
+def held(args: list[str], run: Path, step: int, launcher: list[str] | None = None, env: dict | None = None) -> Drained:
     """The run (under ``launcher``, an ``accelerate launch`` command, if given), started and waiting after
     ``step`` for a stop signal (tests/faults.py ``hold-after-step``)."""
     import os
 
     cmd = [*(launcher or [sys.executable]), "-m", "tests.faults", "hold-after-step", str(step), *args,
            f"runtime.output_dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = Drained(cmd, cwd=REPO, env={**os.environ, **(env or {})})
     wait_until_held(proc, run, step)
     return proc
 
