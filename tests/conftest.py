@@ -306,7 +306,7 @@ def shared_runs_unchanged(request):
         run = request.getfixturevalue(name) if name.endswith("_run") else None
         if isinstance(run, Path) and run.parent.joinpath(f"{run.name}.files").is_file():
             before = {tuple(f) for f in json.loads(run.parent.joinpath(f"{run.name}.files").read_text())}
-            changed = sorted(f[0] for f in before.symmetric_difference(tuple(f) for f in files_of(run)))
+            changed = sorted({f[0] for f in before.symmetric_difference(tuple(f) for f in files_of(run))})
             assert not changed, f"{request.node.nodeid} changed the shared run {run.name!r}: {changed[:10]}"
 
 
