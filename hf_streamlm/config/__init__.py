@@ -42,12 +42,12 @@ from hf_streamlm.config.sections import (
     SourceConfig,
     TokenizerConfig,
 )
-from hf_streamlm.config.validation import validate
+from hf_streamlm.config.validation import validate, wsd_steps
 
 __all__ = [
     "BestConfig", "CheckpointConfig", "Config", "ConfigError", "DECODER_ONLY_KEYS", "DataConfig",
     "EvaluationConfig", "HubConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "RECIPES_DIR",
     "RuntimeConfig", "SchedulerConfig", "SourceConfig", "TokenizerConfig", "available_recipes", "build",
     "describe", "field_docs", "iter_keys", "load_config", "parse_override", "read_recipe", "recipe_path",
-    "reference_markdown", "type_name", "validate",
+    "reference_markdown", "type_name", "validate", "wsd_steps",
 ]

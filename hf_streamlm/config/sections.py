@@ -205,10 +205,12 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    strategy: Literal["cosine_with_warmup", "linear", "constant"] = "cosine_with_warmup"
-    """Learning-rate schedule."""
+    strategy: Literal["cosine_with_warmup", "linear", "constant", "wsd"] = "cosine_with_warmup"
+    """Learning-rate schedule. ``wsd``: warm-up, then the peak rate held (stable), then a decay to min_lr over
+    the last decay_steps; a run resumed in its stable phase with a larger total_steps trains as if planned
+    that long."""
     warmup_steps: int = 0
-    """Linear warm-up steps from 0 to the peak learning rate."""
+    """Linear warm-up steps from 0 (``wsd``: from min_lr) to the peak learning rate."""
     total_steps: int | None = 1000
     """Optimizer steps to train for; ``null`` runs total_epochs over the stream."""
     total_epochs: int | None = None
@@ -217,8 +219,12 @@ class SchedulerConfig:
     """Token budget: when set, train for ceil(total_tokens / tokens per optimizer step) steps, where a
     step is batch_size x sequence_length x gradient_accumulation_steps x processes (overrides
     total_steps and total_epochs)."""
+    decay_steps: int | None = None
+    """``wsd``: steps of the final decay; ``null`` means a fifth of the run (fix it to extend a run later)."""
+    decay_shape: Literal["1-sqrt", "linear", "cosine"] = "1-sqrt"
+    """``wsd``: shape of the final decay (Hägele et al. 2024 found 1-sqrt best)."""
     min_lr: float = 0.0
-    """Floor of the cosine schedule."""
+    """Floor of the cosine and wsd schedules."""
     max_lr: float | None = None
     """Peak learning rate; ``null`` uses optimizer.learning_rate."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from hf_streamlm.config.errors import ConfigError
 from hf_streamlm.config.schema import build
-from hf_streamlm.config.sections import Config, SourceConfig
+from hf_streamlm.config.sections import Config, SchedulerConfig, SourceConfig
 
 
 def _positive(key: str, value: int | float | None, allow_none: bool = True, allow_zero: bool = False) -> None:
@@ -125,6 +125,11 @@ def validate(c: Config) -> None:
         raise ConfigError(
             f"'scheduler.warmup_steps' ({s.warmup_steps}) exceeds 'scheduler.total_steps' ({s.total_steps})"
         )
+    _positive("scheduler.decay_steps", s.decay_steps)
+    if s.strategy != "wsd" and s.decay_steps is not None:
+        raise ConfigError(f"'scheduler.decay_steps' is for strategy wsd, not {s.strategy}: remove it or set strategy wsd")
+    if s.strategy == "wsd" and s.total_steps is not None and s.total_tokens is None:
+        wsd_steps(s, s.total_steps)
     peak = s.max_lr if s.max_lr is not None else o.learning_rate
     if s.min_lr > peak:
         raise ConfigError(f"'scheduler.min_lr' ({s.min_lr}) exceeds the peak learning rate ({peak})")
@@ -164,3 +169,15 @@ def check_report_to(value: Any) -> None:
             raise ConfigError(f"'runtime.logging.report_to' has {name!r}; choose from: none, all, {', '.join(valid)}")
     if len(names) > 1 and {"none", "all"} & {str(n).lower() for n in names}:
         raise ConfigError(f"'runtime.logging.report_to': none and all stand alone, got {names}")
+
+
+def wsd_steps(s: SchedulerConfig, total_steps: int) -> tuple[int, int]:
+    """``(stable, decay)`` steps of a ``wsd`` schedule of ``total_steps`` (the warm-up comes first); a
+    ``ConfigError`` when warm-up and decay do not fit in the run."""
+    decay = s.decay_steps if s.decay_steps is not None else round(total_steps / 5)
+    if s.warmup_steps + decay > total_steps:
+        raise ConfigError(
+            f"'scheduler.warmup_steps' ({s.warmup_steps}) + 'scheduler.decay_steps' ({decay}) exceed the run's "
+            f"{total_steps} steps"
+        )
+    return total_steps - s.warmup_steps - decay, decay

@@ -8,9 +8,10 @@ from transformers.optimization import (
     get_constant_schedule_with_warmup,
     get_cosine_with_min_lr_schedule_with_warmup,
     get_linear_schedule_with_warmup,
+    get_wsd_schedule,
 )
 
-from hf_streamlm.config import Config, ConfigError, ModelConfig
+from hf_streamlm.config import Config, ConfigError, ModelConfig, wsd_steps
 
 
 def resolve_vocab_size(config: Config, tokenizer) -> int:
@@ -151,6 +152,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
         )
     if s.strategy == "linear":
         return get_linear_schedule_with_warmup(optimizer, s.warmup_steps, total_steps)
+    if s.strategy == "wsd":
+        # The floor as a share of each group's own peak; the stable phase's length is fixed by total_steps, so a
+        # resume with a larger total_steps (in the stable phase) goes on as a run planned that long from the start.
+        stable, decay = wsd_steps(s, total_steps)
+        peak = s.max_lr if s.max_lr is not None else config.optimizer.learning_rate
+        return get_wsd_schedule(
+            optimizer, num_warmup_steps=s.warmup_steps, num_stable_steps=stable, num_decay_steps=decay,
+            decay_type=s.decay_shape, min_lr_ratio=s.min_lr / peak,
+        )
     return get_constant_schedule_with_warmup(optimizer, s.warmup_steps)
 
 
