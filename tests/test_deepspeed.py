@@ -174,3 +174,18 @@ def test_nonfinite_step_under_deepspeed_never_becomes_the_last_good_state(tmp_pa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
     weights = zero_checkpoint_weights(run / "checkpoints" / "step-1")
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_muon_under_zero_is_refused_in_one_line(tmp_path, shards, bpe_800):
+    """Muon orthogonalises whole matrices and ZeRO hands each rank a flat shard: the shipped ZeRO-2 config with
+    optimizer.algorithm=muon stops before a tokenizer or model is built, with one line."""
+    out = tmp_path / "run"
+    proc = launch(2, [*tiny("quickstart_decoder", shards, bpe_800), "optimizer.algorithm=muon",
+                      f"runtime.output_dir={out}"])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "optimizer.algorithm=muon needs whole weight matrices on each process, and DeepSpeed ZeRO shards them" \
+        in errors[0]
+    # The run exits 2 without a traceback; the one printed is the launcher's own report of a failed rank.
+    assert "exitcode: 2" in proc.stderr and "hf_streamlm/" not in proc.stderr.split("Traceback")[-1]
+    assert not (out / "checkpoints").exists()

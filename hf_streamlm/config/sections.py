@@ -187,8 +187,11 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    algorithm: Literal["adam_w"] = "adam_w"
-    """Optimizer; AdamW as in seed 004."""
+    algorithm: Literal["adam_w", "muon"] = "adam_w"
+    """Optimizer: ``adam_w`` (seed 004), or ``muon``: Muon (``torch.optim.Muon``) for the weights of the blocks'
+    linear layers, AdamW for embeddings, the LM head, norms and biases. Muon scales its update to AdamW's size
+    (``match_rms_adamw``), so learning_rate and weight_decay carry over. Needs whole matrices on each process:
+    single device or DDP, not DeepSpeed ZeRO or FSDP."""
     learning_rate: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.01
@@ -201,6 +204,8 @@ class OptimizerConfig:
     """AdamW epsilon."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; ``null`` disables clipping."""
+    muon_momentum: float = 0.95
+    """``muon``: momentum of its update (Nesterov)."""
 
 
 @dataclass

@@ -112,7 +112,7 @@ def validate(c: Config) -> None:
     _positive("optimizer.learning_rate", o.learning_rate, allow_none=False)
     _positive("optimizer.max_grad_norm", o.max_grad_norm)
     _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
-    for key in ("beta1", "beta2"):
+    for key in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= getattr(o, key) < 1:
             raise ConfigError(f"'optimizer.{key}' must be in [0, 1), got {getattr(o, key)}")
     if s.total_steps is None and s.total_epochs is None and s.total_tokens is None:

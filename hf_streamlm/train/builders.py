@@ -126,7 +126,8 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> int:
 def build_optimizer(
     model: torch.nn.Module, config: Config, device: torch.device | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in GPT-2/BERT practice.
+    """AdamW, or Muon with AdamW (``optimizer.algorithm``); no weight decay on biases and norm weights (1-D tensors),
+    as in GPT-2/BERT practice.
 
     `device` is where training runs (`accelerator.device`). The optimizer is built before `accelerator.prepare`
     moves the parameters there, so it is the device, not the parameters, that decides the fused CUDA kernel (one
@@ -135,13 +136,73 @@ def build_optimizer(
     o = config.optimizer
     # Under DeepSpeed ZeRO-3 a model built in zero.Init holds empty partitions; ds_shape is the real shape.
     ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in model.parameters()}
-    decay = [p for p in model.parameters() if p.requires_grad and ndim[id(p)] >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and ndim[id(p)] < 2]
+    muon = {id(p) for p in muon_parameters(model)} if o.algorithm == "muon" else set()
+    trained = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
+    decay = [p for p in trained if ndim[id(p)] >= 2]
+    no_decay = [p for p in trained if ndim[id(p)] < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     peak = config.scheduler.max_lr if config.scheduler.max_lr is not None else o.learning_rate
     on_cuda = device.type == "cuda" if device is not None else all(p.is_cuda for p in model.parameters())
     fused = on_cuda and all(p.is_floating_point() for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=peak, betas=(o.beta1, o.beta2), eps=o.epsilon, fused=fused or None)
+    adamw = torch.optim.AdamW(groups, lr=peak, betas=(o.beta1, o.beta2), eps=o.epsilon, fused=fused or None)
+    if not muon:
+        return adamw
+    matrices = [p for p in model.parameters() if id(p) in muon]
+    return MuonWithAdamW(torch.optim.Muon(matrices, lr=peak, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+                                          adjust_lr_fn="match_rms_adamw"), adamw)
+
+
+def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What Muon trains: the weight of every ``nn.Linear`` but the LM head (the blocks' attention and MLP
+    projections, MicroBERT's pooler and head transform). Embeddings, the head (tied to them or not), norms and
+    biases stay with AdamW, as in Keller Jordan's and Moonlight's setups."""
+    head = model.get_output_embeddings()
+    skip = {id(head.weight)} if head is not None else set()
+    return [m.weight for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and id(m.weight) not in skip]
+
+
+def check_optimizer_engine(config: Config, distributed_type: str) -> None:
+    """Muon orthogonalises whole matrices: refuse it where each process holds only a shard of them."""
+    if config.optimizer.algorithm == "muon" and distributed_type in ("DEEPSPEED", "FSDP"):
+        engine = "DeepSpeed ZeRO" if distributed_type == "DEEPSPEED" else "FSDP"
+        raise ConfigError(f"optimizer.algorithm=muon needs whole weight matrices on each process, and {engine} "
+                          "shards them: launch without it (one device or DDP) or use optimizer.algorithm=adam_w")
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Two optimizers as one, for accelerate, the learning-rate scheduler and the checkpoint: ``param_groups``
+    are the two optimizers' own group dicts (a scheduler's rate reaches both), ``step`` and ``zero_grad`` run
+    both, the state dict holds both."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+        # defaults: the schedules that read the peak rate from optimizer.defaults["lr"] find it (both share it)
+        super().__init__([p for group in (*muon.param_groups, *adamw.param_groups) for p in group["params"]],
+                         {"lr": adamw.defaults["lr"]})
+        self.param_groups = [*muon.param_groups, *adamw.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_steps: int):

@@ -102,6 +102,11 @@ def keep_global_batch(config: Config, accelerator: Accelerator, path: Path) -> N
     so that an optimizer step holds as many tokens as the checkpoint's did."""
     old = saved_config(path)
     check_same_stream(old, config)
+    before = old.get("optimizer", {}).get("algorithm", "adam_w")
+    if before != config.optimizer.algorithm:
+        raise ConfigError(f"optimizer.algorithm differs from the checkpoint's ({before!r} -> "
+                          f"{config.optimizer.algorithm!r}): its optimizer state is {before}'s; resume with the "
+                          "checkpoint's value or start a new runtime.output_dir")
     processes = len(list(Path(path).glob("data_state_*.pt"))) or accelerator.num_processes
     d, now = config.data, accelerator.num_processes
     if processes != now and (Path(path) / "pytorch_model").exists():

@@ -24,7 +24,13 @@ from hf_streamlm.data.trace import DocumentTrace
 from hf_streamlm.env import has_accelerator
 from hf_streamlm.evaluation import check_loop_tasks, loop_eval, loop_tasks
 from hf_streamlm.export import export_run
-from hf_streamlm.train.builders import build_model, build_optimizer, build_scheduler, estimate
+from hf_streamlm.train.builders import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    check_optimizer_engine,
+    estimate,
+)
 from hf_streamlm.train.checkpoint import (load_checkpoint, main_decides, qualifies_as_best, resume_choice, save_best,
                                           save_checkpoint, trained_model)
 from hf_streamlm.train.demo import print_fill_mask, print_generation
@@ -71,6 +77,7 @@ def train(config: Config, command: str | None = None) -> Path:
     start_trackers(accelerator, config, out)  # runtime.logging.report_to, with the resolved config
 
     check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
+    check_optimizer_engine(config, accelerator.distributed_type)
     tokenizer = prepare_tokenizer(config, accelerator, out)
     model = build_model(config, tokenizer)
     optimizer = build_optimizer(model, config, accelerator.device)
