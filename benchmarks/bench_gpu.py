@@ -10,7 +10,9 @@ own pieces (`build_model`'s config, `build_optimizer`: fused AdamW on CUDA, bf16
 bf16`) on synthetic packed rows: FineWeb-sized documents (~850 tokens on average) whose `position_ids` restart and
 whose `document_ids` keep attention inside each document, as `data.document_masking: true` makes them. Variants
 cross the attention implementation (`model.attn_implementation`), document masking on/off and `torch.compile`
-on/off. The micro-batch is the largest of --batch-sizes that fits (found once, on the first variant).
+on/off; two more rows take full logits instead of the fused loss, and Muon instead of AdamW
+(`optimizer.algorithm: muon`). The micro-batch is the largest of --batch-sizes that fits (found once, on the first
+variant).
 
 One table row per variant: tokens/s, MFU (against --peak-tflops, default the device's dense 16-bit peak: 989.5
 for H100 SXM and H200), peak memory, the share of time waiting for the next batch (host -> device copy of pinned
@@ -57,11 +59,12 @@ class Variant:
     documents: bool
     compile: bool
     full_logits: bool = False  # model.loss_chunk_size=0: the (batch, seq, vocab) logits, then the loss
+    muon: bool = False  # optimizer.algorithm=muon: Muon for the blocks' matrices, AdamW for the rest
 
     @property
     def name(self) -> str:
         name = f"{self.attention} docs={'on' if self.documents else 'off'} compile={'on' if self.compile else 'off'}"
-        return name + (" logits=full" if self.full_logits else "")
+        return name + (" logits=full" if self.full_logits else "") + (" optimizer=muon" if self.muon else "")
 
 
 @dataclass
@@ -84,6 +87,7 @@ def variants(device: torch.device) -> list[Variant]:
         Variant("sdpa", documents=False, compile=True),
         Variant("flex_attention", documents=True, compile=True),
         Variant("sdpa", documents=True, compile=False, full_logits=True),  # what the fused loss saves
+        Variant("sdpa", documents=True, compile=False, muon=True),  # what Muon's Newton-Schulz steps cost
     ]
     if device.type == "cuda":
         from transformers.utils import is_flash_attn_2_available
@@ -135,7 +139,8 @@ def run_variant(variant: Variant, config, vocab: int, batch_size: int, args, dev
     model_config = replace(config.model, loss_chunk_size=0) if variant.full_logits else config.model
     model = AutoModelForCausalLM.from_config(hf_model_config(model_config, vocab)).to(device).train()
     model.set_attn_implementation(variant.attention)
-    optimizer = build_optimizer(model, config, device)
+    algorithm = "muon" if variant.muon else config.optimizer.algorithm
+    optimizer = build_optimizer(model, replace(config, optimizer=replace(config.optimizer, algorithm=algorithm)), device)
     forward = torch.compile(model, backend=args.compile_backend) if variant.compile else model
     length = config.data.sequence_length
     batches = [packed_rows(batch_size, length, vocab, seed) for seed in range(4)]

@@ -41,7 +41,8 @@ def test_gpu_check_dry_run_prints_the_table(tmp_path):
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
     # Documents on and off, compiled and not, every implementation of the GPU table has a row.
     assert {"sdpa docs=off compile=off", "sdpa docs=on compile=off", "sdpa docs=off compile=on",
-            "sdpa docs=on compile=off logits=full"} <= rows.keys()  # and the fused loss against full logits
+            "sdpa docs=on compile=off logits=full",  # and the fused loss against full logits
+            "sdpa docs=on compile=off optimizer=muon"} <= rows.keys()  # and Muon against fused AdamW
     assert any(name.startswith("flex_attention docs=on") for name in rows)
     for name, row in rows.items():
         if name.startswith("sdpa"):
