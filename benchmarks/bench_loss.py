@@ -36,9 +36,9 @@ def head_model(hidden: int, chunk: int) -> DecoderForCausalLM:
 def head_step(model: DecoderForCausalLM, hidden_states: torch.Tensor, labels: torch.Tensor) -> None:
     """What a training step does after the last norm: the head, the loss, their backward."""
     if model.config.loss_chunk_size:
-        loss = model._fused_loss(hidden_states, labels, None)
+        loss, _ = model._fused_loss(hidden_states, labels, None)
     else:
-        loss = model._loss(model.lm_head(hidden_states), labels, None)
+        loss, _ = model._loss(model.lm_head(hidden_states), labels, None)
     loss.backward()
 
 

@@ -29,7 +29,7 @@ BATCH, SEQUENCE = 8, 256
 
 
 def train(algorithm: str, seed: int, steps: int, lr: float, tokenizer: Path, workdir: Path) -> dict:
-    out = workdir / f"{algorithm}-{seed}"
+    out = workdir / f"{algorithm}-{seed}-lr{lr:g}"
     args = ["recipe=quickstart_decoder", f"optimizer.algorithm={algorithm}", f"optimizer.learning_rate={lr}",
             f"runtime.seed={seed}", f"tokenizer.path={tokenizer}", f"data.batch_size={BATCH}",
             f"data.sequence_length={SEQUENCE}", f"model.max_position_embeddings={SEQUENCE}", "model.hidden_size=256",

@@ -135,3 +135,30 @@ def test_nonfinite_skip_counts_steps_without_updating_then_stops_after_the_limit
     for step in (2, 3, 4):
         later = weights(run / "checkpoints" / f"step-{step}")
         assert all(torch.equal(after_1[k], later[k]) for k in after_1), step
+
+
+def test_z_loss_is_logged_apart_and_the_logged_loss_stays_the_cross_entropy(tmp_path, bpe_500):
+    """model.z_loss: the rows carry its term as ``z_loss``; their ``loss`` is the cross entropy, which at step 1 (the
+    same weights and batch) equals the one a run without z-loss logs."""
+    common = [*TINY, f"tokenizer.path={bpe_500}", "scheduler.total_steps=2", "runtime.log_every_n_steps=1",
+              "runtime.evaluation.every_n_steps=null", "runtime.logging.tensorboard=false"]
+    run_in_process(*common, "model.z_loss=1e-3", f"runtime.output_dir={tmp_path / 'z'}")
+    run_in_process(*common, f"runtime.output_dir={tmp_path / 'plain'}")
+    with_z, plain = ([r for r in rows(tmp_path / name) if "loss" in r] for name in ("z", "plain"))
+    assert [r["step"] for r in with_z] == [1, 2]
+    assert all(0 < r["z_loss"] < 1e-3 * 100 for r in with_z)  # log(Z) of a 500-token vocabulary is ~6: ~0.04
+    assert with_z[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)
+    assert "z_loss" not in plain[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["recipe=quickstart_decoder", "model.z_loss=-1"], "'model.z_loss' must be >= 0"),
+    (["recipe=quickstart", "model.z_loss=1e-4"], "'model.z_loss' is for model.type=decoder"),
+])
+def test_z_loss_bad_input_is_one_line(args, message):
+    from hf_streamlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(args)
+    assert message in str(err.value) and "\n" not in str(err.value)
+

@@ -59,6 +59,10 @@ class ModelConfig:
     loss_chunk_size: int = 512
     """Decoder training steps compute the LM head and the cross entropy together, this many positions at a time,
     without building the (batch, sequence, vocabulary) logits; ``0`` builds them as stock Llama does."""
+    z_loss: float = 0.0
+    """Decoder: coefficient of the z-loss added to the training loss, the mean of log(Z)^2 (Z: the softmax's
+    normaliser; PaLM and OLMo use 1e-4), which keeps the output logits from drifting; logged as ``z_loss``, the
+    logged ``loss`` stays the cross entropy. ``0`` disables it."""
     tie_word_embeddings: bool = True
     """Share the input embedding matrix with the output projection."""
     initializer_range: float = 0.02

@@ -58,6 +58,10 @@ def validate(c: Config) -> None:
             raise ConfigError(f"'model.{key}' must be in [0, 1), got {value}")
     if m.loss_chunk_size < 0:
         raise ConfigError(f"'model.loss_chunk_size' must be >= 0 (0 = full logits), got {m.loss_chunk_size}")
+    if not m.z_loss >= 0:
+        raise ConfigError(f"'model.z_loss' must be >= 0 (0 = none), got {m.z_loss}")
+    if m.z_loss and m.type != "decoder":
+        raise ConfigError("'model.z_loss' is for model.type=decoder (MicroBERT's masked LM has none): remove it")
     if m.type == "microbert" and m.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(
             f"'model.attn_implementation' of a microbert must be sdpa or eager; got {m.attn_implementation!r}"

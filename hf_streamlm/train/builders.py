@@ -63,6 +63,7 @@ def hf_model_config(m: ModelConfig, vocab_size: int, special_ids: dict[str, int 
         initializer_range=m.initializer_range,
         tie_word_embeddings=m.tie_word_embeddings,
         loss_chunk_size=m.loss_chunk_size,
+        z_loss=m.z_loss,
         pad_token_id=ids.get("pad_token_id"),
         bos_token_id=ids.get("bos_token_id"),
         eos_token_id=ids.get("eos_token_id"),

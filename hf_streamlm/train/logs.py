@@ -17,11 +17,12 @@ from hf_streamlm.train.history import History
 
 
 class Window:
-    """The steps since the last logged row: summed loss (on the device: no read-back per step), micro-batches,
-    tokens, and the time spent waiting for data."""
+    """The steps since the last logged row: summed loss and z-loss term (on the device: no read-back per step),
+    micro-batches, tokens, and the time spent waiting for data."""
 
     def __init__(self):
         self.loss: torch.Tensor | float = 0.0
+        self.z_loss: torch.Tensor | None = None
         self.micro = self.tokens = 0
         self.wait, self.t0 = 0.0, time.perf_counter()
 
@@ -33,15 +34,20 @@ class Window:
         finally:
             self.wait += time.perf_counter() - start
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, z_loss: torch.Tensor | None = None) -> None:
+        """``z_loss``: the z-loss term included in ``loss`` (the decoder's output field), kept apart so that the
+        row's ``loss`` is the cross entropy, comparable with ``eval_loss``."""
         self.loss = self.loss + loss.detach().float()
+        if z_loss is not None:
+            self.z_loss = (0.0 if self.z_loss is None else self.z_loss) + z_loss.detach().float()
         self.micro += 1
         self.tokens += tokens
 
     def row(self, state: dict[str, Any], lr: float, grad_norm, accelerator: Accelerator) -> dict[str, Any]:
         """The history row of the window (loss averaged over ranks, tokens summed; ``state["tokens"]`` moves on),
         then a fresh window."""
-        stats = torch.tensor([float(self.loss) / self.micro, self.tokens], device=accelerator.device)
+        z_loss = float(self.z_loss) / self.micro if self.z_loss is not None else 0.0
+        stats = torch.tensor([float(self.loss) / self.micro - z_loss, self.tokens, z_loss], device=accelerator.device)
         stats = accelerator.reduce(stats, reduction="sum")
         elapsed = time.perf_counter() - self.t0
         state["tokens"] += int(stats[1])
@@ -56,6 +62,8 @@ class Window:
             "data_wait_pct": 100.0 * self.wait / elapsed,
             "nonfinite_skips": state["nonfinite_skips"],
         }
+        if self.z_loss is not None:
+            row["z_loss"] = float(stats[2]) / accelerator.num_processes
         self.__init__()
         return row
 

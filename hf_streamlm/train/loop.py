@@ -134,7 +134,8 @@ def train(config: Config, command: str | None = None) -> Path:
             for batch in step_batches:  # nothing here reads a device value back (hf_streamlm.train.device_batch)
                 batch, tokens = to_device(batch, accelerator.device)
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    output = model(**batch)
+                    loss = output.loss
                     accelerator.backward(loss)
                     guard.add_loss(loss)
                     if accelerator.sync_gradients:
@@ -146,7 +147,7 @@ def train(config: Config, command: str | None = None) -> Path:
                         if update:
                             optimizer.step()
                     optimizer.zero_grad()
-                window.add(loss, tokens)
+                window.add(loss, tokens, getattr(output, "z_loss", None))
                 state["micro_batches"] += 1
             if guard.in_a_row:  # this step's update was dropped (runtime.on_nonfinite)
                 state["nonfinite_skips"] += 1

@@ -1,7 +1,7 @@
 """The fused LM head + cross entropy of a training step (`LinearCrossEntropy`, `config.loss_chunk_size`): the same
 loss and gradients as the unfused head and as stock `LlamaForCausalLM` (fp32, 1e-5), whatever the chunking, the
 ignored labels, the normalisation or the tying; no logits are built in a training step and they are in evaluation;
-autocast and `torch.compile` keep it."""
+autocast and `torch.compile` keep it. The z-loss (`config.z_loss`), fused and unfused, against the formula."""
 
 from __future__ import annotations
 
@@ -150,3 +150,50 @@ def test_a_sharded_head_takes_the_plain_path_its_own_hook_gathers():
         assert not model._fuses_loss(hidden, 0)
     finally:
         dist.destroy_process_group()
+
+
+def z_loss_reference(model, inputs, coefficient: float, num_items=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The z-loss written out on the eval-mode logits (no dropout here, so the same network): the cross entropy plus
+    coefficient x sum of log(Z)^2 over the kept targets, both over the target count (or ``num_items``)."""
+    model.zero_grad()
+    logits = model.eval()(input_ids=inputs["input_ids"]).logits.float().reshape(-1, VOCAB)
+    model.train()
+    labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].reshape(-1)
+    kept = labels != -100
+    divisor = kept.sum() if num_items is None else num_items
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / divisor
+    z_term = coefficient * (torch.logsumexp(logits, dim=-1).square() * kept).sum() / divisor
+    (cross_entropy + z_term).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return cross_entropy.detach() + z_term.detach(), z_term.detach(), grads
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7, 512])  # 0: the unfused head (ZeRO-3 and FSDP2 train through it)
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_z_loss_adds_the_mean_squared_log_normaliser_and_its_gradient(chunk, num_items):
+    coefficient = 0.05  # large enough that a wrong gradient term shows at 1e-5
+    model = tiny_model(loss_chunk_size=chunk, z_loss=coefficient).train()
+    loss, grads, out = loss_and_grads(model, batch(), num_items_in_batch=num_items)
+    expected_loss, expected_z, expected_grads = z_loss_reference(model, batch(), coefficient, num_items)
+    assert (out.logits is None) == (chunk > 0)
+    torch.testing.assert_close(loss, expected_loss, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.z_loss, expected_z, atol=ATOL, rtol=0)
+    assert expected_z > 1e-3 and not out.z_loss.requires_grad
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=ATOL, rtol=0, msg=name)
+    # Without the z-loss the gradients differ: the term is really trained on.
+    plain = tiny_model(loss_chunk_size=chunk).train()
+    _, plain_grads, plain_out = loss_and_grads(plain, batch(), num_items_in_batch=num_items)
+    assert plain_out.z_loss is None
+    assert not torch.allclose(plain_grads["lm_head.weight"], grads["lm_head.weight"], atol=1e-4)
+
+
+def test_z_loss_is_training_only_and_not_exported():
+    model = tiny_model(z_loss=0.05)
+    evaluated = model.eval()(**batch())
+    assert evaluated.z_loss is None
+    plain = tiny_model(loss_chunk_size=0).eval()(**batch())  # the same weights (tiny_model's seed), no z-loss
+    torch.testing.assert_close(evaluated.loss, plain.loss, atol=ATOL, rtol=0)
+    assert "z_loss" not in to_native(model).config.to_dict()
+    with pytest.raises(ValueError, match="`z_loss` must be a non-negative number"):
+        DecoderConfig(vocab_size=VOCAB, z_loss=-1.0)

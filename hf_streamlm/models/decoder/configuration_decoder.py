@@ -103,6 +103,11 @@ class DecoderConfig(PreTrainedConfig):
             when it will be differentiated: the (batch, seq, vocab) logits are never materialised and `logits` is
             None in the output. 0 computes the full logits and then the loss, as `LlamaForCausalLM` does. Not a
             Llama field (dropped by the native export); it changes no result beyond float rounding.
+        z_loss (`float`, *optional*, defaults to 0.0):
+            Coefficient of the z-loss a training-mode forward with `labels` adds to the cross entropy: the mean over
+            the predicted positions of log(Z)^2, Z the softmax's normaliser (PaLM, OLMo: 1e-4). It keeps the
+            output logits from drifting in long bf16 runs; the output's `z_loss` holds the term added. Eval-mode
+            losses are the cross entropy alone. 0 disables it. Not a Llama field (dropped by the native export).
 
     Example:
 
@@ -144,6 +149,7 @@ class DecoderConfig(PreTrainedConfig):
     mlp_bias: bool = False
     head_dim: int | None = None
     loss_chunk_size: int = 512
+    z_loss: float = 0.0
 
     def __post_init__(self, **kwargs):
         # An explicit head_dim frees hidden_size from being a multiple of the head count (as in LlamaConfig).
@@ -224,6 +230,8 @@ class DecoderConfig(PreTrainedConfig):
         chunk = self.loss_chunk_size
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
             raise ValueError(f"`loss_chunk_size` must be a non-negative integer, got {self.loss_chunk_size!r}.")
+        if isinstance(self.z_loss, bool) or not isinstance(self.z_loss, (int, float)) or not self.z_loss >= 0:
+            raise ValueError(f"`z_loss` must be a non-negative number, got {self.z_loss!r}.")
 
         if derived_head_dim and self.hidden_size % self.num_attention_heads != 0:
             # A derived head_dim would silently drop hidden_size % num_attention_heads dimensions.

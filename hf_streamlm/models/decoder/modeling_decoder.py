@@ -23,11 +23,14 @@ What this file adds to (or does differently from) the stock implementation, for 
   accumulation. A forward that will be differentiated computes it fused with the LM head, `loss_chunk_size`
   positions at a time (`LinearCrossEntropy`): the (batch, seq, vocab) logits are never materialised, and their
   gradient is taken chunk by chunk in the forward (Liger's fused linear cross-entropy, in plain PyTorch).
+- An optional z-loss in training (`config.z_loss`: coefficient x mean log(Z)^2, PaLM's and OLMo's), added to the
+  loss and reported apart in the output's `z_loss` (`DecoderCausalLMOutput`).
 
 This file is copied next to the weights by the "custom" export and imported with `trust_remote_code=True` in
 processes where `hf_streamlm` is not installed: it imports only torch, transformers and, relatively, its config.
 """
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -725,15 +728,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     here in plain PyTorch so that it runs, and compiles, wherever the model does.
 
     hidden: (rows, hidden_size); weight: (vocab, hidden_size); labels: (rows,), -100 = ignored; divisor: a number
-    or 0-dim tensor (the target count for a mean). Returns a float32 scalar.
+    or 0-dim tensor (the target count for a mean); z_loss: the coefficient of a z-loss added to it (the sum of
+    log(Z)^2 over kept rows, over the same divisor; its gradient is 2 z_loss log(Z) softmax). Returns two float32
+    scalars: the loss, and the z-loss term it includes (not differentiable; 0 without one).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, divisor, chunk_size: int):
+    def forward(ctx, hidden, weight, labels, divisor, chunk_size: int, z_loss: float = 0.0):
         with torch.autocast(hidden.device.type, enabled=False):
             grad_hidden_chunks = []
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            total_z = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = hidden[start : start + chunk_size]
                 targets = labels[start : start + chunk_size]
@@ -745,6 +751,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 total = total + ((log_normaliser - target_logit).squeeze(1) * kept).sum()
                 # d loss / d logits = (softmax - one_hot) / divisor on kept rows, built in the logits' buffer.
                 grad_logits = logits.sub_(log_normaliser).exp_()
+                if z_loss:  # + z_loss * log(Z)^2: its gradient adds 2 z_loss log(Z) softmax
+                    total_z = total_z + (log_normaliser.squeeze(1).square() * kept).sum()
+                    grad_logits.mul_(1 + 2 * z_loss * log_normaliser)
                 grad_logits.scatter_add_(1, safe_targets, torch.full_like(target_logit, -1.0))
                 grad_logits.mul_((kept / divisor).unsqueeze(1))
                 grad_logits = grad_logits.to(hidden.dtype)
@@ -755,13 +764,24 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_weight.add_(grad_logits.T @ rows)
             grad_hidden = torch.cat(grad_hidden_chunks) if grad_hidden_chunks else torch.zeros_like(hidden)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / divisor
+        z_term = z_loss * total_z / divisor
+        ctx.mark_non_differentiable(z_term)
+        return (total + z_loss * total_z) / divisor, z_term
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_z_term):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.to(grad_hidden.dtype), grad_loss.to(grad_weight.dtype)
-        return grad_hidden * scale[0], grad_weight * scale[1], None, None, None
+        return grad_hidden * scale[0], grad_weight * scale[1], None, None, None, None
+
+
+@dataclass
+class DecoderCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast`, plus `z_loss`: the z-loss term a training forward added to `loss` (`config.z_loss`
+    > 0; None otherwise), so that `loss - z_loss` is the cross entropy alone. MoE models report their auxiliary
+    loss the same way (`MoeCausalLMOutputWithPast.aux_loss`)."""
+
+    z_loss: torch.FloatTensor | None = None
 
 
 class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
@@ -816,7 +836,10 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         # logits.
         return nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
 
-    def _fused_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    def _fused_loss(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss and the z-loss term it includes (None when `config.z_loss` is 0)."""
         if labels.shape[:2] != hidden_states.shape[:2]:
             raise ValueError(
                 f"`labels` have shape {tuple(labels.shape)} but the inputs cover {tuple(hidden_states.shape[:2])}."
@@ -832,9 +855,15 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         divisor = (flat_labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
         if torch.is_tensor(divisor):
             divisor = divisor.to(hidden.device)
-        return LinearCrossEntropy.apply(hidden, weight, flat_labels, divisor, self.config.loss_chunk_size)
+        z_loss = self.config.z_loss
+        loss, z_term = LinearCrossEntropy.apply(hidden, weight, flat_labels, divisor, self.config.loss_chunk_size, z_loss)
+        return loss, (z_term if z_loss else None)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    def _loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss and the z-loss term it includes: a training-mode forward adds one when `config.z_loss` > 0 (the
+        unfused path trains under ZeRO-3 and FSDP2); an eval-mode loss is the cross entropy alone."""
         if labels.shape[-1] != logits.shape[-2]:
             raise ValueError(
                 f"`labels` cover {labels.shape[-1]} positions but logits were kept for {logits.shape[-2]} "
@@ -843,12 +872,18 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         # float32 cross entropy: the log-sum-exp over the vocabulary is where half precision hurts most.
         flat_logits = logits.float().reshape(-1, logits.shape[-1])
         flat_labels = self._shifted_labels(labels).to(flat_logits.device)
+        kept = flat_labels != -100
         if num_items_in_batch is None:
-            return nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
-        loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        return loss / num_items_in_batch
+            loss, divisor = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100), kept.sum()
+        else:
+            divisor = num_items_in_batch
+            if torch.is_tensor(divisor):
+                divisor = divisor.to(flat_logits.device)
+            loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum") / divisor
+        if not (self.training and self.config.z_loss):
+            return loss, None
+        z_term = self.config.z_loss * (torch.logsumexp(flat_logits, dim=-1).square() * kept).sum() / divisor
+        return loss + z_term, z_term.detach()
 
     def forward(
         self,
@@ -867,7 +902,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> DecoderCausalLMOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -876,7 +911,8 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
                 token is the next document's first token, as in GPT-style packing; set it to -100 to drop it.
                 In training mode with gradients enabled (a training step) and `config.loss_chunk_size` > 0, the loss
                 is computed fused with the LM head and the output's `logits` is None; in eval mode, or under
-                `torch.no_grad()`, the output has both.
+                `torch.no_grad()`, the output has both. With `config.z_loss` > 0 a training-mode loss includes the
+                z-loss, and the output's `z_loss` holds that term.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits only for the last `logits_to_keep` positions (0 = all), or for the given sequence
                 indices; `generate` passes 1 to skip the vocabulary projection of the prompt.
@@ -904,7 +940,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         if labels is not None and self._fuses_loss(hidden_states, logits_to_keep):
             # Differentiated forward: the loss without the logits (`logits` is None in the output).
             logits = None
-            loss = self._fused_loss(hidden_states, labels, num_items_in_batch)
+            loss, z_term = self._fused_loss(hidden_states, labels, num_items_in_batch)
         else:
             if isinstance(logits_to_keep, int):
                 if logits_to_keep > 0:
@@ -912,10 +948,11 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             else:
                 hidden_states = hidden_states[:, logits_to_keep]
             logits = self.lm_head(hidden_states)
-            loss = None if labels is None else self._loss(logits, labels, num_items_in_batch)
+            loss, z_term = (None, None) if labels is None else self._loss(logits, labels, num_items_in_batch)
 
-        output = CausalLMOutputWithPast(
+        output = DecoderCausalLMOutput(
             loss=loss,
+            z_loss=z_term,
             logits=logits,
             hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
@@ -924,4 +961,4 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["DecoderPreTrainedModel", "DecoderModel", "DecoderForCausalLM"]
+__all__ = ["DecoderPreTrainedModel", "DecoderModel", "DecoderForCausalLM", "DecoderCausalLMOutput"]
