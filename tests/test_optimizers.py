@@ -1,8 +1,8 @@
 """``optimizer.algorithm: muon``: ``torch.optim.Muon`` for the weights of the blocks' linear layers, AdamW for the
 rest, held as one optimizer (``MuonWithAdamW``) by accelerate, the scheduler and the checkpoint. The split is
-checked on both model families, the combined step against the two torch optimizers stepped by hand, and a real run
-against its own resume (``main`` in the test process, conftest ``run_in_process``); the refusal under DeepSpeed
-ZeRO is in tests/test_deepspeed.py."""
+checked on both model families, the combined step against the two torch optimizers stepped by hand, and real runs
+against their own resumes: one process (``main`` in the test process, conftest ``run_in_process``) and a two-process
+``accelerate launch`` (DDP over gloo). The refusal under DeepSpeed ZeRO is in tests/test_deepspeed.py."""
 
 from __future__ import annotations
 
@@ -159,3 +159,22 @@ def test_a_muon_run_resumes_exactly_and_refuses_another_optimizer(tmp_path, bpe_
 
     run_in_process(*args, f"runtime.resume={run / 'checkpoints' / 'step-4'}")
     assert losses(run) == full
+
+
+def test_muon_under_a_two_process_launch_resumes_exactly(tmp_path, bpe_500):
+    """DDP over gloo, two processes: each orthogonalises the same all-reduced gradients. A second launch resumed
+    from the step-4 checkpoint logs the first launch's losses and gradient norms for steps 5-8, bit for bit."""
+    import shutil
+
+    from tests.test_resume_run import launch
+
+    full = tmp_path / "full"
+    args = [*TINY, f"tokenizer.path={bpe_500}", "data.batch_size=2"]
+    proc = launch([*args, f"runtime.output_dir={full}"], 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("step-8", "export"))
+    proc = launch([*args, f"runtime.output_dir={resumed}"], 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-4" in proc.stdout
+    assert losses(resumed) == losses(full) and len(losses(full)) == 8
