@@ -358,7 +358,7 @@ def models_command(ns: argparse.Namespace, overrides: list[str]) -> int:
         config = load_config([f"recipe={name}"])
         vocab = config.model.vocab_size or config.tokenizer.vocab_size
         rows.append((f"recipe={name}", estimate(config.model, vocab, config.data.sequence_length,
-                                                config.data.batch_size), ""))
+                                                config.data.batch_size, config.optimizer.algorithm), ""))
     for name, values in MODEL_PRESETS.items():
         m = build(ModelConfig, values)
         rows.append((f"preset={name}", estimate(m, PRESET_VOCAB[m.type], m.max_position_embeddings, 1),
@@ -371,7 +371,8 @@ def models_command(ns: argparse.Namespace, overrides: list[str]) -> int:
               f"{e['intermediate']:>7}{e['vocab']:>7}{e['params']:>15,}{e['flops_per_token']:>13.3g}"
               f"{e['train_memory_gib']:>9.2f}Gi  {seed}")
     print("\nFLOPs/token = 6N + 12·L·d·T (Kaplan et al. 2020 + attention; T = sequence length). train mem = bf16"
-          " mixed precision with AdamW: 16 bytes/param (fp32 weights, grads, two moments) + activations of one"
+          " mixed precision with AdamW: 16 bytes/param (fp32 weights, grads, two moments; 12 for the matrices Muon"
+          " trains with optimizer.algorithm=muon: one moment) + activations of one"
           " micro-batch without checkpointing (Korthikanti et al. 2022: T·b·d·(34 + 5·a·T/d) bytes per layer) + ~12"
           " bytes per logit of the LM head and its loss (all T·b positions; one model.loss_chunk_size chunk for a"
           " decoder's fused loss).")

@@ -114,14 +114,15 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
     return model
 
 
-def count_parameters(m: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the model a ``model`` section describes, counted on the meta device (no memory)."""
+def count_parameters(m: ModelConfig, vocab_size: int, muon: bool = False) -> int:
+    """Parameters of the model a ``model`` section describes, counted on the meta device (no memory); with
+    ``muon``, only those ``optimizer.algorithm: muon`` gives to Muon (:func:`muon_parameters`)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForMaskedLM if m.type == "microbert" else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(hf_model_config(m, vocab_size))
-    return model.num_parameters()
+    return sum(p.numel() for p in muon_parameters(model)) if muon else model.num_parameters()
 
 
 def build_optimizer(
@@ -226,10 +227,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
     return get_constant_schedule_with_warmup(optimizer, s.warmup_steps)
 
 
-def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: int) -> dict:
-    """Size, compute and training memory of a ``model`` section, without allocating it."""
+def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: int, optimizer: str = "adam_w") -> dict:
+    """Size, compute and training memory of a ``model`` section, without allocating it (``optimizer``: the
+    ``optimizer.algorithm``, for its state)."""
     config = hf_model_config(m, vocab_size)
     n = count_parameters(m, vocab_size)
+    # fp32 weights and gradients, 8 bytes each; AdamW's two moments, 8 more; Muon's one momentum, 4 for its matrices.
+    state = 16 * n - (4 * count_parameters(m, vocab_size, muon=True) if optimizer == "muon" else 0)
     layers, d, heads = m.num_layers, m.hidden_size, m.num_attention_heads
     # Kaplan et al. (2020): 6N FLOPs per token for forward + backward, plus 12·L·d·T for attention scores.
     flops = 6 * n + 12 * layers * d * sequence_length
@@ -252,5 +256,5 @@ def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: 
         "vocab": vocab_size,
         "params": n,
         "flops_per_token": flops,
-        "train_memory_gib": (16 * n + activations + logits) / 2**30,
+        "train_memory_gib": (state + activations + logits) / 2**30,
     }
