@@ -22,6 +22,7 @@ HARNESS = ("lm-evaluation-harness", "https://github.com/EleutherAI/lm-evaluation
 the ones ``hf-streamlm eval --tasks`` replaces."""
 
 HELDOUT_METRICS = {"eval_loss": ("loss", "eval loss"), "eval_perplexity": ("perplexity", "perplexity"),
+                   "eval_bits_per_byte": ("bits_per_byte", "bits per byte"),
                    "eval_accuracy": ("accuracy", "masked-token accuracy")}
 """History's held-out figures -> (model-index ``metric.type``, ``metric.name``)."""
 

@@ -105,9 +105,9 @@ def eval_command(ns: argparse.Namespace, overrides: list[str]) -> int:
     print(f"{result['kind']} {result['model']} ({result['family']}), recipe {result['recipe']}: "
           f"{result['blocks']} held-out blocks in {result['batches']} batches, {result['eval_tokens']:,} tokens scored")
     print(f"  held out   {result['held_out']}")
-    for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):
+    for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_accuracy"):
         if key in result:
-            print(f"  {key.removeprefix('eval_'):<10} {result[key]:.6g}")
+            print(f"  {key.removeprefix('eval_'):<13} {result[key]:.6g}")
     if json_file:
         print(f"  written to {json_file}")
     return 0

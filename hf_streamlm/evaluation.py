@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,38 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def token_bytes(tokenizer) -> torch.Tensor | None:
+    """The UTF-8 bytes each token id of a byte-level BPE stands for (special tokens: 0), as a tensor indexed by id;
+    None for other tokenizers (WordPiece, word-level: their tokens do not map back to exact bytes). A byte-level
+    token's string has one character per byte (GPT-2's byte-to-unicode alphabet); an added token is its text."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    for token, i in backend.get_vocab(with_added_tokens=False).items():
+        if i < len(lengths):
+            lengths[i] = len(token)
+    for i, added in backend.get_added_tokens_decoder().items():
+        if i < len(lengths):
+            lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))
+    return lengths
+
+
 @torch.no_grad()
 def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
-          device: torch.device | str = "cpu", autocast: torch.dtype | None = None) -> dict[str, float]:
+          device: torch.device | str = "cpu", autocast: torch.dtype | None = None,
+          byte_lengths: torch.Tensor | None = None) -> dict[str, float]:
     """Mean loss per predicted token over ``blocks``, its perplexity, and (masked LM) accuracy.
 
     Each batch adds its loss sum (the model's mean loss x its labelled tokens) to the perplexity
     metric, so the mean is token-weighted exactly as the training loop's eval computes it.
     ``autocast``: run the forward under ``torch.autocast`` with this dtype; None runs the model as it
     is (fp32 for a loaded model; a model prepared by Accelerate brings its own autocast).
+    ``byte_lengths`` (:func:`token_bytes`, causal LMs): adds ``eval_bits_per_byte``, the loss summed over the
+    predicted tokens in bits, per UTF-8 byte of text they stand for: a figure that does not depend on the
+    tokenizer, so runs with different vocabularies compare (OLMo, llm-foundry and the GPT-2 line report it).
     """
     from hf_streamlm import metrics
 
@@ -48,7 +72,8 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
     accuracy = None if causal else metrics.load("masked_accuracy", keep_in_memory=True)
     context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     model.eval()
-    tokens = 0
+    tokens = text_bytes = 0
+    loss_sum = []
     for i in range(0, len(blocks), batch_size):
         batch = {k: v.to(device) for k, v in collator(blocks[i : i + batch_size]).items()}
         with context:
@@ -59,12 +84,17 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
             continue
         tokens += n
         perplexity.add_batch(losses=[float(out.loss) * n], token_counts=[n])
+        if causal and byte_lengths is not None:
+            loss_sum.append(float(out.loss) * n)
+            text_bytes += int(byte_lengths[labels[labels != -100].cpu()].sum())
         if accuracy is not None:
             accuracy.add_batch(predictions=out.logits.argmax(-1).tolist(), references=labels.tolist())
     if tokens == 0:
         return {}
     ppl = perplexity.compute()
     result = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"]}
+    if text_bytes:
+        result["eval_bits_per_byte"] = math.fsum(loss_sum) / (math.log(2) * text_bytes)
     if accuracy is not None:
         result["eval_accuracy"] = accuracy.compute()["accuracy"]
     return result
@@ -157,7 +187,7 @@ def evaluate_model(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     model.to(device)
     collator = make_collator(config, tokenizer, seed=r.seed)  # the loop's eval masks: same seed, fresh generator
     # Under the autocast the loop evaluates with (runtime.precision), so the figures match its eval rows.
-    metrics = score(model, blocks, collator, d.batch_size, device, autocast_dtype(r.precision))
+    metrics = score(model, blocks, collator, d.batch_size, device, autocast_dtype(r.precision), token_bytes(tokenizer))
     return {
         "model": str(path),
         "kind": kind,
@@ -360,11 +390,12 @@ def check_loop_tasks(config: Config, accelerator) -> None:
         task_manager(e.tasks, e.tasks_include_path, "'runtime.evaluation.tasks_include_path'")
 
 
-def loop_eval(model, eval_blocks: list[dict], collator, batch_size: int, accelerator) -> dict[str, float]:
-    """The loop's held-out eval: mean loss per predicted token, perplexity, MLM accuracy, by the same code and
-    ``evaluate`` modules as ``hf-streamlm eval``. No autocast of its own: the prepared model runs under
-    Accelerate's (``runtime.precision``). Leaves the model in training mode."""
-    metrics = score(model, eval_blocks, collator, batch_size, accelerator.device)
+def loop_eval(model, eval_blocks: list[dict], collator, batch_size: int, accelerator,
+              byte_lengths: torch.Tensor | None = None) -> dict[str, float]:
+    """The loop's held-out eval: mean loss per predicted token, perplexity, MLM accuracy, bits per byte, by the
+    same code and ``evaluate`` modules as ``hf-streamlm eval``. No autocast of its own: the prepared model runs
+    under Accelerate's (``runtime.precision``). Leaves the model in training mode."""
+    metrics = score(model, eval_blocks, collator, batch_size, accelerator.device, byte_lengths=byte_lengths)
     model.train()
     return metrics
 

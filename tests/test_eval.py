@@ -173,7 +173,8 @@ def test_eval_of_export_and_checkpoint_equals_the_logged_eval_masked_lm(mlm_run,
     assert_same_figures(result, logged, keys)
     assert result["kind"] == "export" and result["family"] == "microbert"
     assert result["blocks"] == 12 and result["batches"] == 3  # max_batches x batch_size, as the loop
-    assert f"loss       {result['eval_loss']:.6g}" in out and "accuracy" in out
+    assert f"{'loss':<13} {result['eval_loss']:.6g}" in out and "accuracy" in out
+    assert "eval_bits_per_byte" not in result  # WordPiece tokens do not map back to exact bytes
 
     rc, _, err = eval_cli(capsys, str(mlm_run / "checkpoints" / "step-4"), "--json", str(tmp_path / "ckpt.json"))
     assert rc == 0, err
@@ -195,8 +196,8 @@ def test_eval_of_export_and_checkpoint_equals_the_logged_eval_masked_lm(mlm_run,
 
 def test_eval_equals_the_logged_eval_decoder_with_the_network_refused(decoder_run, tmp_path, capsys):
     logged = last_eval(decoder_run)
-    assert "eval_accuracy" not in logged
-    keys = ("eval_loss", "eval_perplexity")
+    assert "eval_accuracy" not in logged and 0 < logged["eval_bits_per_byte"] < logged["eval_loss"]
+    keys = ("eval_loss", "eval_perplexity", "eval_bits_per_byte")
 
     rc, _, err = eval_cli(capsys, str(decoder_run / "export"), "--json", str(tmp_path / "export.json"))
     assert rc == 0, err
@@ -236,3 +237,43 @@ def test_eval_bad_input_is_one_line_exit_2(mlm_run, tmp_path, capsys):
         assert rc == 2, (args, err)
         assert message in err and err.startswith("hf-streamlm: error:"), (args, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+
+
+def test_token_bytes_are_the_utf8_bytes_each_byte_level_token_stands_for(bpe_500, wordpiece_800):
+    from transformers import AutoTokenizer
+
+    from hf_streamlm.evaluation import token_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(bpe_500)
+    lengths = token_bytes(tokenizer)
+    assert lengths.shape == (len(tokenizer),) and all(lengths[i] == 0 for i in tokenizer.all_special_ids)
+    for text in ("def f(x):\n    return x", "Héllo wörld, naïve café — 東京 🙂", "  spaces\tand\ttabs  "):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8")), text
+    assert token_bytes(AutoTokenizer.from_pretrained(wordpiece_800)) is None
+
+
+def test_bits_per_byte_is_the_summed_loss_in_bits_over_the_bytes_predicted(bpe_500):
+    """``score`` with byte lengths: the loss summed over the predicted tokens, in bits, over the bytes those
+    tokens stand for (the labels; a block's first token is never predicted)."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_streamlm.data.collate import CausalCollator
+    from hf_streamlm.evaluation import score, token_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(bpe_500)
+    lengths = token_bytes(tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16)).eval()
+    rng = random.Random(0)
+    blocks = [{"input_ids": [rng.randrange(len(tokenizer)) for _ in range(16)]} for _ in range(6)]
+    result = score(model, blocks, CausalCollator(), 4, byte_lengths=lengths)
+    predicted = sum(int(lengths[b["input_ids"][1:]].sum()) for b in blocks)
+    assert result["eval_bits_per_byte"] == pytest.approx(result["eval_loss"] * 90 / (math.log(2) * predicted),
+                                                         rel=1e-9)
+    assert "eval_bits_per_byte" not in score(model, blocks, CausalCollator(), 4)
+

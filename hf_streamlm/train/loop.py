@@ -22,7 +22,7 @@ from hf_streamlm.data.pipeline import build_train_loader, source_names
 from hf_streamlm.data.revisions import pin_hub_sources
 from hf_streamlm.data.trace import DocumentTrace
 from hf_streamlm.env import has_accelerator
-from hf_streamlm.evaluation import check_loop_tasks, loop_eval, loop_tasks
+from hf_streamlm.evaluation import check_loop_tasks, loop_eval, loop_tasks, token_bytes
 from hf_streamlm.export import export_run
 from hf_streamlm.train.builders import (
     build_model,
@@ -100,6 +100,7 @@ def train(config: Config, command: str | None = None) -> Path:
     accelerator.register_for_checkpointing(scheduler)
     eval_blocks = build_eval_blocks(config, tokenizer, r.evaluation.max_batches * d.batch_size)
     eval_collator = make_collator(config, tokenizer, seed=r.seed)  # re-seeded per eval: same masks each time
+    eval_bytes = token_bytes(tokenizer)  # bytes per token id (byte-level BPE): eval_bits_per_byte
 
     best_dir = Path(r.evaluation.best.directory or out / "best")
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0, "nonfinite_skips": 0}
@@ -174,7 +175,7 @@ def train(config: Config, command: str | None = None) -> Path:
             evaluates = bool(every and state["step"] % every == 0) or state["step"] == total_steps
             if eval_blocks and evaluates:
                 eval_collator.generator = None
-                metrics = loop_eval(model, eval_blocks, eval_collator, d.batch_size, accelerator)
+                metrics = loop_eval(model, eval_blocks, eval_collator, d.batch_size, accelerator, eval_bytes)
                 log_row({"step": state["step"], **metrics}, accelerator, history, bar, r.logging.enable_stdout)
                 if metrics:
                     state["eval"] = metrics
