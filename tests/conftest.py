@@ -302,8 +302,7 @@ def shared_runs_unchanged(request):
     yield
     import json
 
-    for name in request.fixturenames:
-        run = request.getfixturevalue(name) if name.endswith("_run") else None
+    for run in list((request.node.funcargs or {}).values()):  # the test's fixture values: nothing is set up anew
         if isinstance(run, Path) and run.parent.joinpath(f"{run.name}.files").is_file():
             before = {tuple(f) for f in json.loads(run.parent.joinpath(f"{run.name}.files").read_text())}
             changed = sorted({f[0] for f in before.symmetric_difference(tuple(f) for f in files_of(run))})
