@@ -73,7 +73,7 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
     context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     model.eval()
     tokens = text_bytes = 0
-    loss_sum = []
+    byte_lengths = byte_lengths.to(device) if causal and byte_lengths is not None else None
     for i in range(0, len(blocks), batch_size):
         batch = {k: v.to(device) for k, v in collator(blocks[i : i + batch_size]).items()}
         with context:
@@ -84,9 +84,8 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
             continue
         tokens += n
         perplexity.add_batch(losses=[float(out.loss) * n], token_counts=[n])
-        if causal and byte_lengths is not None:
-            loss_sum.append(float(out.loss) * n)
-            text_bytes += int(byte_lengths[labels[labels != -100].cpu()].sum())
+        if byte_lengths is not None:
+            text_bytes += int(byte_lengths[labels[labels != -100]].sum())
         if accuracy is not None:
             accuracy.add_batch(predictions=out.logits.argmax(-1).tolist(), references=labels.tolist())
     if tokens == 0:
@@ -94,7 +93,7 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
     ppl = perplexity.compute()
     result = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"]}
     if text_bytes:
-        result["eval_bits_per_byte"] = math.fsum(loss_sum) / (math.log(2) * text_bytes)
+        result["eval_bits_per_byte"] = ppl["loss"] * ppl["tokens"] / (math.log(2) * text_bytes)  # summed loss, bits
     if accuracy is not None:
         result["eval_accuracy"] = accuracy.compute()["accuracy"]
     return result

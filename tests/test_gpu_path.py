@@ -134,12 +134,12 @@ def test_memory_estimate_counts_one_moment_for_the_matrices_muon_trains():
     """With optimizer.algorithm=muon the matrices Muon trains hold one moment instead of AdamW's two: 4 bytes less
     each, for every Linear weight of the blocks (7 per layer at runpod_1b's shape), the embeddings excepted."""
     from hf_streamlm.config import load_config
-    from hf_streamlm.train.builders import count_parameters, estimate
+    from hf_streamlm.train.builders import estimate, meta_model, muon_parameters
 
     m = load_config(["recipe=runpod_1b"]).model
     adamw = estimate(m, 50_000, 2048, 2)["train_memory_gib"]
     muon = estimate(m, 50_000, 2048, 2, "muon")["train_memory_gib"]
-    matrices = count_parameters(m, 50_000, muon=True)
+    matrices = sum(p.numel() for p in muon_parameters(meta_model(m, 50_000)))
     d, inter = m.hidden_size, 5504
     assert matrices == m.num_layers * (4 * d * d + 3 * d * inter)  # q k v o (32 KV heads) and gate up down
     assert (adamw - muon) * 2**30 == pytest.approx(4 * matrices)

@@ -114,15 +114,18 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
     return model
 
 
-def count_parameters(m: ModelConfig, vocab_size: int, muon: bool = False) -> int:
-    """Parameters of the model a ``model`` section describes, counted on the meta device (no memory); with
-    ``muon``, only those ``optimizer.algorithm: muon`` gives to Muon (:func:`muon_parameters`)."""
+def meta_model(m: ModelConfig, vocab_size: int) -> PreTrainedModel:
+    """The model a ``model`` section describes, on the meta device (shapes, no memory)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForMaskedLM if m.type == "microbert" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(hf_model_config(m, vocab_size))
-    return sum(p.numel() for p in muon_parameters(model)) if muon else model.num_parameters()
+        return auto.from_config(hf_model_config(m, vocab_size))
+
+
+def count_parameters(m: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the model a ``model`` section describes, counted on the meta device (no memory)."""
+    return meta_model(m, vocab_size).num_parameters()
 
 
 def build_optimizer(
@@ -218,11 +221,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
     if s.strategy == "wsd":
         # The floor as a share of each group's own peak; the stable phase's length is fixed by total_steps, so a
         # resume with a larger total_steps (in the stable phase) goes on as a run planned that long from the start.
+        # The peak is the optimizer's own rate (build_optimizer's), as the cosine schedule reads it.
         stable, decay = wsd_steps(s, total_steps)
-        peak = s.max_lr if s.max_lr is not None else config.optimizer.learning_rate
         return get_wsd_schedule(
             optimizer, num_warmup_steps=s.warmup_steps, num_stable_steps=stable, num_decay_steps=decay,
-            decay_type=s.decay_shape, min_lr_ratio=s.min_lr / peak,
+            decay_type=s.decay_shape, min_lr_ratio=s.min_lr / optimizer.defaults["lr"],
         )
     return get_constant_schedule_with_warmup(optimizer, s.warmup_steps)
 
@@ -231,9 +234,10 @@ def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: 
     """Size, compute and training memory of a ``model`` section, without allocating it (``optimizer``: the
     ``optimizer.algorithm``, for its state)."""
     config = hf_model_config(m, vocab_size)
-    n = count_parameters(m, vocab_size)
+    model = meta_model(m, vocab_size)
+    n = model.num_parameters()
     # fp32 weights and gradients, 8 bytes each; AdamW's two moments, 8 more; Muon's one momentum, 4 for its matrices.
-    state = 16 * n - (4 * count_parameters(m, vocab_size, muon=True) if optimizer == "muon" else 0)
+    state = 16 * n - (4 * sum(p.numel() for p in muon_parameters(model)) if optimizer == "muon" else 0)
     layers, d, heads = m.num_layers, m.hidden_size, m.num_attention_heads
     # Kaplan et al. (2020): 6N FLOPs per token for forward + backward, plus 12·L·d·T for attention scores.
     flops = 6 * n + 12 * layers * d * sequence_length

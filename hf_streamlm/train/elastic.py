@@ -80,6 +80,15 @@ def check_same_stream(old: dict[str, Any], config: Config) -> None:
                               "runtime.output_dir")
 
 
+def check_same_optimizer(old: dict[str, Any], config: Config) -> None:
+    """Refuse (one line) a resume with another ``optimizer.algorithm``: the checkpoint holds the other one's state."""
+    before = old.get("optimizer", {}).get("algorithm", "adam_w")
+    if before != config.optimizer.algorithm:
+        raise ConfigError(f"optimizer.algorithm differs from the checkpoint's ({before!r} -> "
+                          f"{config.optimizer.algorithm!r}): its optimizer state is {before}'s; resume with the "
+                          "checkpoint's value or start a new runtime.output_dir")
+
+
 def _value(tree: dict, key: str) -> Any:
     node: Any = tree
     for part in key.replace("[", ".").replace("]", "").split("."):
@@ -98,15 +107,11 @@ def saved_layout(path: Path) -> tuple[int, int]:
 
 
 def keep_global_batch(config: Config, accelerator: Accelerator, path: Path) -> None:
-    """Before anything is built from the config: refuse a changed stream, and set gradient accumulation
+    """Before anything is built from the config: refuse a changed stream or optimizer, and set gradient accumulation
     so that an optimizer step holds as many tokens as the checkpoint's did."""
     old = saved_config(path)
     check_same_stream(old, config)
-    before = old.get("optimizer", {}).get("algorithm", "adam_w")
-    if before != config.optimizer.algorithm:
-        raise ConfigError(f"optimizer.algorithm differs from the checkpoint's ({before!r} -> "
-                          f"{config.optimizer.algorithm!r}): its optimizer state is {before}'s; resume with the "
-                          "checkpoint's value or start a new runtime.output_dir")
+    check_same_optimizer(old, config)
     processes = len(list(Path(path).glob("data_state_*.pt"))) or accelerator.num_processes
     d, now = config.data, accelerator.num_processes
     if processes != now and (Path(path) / "pytorch_model").exists():

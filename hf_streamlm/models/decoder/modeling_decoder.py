@@ -855,8 +855,8 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         divisor = (flat_labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
         if torch.is_tensor(divisor):
             divisor = divisor.to(hidden.device)
-        z_loss = self.config.z_loss
-        loss, z_term = LinearCrossEntropy.apply(hidden, weight, flat_labels, divisor, self.config.loss_chunk_size, z_loss)
+        z_loss, chunk_size = self.config.z_loss, self.config.loss_chunk_size
+        loss, z_term = LinearCrossEntropy.apply(hidden, weight, flat_labels, divisor, chunk_size, z_loss)
         return loss, (z_term if z_loss else None)
 
     def _loss(
@@ -872,16 +872,17 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         # float32 cross entropy: the log-sum-exp over the vocabulary is where half precision hurts most.
         flat_logits = logits.float().reshape(-1, logits.shape[-1])
         flat_labels = self._shifted_labels(labels).to(flat_logits.device)
-        kept = flat_labels != -100
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(flat_logits.device)
         if num_items_in_batch is None:
-            loss, divisor = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100), kept.sum()
+            loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
         else:
-            divisor = num_items_in_batch
-            if torch.is_tensor(divisor):
-                divisor = divisor.to(flat_logits.device)
-            loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum") / divisor
+            loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+            loss = loss / num_items_in_batch
         if not (self.training and self.config.z_loss):
             return loss, None
+        kept = flat_labels != -100
+        divisor = kept.sum() if num_items_in_batch is None else num_items_in_batch
         z_term = self.config.z_loss * (torch.logsumexp(flat_logits, dim=-1).square() * kept).sum() / divisor
         return loss + z_term, z_term.detach()
 
