@@ -18,6 +18,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from hf_streamlm.config import Config, ConfigError, SourceConfig
+from hf_streamlm.data.cap import cap_per_shard
 from hf_streamlm.data.packing import pack
 from hf_streamlm.data.quality import TextFilter
 from hf_streamlm.data.elastic import ShareStream
@@ -92,9 +93,15 @@ def _split(config: Config, ds: datasets.IterableDataset, heldout: bool) -> datas
 
 
 def iter_rows(config: Config, limit: int | None = None, skips_key: str = "default") -> Iterator[tuple[str, int]]:
-    """``(text, source index)`` of the training documents in stream order (no shuffle)."""
+    """``(text, source index)`` of the training documents, in one process and a layout-free order (no shuffle).
+
+    With ``data.max_samples``: the documents of one capped pass, shard after shard (:mod:`hf_streamlm.data.cap`),
+    and with ``limit`` a sample of ``limit`` of them spread over the same shards (each shard's first few): a
+    subset of what every layout trains on. Without a cap: the first ``limit`` documents in stream order."""
     ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
-    if limit is not None:
+    if config.data.max_samples is not None:
+        ds = cap_per_shard(ds, config.data.max_samples, take=limit)
+    elif limit is not None:
         ds = ds.take(limit)
     for row in guarded(ds, config):
         yield row["text"], row["source"]
@@ -116,7 +123,7 @@ def guarded(rows, config: Config) -> Iterator:
 
 
 def iter_texts(config: Config, limit: int | None = None) -> Iterator[str]:
-    """The training documents in stream order (no shuffle): what tokenizers are trained on."""
+    """The training documents as :func:`iter_rows` gives them: what tokenizers are trained on."""
     return (text for text, _ in iter_rows(config, limit))
 
 
@@ -373,7 +380,9 @@ def _rank_texts(config: Config, rank: int, world_size: int, skips_key: str) -> t
     names = ", ".join(f"'{n}'" for n in source_names(config))
     ds = _split(config, open_mixture(config, skips_key=skips_key), heldout=False)
     if data.max_samples is not None:
-        ds = ds.take(data.max_samples)
+        # Per source shard, before the split: the same documents whatever the ranks and workers (not
+        # `take`, whose count datasets divides over the readers).
+        ds = cap_per_shard(ds, data.max_samples)
     if world_size > 1:
         if ds.num_shards % world_size and rank == 0:
             logger.warning(

@@ -14,6 +14,7 @@ import time
 import datasets
 
 from hf_streamlm.config import ConfigError, SourceConfig, build
+from hf_streamlm.data.cap import cap_per_shard
 from hf_streamlm.data.corpus import BUILTIN_CORPORA
 from hf_streamlm.data.quality import TextFilter
 
@@ -121,8 +122,8 @@ def _text_only(ds: datasets.IterableDataset, source: SourceConfig, skips_key: st
         ds = ds.rename_column(source.text_column, "text")
     # Always: null, non-text and empty documents are skipped and counted, never passed on.
     ds = ds.filter(TextFilter(skips_key, source.min_words), batched=True, batch_size=ROW_BATCH)
-    if source.max_samples is not None:
-        ds = ds.take(source.max_samples)
+    if source.max_samples is not None:  # per source shard: the same documents on every layout
+        ds = cap_per_shard(ds, source.max_samples, what=f"the max_samples of data source '{describe_source(source)}'")
     return ds
 
 
