@@ -315,7 +315,8 @@ class RuntimeConfig:
     experiment: str = "default"
     """Experiment name; names the default output directory ``runs/<experiment>``."""
     resume: str = "auto"
-    """``auto`` (newest complete checkpoint in the run directory), ``never``, or a checkpoint path."""
+    """``auto`` (the checkpoint the run last completed, named by ``checkpoints/latest.json``; without it the newest
+    complete one), ``never``, or a checkpoint path (newer checkpoints of the run are then moved aside)."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (faster steps after a one-time compilation)."""
     compile_backend: str = "inductor"

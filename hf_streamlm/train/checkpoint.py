@@ -2,7 +2,13 @@
 and renamed when complete, so a folder named ``step-<N>`` is always whole; the newest N are kept.
 A manifest of file sizes lets a resume tell a checkpoint damaged afterwards (a file lost or cut short
 by a crash of the file system, a partial copy) and fall back to the previous one. A checkpoint's model
-is read back here too (``hf-streamlm export``/``eval``, and the export at the end of a DeepSpeed run)."""
+is read back here too (``hf-streamlm export``/``eval``, and the export at the end of a DeepSpeed run).
+
+**The timeline.** ``checkpoints/latest.json`` names the checkpoint the run last completed (written after
+each save's rename, and at a resume): ``runtime.resume=auto`` follows it, not the highest step. A run resumed
+from a checkpoint older than the newest moves the newer ones, another timeline, aside into
+``checkpoints/abandoned-<UTC time>/`` (out of the ``step-<N>`` pattern: rotation and ``auto`` never see
+them), with one log line naming them."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,8 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from hf_streamlm.config import Config, ConfigError, load_config
+from hf_streamlm.data.trace import RECORD as TRACE_RECORD
+from hf_streamlm.data.trace import record_lengths, trace_folder
 from hf_streamlm.train.fsdp import fsdp_checkpoint_weights, is_fsdp_checkpoint
 from hf_streamlm.train.zero import is_zero_checkpoint, without_zero3_init, zero_checkpoint_weights
 
@@ -26,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+LATEST = "latest.json"  # {"checkpoint": name in the folder (or a path elsewhere), "step": N}: what auto follows
 MANIFEST = "manifest.json"  # {relative path: size in bytes} of every other file; written before STATE_FILE
 
 
@@ -76,6 +86,9 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states, scaler; per rank
     if loader is not None:
         torch.save(loader.state_dict(), data_state_file(tmp, accelerator.process_index))
+    if config.data.trace_documents:  # the trace's length now, on disk: a resume cuts the trace back to it
+        lengths = record_lengths(trace_folder(config.output_dir), accelerator.process_index, accelerator.num_processes)
+        write_synced(tmp / TRACE_RECORD.format(rank=accelerator.process_index), json.dumps(lengths))
     # Each rank flushes what it wrote (on a network file system only the writer's fsync counts); files
     # of other ranks still being written are flushed again by their writers.
     sync_tree(tmp)
@@ -88,6 +101,8 @@ def save_checkpoint(
         sync_tree(tmp)  # the files, then the folders: the rename below must not outrun their contents
         replace_dir(tmp, final)
         sync_dir(directory)  # the rename itself
+        if rank_by is None:  # best/ has no timeline of its own
+            write_latest(directory, final, state["step"])
         rotate(directory, max_keep, rank_by)
     accelerator.wait_for_everyone()
     return final
@@ -154,6 +169,53 @@ def damage(path: Path) -> str | None:
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written"
     return None
+
+
+def write_latest(directory: Path, checkpoint: Path, step: int) -> None:
+    """Point ``latest.json`` at ``checkpoint`` (atomic: written aside, flushed, renamed, the rename flushed)."""
+    checkpoint = Path(checkpoint)
+    name = checkpoint.name if checkpoint.parent.resolve() == Path(directory).resolve() else str(checkpoint.resolve())
+    tmp = directory / f".{LATEST}.tmp"  # not .tmp-*: that is a partial checkpoint (remove_partial)
+    write_synced(tmp, json.dumps({"checkpoint": name, "step": step}))
+    os.replace(tmp, directory / LATEST)
+    sync_dir(directory)
+
+
+def read_latest(directory: Path) -> tuple[Path | None, str | None]:
+    """``(checkpoint, None)`` that ``latest.json`` names, or ``(None, why)`` when there is none to follow."""
+    try:
+        record = json.loads((directory / LATEST).read_text())
+        return directory / record["checkpoint"], None
+    except FileNotFoundError:
+        return None, f"{directory / LATEST} is missing (a run of an older hf_streamlm, or a copy without it)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{directory / LATEST} is unreadable ({type(err).__name__})"
+
+
+def abandon_newer(accelerator: Accelerator, directory: Path, resumed: Path, step: int) -> list[Path]:
+    """After a resume from ``resumed`` (step ``step``), on the main process: point ``latest.json`` at it, then move
+    the checkpoints of ``directory`` past ``step`` (the timeline left) into ``abandoned-<UTC time>/``, with one log
+    line. The record first: a kill before the move leaves them behind a record that ``auto`` follows past them."""
+    if not accelerator.is_main_process or not directory.is_dir():
+        return []
+    newer = [p for p in list_checkpoints(directory) if int(STEP_DIR.match(p.name).group(1)) > step]
+    write_latest(directory, resumed, step)
+    if not newer:
+        return []
+    stamp = f"abandoned-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    aside, n = directory / stamp, 1
+    while aside.exists():  # two resumes within a second
+        n += 1
+        aside = directory / f"{stamp}-{n}"
+    aside.mkdir()
+    for path in newer:
+        path.rename(aside / path.name)
+    sync_dir(aside)
+    sync_dir(directory)
+    logger.warning("resumed from %s (step %d), older than the newest checkpoint: %s moved aside to %s (the timeline "
+                   "left; runtime.resume=auto and rotation never use them)", resumed, step,
+                   ", ".join(p.name for p in newer), aside)
+    return [aside / p.name for p in newer]
 
 
 def rotate(directory: Path, max_keep: int, rank_by: str | None = None) -> None:
@@ -241,8 +303,9 @@ def resume_choice(config: Config, directory: Path) -> tuple[Path | None, str | N
 
 
 def resolve_resume(config: Config, directory: Path) -> Path | None:
-    """The checkpoint to resume from according to ``runtime.resume``, or None. ``auto`` passes over
-    damaged checkpoints (a warning each) to the newest intact one."""
+    """The checkpoint to resume from according to ``runtime.resume``, or None. ``auto`` follows
+    ``latest.json``; when it is missing or names a checkpoint that is gone or damaged (a warning), the newest
+    intact one, passing over damaged ones (a warning each)."""
     mode = config.runtime.resume
     if mode == "never":
         found = list_checkpoints(directory)
@@ -253,7 +316,17 @@ def resolve_resume(config: Config, directory: Path) -> Path | None:
             )
         return None
     if mode == "auto":
-        for candidate in reversed(list_checkpoints(directory)):
+        found = list_checkpoints(directory)
+        if not found:
+            return None
+        latest, why = read_latest(directory)
+        if latest is not None:
+            why = damage(latest) if (latest / STATE_FILE).is_file() else f"it names {latest}, which is not a complete checkpoint"
+            if why is None:
+                return latest
+            why = f"{directory / LATEST}: {why}"
+        logger.warning("%s; resuming from the newest intact checkpoint instead", why)
+        for candidate in reversed(found):
             why = damage(candidate)
             if why is None:
                 return candidate
@@ -289,15 +362,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[s
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint, else the newest complete checkpoint of a run directory."""
+    """``path`` itself when it is a checkpoint, else a run directory's checkpoint that ``latest.json`` names (the
+    newest complete one without it)."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
     if (path / "config.yaml").is_file():
         config = load_config([f"recipe={path / 'config.yaml'}", "runtime.resume=never"])
-        found = list_checkpoints(Path(config.runtime.checkpoint.directory or path / "checkpoints"))
+        directory = Path(config.runtime.checkpoint.directory or path / "checkpoints")
+        found = list_checkpoints(directory)
         if found:
-            return found[-1]
+            latest, _ = read_latest(directory)  # the timeline trained last
+            return latest if latest is not None and (latest / STATE_FILE).is_file() else found[-1]
     raise ConfigError(f"'{path}' is neither a checkpoint (step-<N>/ with {STATE_FILE}) nor a run directory with one")
 
 

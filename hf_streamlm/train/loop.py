@@ -20,7 +20,7 @@ from hf_streamlm.data import build_eval_blocks, build_train_blocks
 from hf_streamlm.data.collate import make_collator
 from hf_streamlm.data.pipeline import build_train_loader, source_names
 from hf_streamlm.data.revisions import pin_hub_sources
-from hf_streamlm.data.trace import DocumentTrace
+from hf_streamlm.data.trace import DocumentTrace, trace_folder
 from hf_streamlm.env import has_accelerator
 from hf_streamlm.evaluation import check_loop_tasks, loop_eval, loop_tasks, token_bytes
 from hf_streamlm.export import export_run
@@ -31,8 +31,8 @@ from hf_streamlm.train.builders import (
     check_optimizer_engine,
     estimate,
 )
-from hf_streamlm.train.checkpoint import (load_checkpoint, main_decides, qualifies_as_best, resume_choice, save_best,
-                                          save_checkpoint, trained_model)
+from hf_streamlm.train.checkpoint import (abandon_newer, load_checkpoint, main_decides, qualifies_as_best, resume_choice,
+                                          save_best, save_checkpoint, trained_model)
 from hf_streamlm.train.demo import print_fill_mask, print_generation
 from hf_streamlm.train.device_batch import to_device
 from hf_streamlm.train.elastic import keep_global_batch
@@ -107,6 +107,7 @@ def train(config: Config, command: str | None = None) -> Path:
     if resume_from is not None:
         state = {**state, **load_checkpoint(accelerator, resume_from, loader)}
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
+        abandon_newer(accelerator, ckpt_dir, resume_from, state["step"])  # latest.json; newer checkpoints moved aside
     state["command"] = command or state.get("command")
     flops_per_token = estimate(config.model, len(tokenizer), d.sequence_length, d.batch_size)["flops_per_token"]
     peak = peak_flops(config, accelerator.device)
@@ -116,7 +117,8 @@ def train(config: Config, command: str | None = None) -> Path:
     resumed_at = state["step"]
     stop = StopSignal()  # SIGTERM (RunPod preemption) / SIGINT: checkpoint at the next step boundary, exit 0
     batches = shielded(iter(loader))  # endless; continues exactly where the checkpoint's data state says
-    trace = DocumentTrace(out / "trace", rank, state["step"], world) if d.trace_documents else None
+    # Cut back to the length the checkpoint recorded (one truncate), then appended to (hf_streamlm.data.trace).
+    trace = DocumentTrace(trace_folder(out), rank, state["step"], world, resume_from) if d.trace_documents else None
     names = source_names(config)
 
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (accelerator.is_main_process and r.logging.progress_bar),
