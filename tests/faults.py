@@ -17,11 +17,15 @@ The signal is real and goes through the OS; only the moment is chosen:
   step's boundary; or until the test writes ``release-after-step-N`` there (after changing what the run
   reads, say), then goes on. The test acts once the first file is there: the run cannot have gone on
   meanwhile. Under ``accelerate launch`` the rank named by ``TESTS_FAULTS_RANK`` (default 0) holds.
+- ``hold-in-step N``: the same hold, in the middle of step N's gradient accumulation (N >= 2,
+  ``data.gradient_accumulation_steps`` >= 3, ``data.trace_documents=true``): after the backward pass of the
+  step's second micro-batch, with ``held-in-step-N`` as the marker and ``release-in-step-N`` to go on.
 
 A kill reaches beyond the run's own process only where the test made the processes a group of their own
 (:func:`kill_everything`). The row hooks fire on the process that writes history.jsonl (rank 0). They wrap
 ``checkpoint.sync_tree`` (the first call after ``accelerator.save_state`` in ``save_checkpoint``),
-``History.write``, ``DocumentTrace.write`` and ``StopSignal._handle``; nothing else of the run is changed.
+``History.write``, ``DocumentTrace.write``, ``NonFiniteGuard.add_loss`` and ``StopSignal._handle``; nothing else of
+the run is changed.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-FAULTS = ("kill-in-checkpoint", "sigterm-in-checkpoint", "sigterm-after-row", "kill-after-row", "hold-after-step")
+FAULTS = ("kill-in-checkpoint", "sigterm-in-checkpoint", "sigterm-after-row", "kill-after-row", "hold-after-step",
+          "hold-in-step")
 HOLD_TIMEOUT = 300  # seconds a held run waits for its signal before it fails
 
 
@@ -97,7 +102,7 @@ def install(fault: str, step: int) -> None:
                 fire()
 
         history.History.write = write_then_fire
-    elif os.environ.get("RANK", "0") == os.environ.get("TESTS_FAULTS_RANK", "0"):  # hold-after-step
+    elif os.environ.get("RANK", "0") == os.environ.get("TESTS_FAULTS_RANK", "0"):  # hold-after-step, hold-in-step
         signalled = threading.Event()  # a stop signal reached the run's handler
         handle = signals.StopSignal._handle
 
@@ -106,22 +111,41 @@ def install(fault: str, step: int) -> None:
             signalled.set()
 
         signals.StopSignal._handle = handle_and_note
-        write_trace = trace.DocumentTrace.write
 
-        def write_then_hold(self, at: int, docs: list[list]) -> None:
-            write_trace(self, at, docs)
-            if at != step:
-                return
-            out = self.path.parent.parent
-            (out / f"held-after-step-{step}").touch()
+        def hold(out: Path, where: str) -> None:
+            (out / f"held-{where}-step-{step}").touch()
             # Short waits: Python runs a signal's handler in the main thread between bytecodes, and a signal
             # that the kernel hands to another thread does not interrupt this thread's wait.
             deadline = time.monotonic() + HOLD_TIMEOUT
-            while not signalled.wait(0.05) and not (out / f"release-after-step-{step}").exists():
+            while not signalled.wait(0.05) and not (out / f"release-{where}-step-{step}").exists():
                 if time.monotonic() > deadline:
                     raise SystemExit(f"tests.faults: no stop signal or release within {HOLD_TIMEOUT} s of step {step}")
 
+        write_trace = trace.DocumentTrace.write
+        seen = {"out": None, "micro": None}  # the run folder; micro-batches of step `step` so far
+
+        def write_then_hold(self, at: int, docs: list[list]) -> None:
+            write_trace(self, at, docs)
+            seen["out"] = self.path.parent.parent
+            if fault == "hold-after-step" and at == step:
+                hold(seen["out"], "after")
+            elif at == step - 1:
+                seen["micro"] = 0
+
         trace.DocumentTrace.write = write_then_hold
+        if fault == "hold-in-step":
+            from hf_streamlm.train import monitor
+
+            add_loss = monitor.NonFiniteGuard.add_loss
+
+            def add_loss_then_hold(self, loss) -> None:
+                add_loss(self, loss)
+                if seen["micro"] is not None:
+                    seen["micro"] += 1
+                    if seen["micro"] == 2:
+                        hold(seen["out"], "in")
+
+            monitor.NonFiniteGuard.add_loss = add_loss_then_hold
 
 
 class Drained(subprocess.Popen):
@@ -151,10 +175,11 @@ class Drained(subprocess.Popen):
         return "".join(self.read["stdout"]), "".join(self.read["stderr"])
 
 
-def wait_until_held(proc: Drained, out: Path, step: int) -> None:
-    """Return once the run started as ``proc`` with ``hold-after-step step`` holds there (its marker is in ``out``);
-    fail if it ends first. No deadline to race: the run waits there until signalled or released."""
-    marker = out / f"held-after-step-{step}"
+def wait_until_held(proc: Drained, out: Path, step: int, where: str = "after") -> None:
+    """Return once the run started as ``proc`` with ``hold-after-step step`` (``where="in"``: ``hold-in-step``)
+    holds there (its marker is in ``out``); fail if it ends first. No deadline to race: the run waits there until
+    signalled or released."""
+    marker = out / f"held-{where}-step-{step}"
     while not marker.exists():
         if proc.poll() is not None:
             _, err = proc.communicate(timeout=60)
@@ -162,9 +187,9 @@ def wait_until_held(proc: Drained, out: Path, step: int) -> None:
         time.sleep(0.05)
 
 
-def release(out: Path, step: int) -> None:
-    """Let a run held after ``step`` go on."""
-    (out / f"release-after-step-{step}").touch()
+def release(out: Path, step: int, where: str = "after") -> None:
+    """Let a run held after (``where="in"``: in) ``step`` go on."""
+    (out / f"release-{where}-step-{step}").touch()
 
 
 if __name__ == "__main__":

@@ -108,14 +108,44 @@ class ResumableLoader:
             "read_epochs": dict(self.read_epochs),
         }
 
+    def mark(self) -> None:
+        """Remember where the loader stands (an optimizer step's start), for :meth:`rewind`. Cheap with
+        DataLoader workers: the snapshots received are never changed in place, so the mark holds references
+        and the replay counts. Without workers the live pipeline's state is taken (one ``state_dict`` per
+        optimizer step): a read failure can leave that pipeline in the middle of a batch."""
+        live = None
+        if self.num_workers == 0 and self.stream.live is not None:
+            live = {"snapshot": self.stream.live.state_dict(), "skip": 0}, self.stream.live.epoch
+        self._mark = {
+            "workers": {w: dict(entry) for w, entry in self.workers.items()}, "live": live,
+            "next_worker": self.next_worker, "turns": list(self.turns), "epoch": self.epoch,
+            "sources": dict(self.sources), "read_epochs": dict(self.read_epochs), "docs": len(self.docs),
+        }
+
+    def rewind(self) -> None:
+        """Go back to the last :meth:`mark`: the batches consumed since are forgotten, so :meth:`state_dict`
+        says the stream continues with the first of them (a read failure after some micro-batches of a step
+        were fetched: a resume trains the whole step). Only the state goes back; the iterator does not."""
+        mark = getattr(self, "_mark", None)
+        if mark is None:
+            return
+        self.workers, self.read_epochs = mark["workers"], mark["read_epochs"]
+        if mark["live"] is not None:
+            self.workers[0], self.read_epochs[0] = mark["live"]
+            self.stream.live = None  # state_dict must not read the live pipeline, which is past the mark
+        self.next_worker, self.turns, self.epoch = mark["next_worker"], mark["turns"], mark["epoch"]
+        self.sources = mark["sources"]
+        del self.docs[mark["docs"]:]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["num_workers"] != self.num_workers:
             raise ConfigError(
                 f"the checkpoint's data state is for data.num_workers={state['num_workers']}, not {self.num_workers}: "
                 "resume with the same number of workers"
             )
-        # ("replay": a reader still in the passes it took over at a layout change, rebuilt from its origin.)
-        if any("anchor" not in w["snapshot"] and "replay" not in w["snapshot"] for w in state["workers"].values()):
+        # ("origin": a reader just handed over at a layout change; "replay": one still in the passes it took over,
+        # as hf_streamlm wrote it before issue 25.)
+        if any(not {"anchor", "origin", "replay"} & set(w["snapshot"]) for w in state["workers"].values()):
             raise ConfigError("the checkpoint's data state was written by an older hf_streamlm (text in the state): "
                               "resume it with the version that wrote it, or start a new runtime.output_dir")
         self.workers = copy.deepcopy(state["workers"])
@@ -127,7 +157,7 @@ class ResumableLoader:
 
     def load_elastic(self, origins: dict[int, dict[str, Any]], epoch: int) -> None:
         """Start from what an elastic resume hands this rank's workers (``hf_streamlm.data.elastic.origins``)."""
-        self.workers = {w: {"snapshot": {"replay": origin, "batches": 0}, "skip": 0} for w, origin in origins.items()}
+        self.workers = {w: {"snapshot": {"origin": origin}, "skip": 0} for w, origin in origins.items()}
         self.next_worker = 0
         self.turns = list(range(max(1, self.num_workers)))
         self.epoch = epoch

@@ -129,8 +129,8 @@ def train(config: Config, command: str | None = None) -> Path:
     try:  # the bar ends its line even when an error stops the run
         while state["step"] < total_steps:
             with window.waiting():
-                step_batches, failure = fetch_step(batches, d.gradient_accumulation_steps)
-            if shared_failure(accelerator, failure):  # a source failed on some rank: no rank trains this step
+                step_batches, failure = fetch_step(batches, d.gradient_accumulation_steps, loader)
+            if failure := shared_failure(accelerator, failure):  # a source failed on some rank: no rank trains
                 raise stop_on_data_failure(accelerator, config, tokenizer, ckpt_dir, state, loader, failure, resumed_at)
             state["epoch"] = loader.epoch
             stopping = False

@@ -26,11 +26,15 @@ class DataFailure(RuntimeError):
     """A source could not be read after training had started; the last completed step was saved."""
 
 
-def fetch_step(batches: Iterator[dict], micro_batches: int) -> tuple[list[dict], str | None]:
+def fetch_step(batches: Iterator[dict], micro_batches: int, loader=None) -> tuple[list[dict], str | None]:
     """The micro-batches of one optimizer step, or the one-line reason the stream failed. Fetched before
-    the step trains, so that a failure leaves the step untouched on every rank (and with workers, the
-    loader's state still at the step boundary)."""
+    the step trains, so that a failure leaves the step untouched on every rank. ``loader`` (the
+    :class:`ResumableLoader` behind ``batches``) is marked at the step's start: on a failure, of this rank
+    or another, :func:`stop_on_data_failure` rewinds it there, so that the checkpoint it saves resumes at
+    the step's first micro-batch, not after the ones fetched and never trained."""
     fetched = []
+    if loader is not None:
+        loader.mark()
     try:
         for _ in range(micro_batches):
             batch = next(batches, None)
@@ -41,13 +45,16 @@ def fetch_step(batches: Iterator[dict], micro_batches: int) -> tuple[list[dict],
                 )
             fetched.append(batch)
     except ConfigError as err:  # a read failure, reported as one line by the data pipeline
+        logger.warning("data failure after %d of the step's %d micro-batches were fetched: %s", len(fetched),
+                       micro_batches, one_line(str(err)))
         return fetched, one_line(str(err))
     return fetched, None
 
 
 def shared_failure(accelerator: Accelerator, failure: str | None) -> str | None:
-    """``failure`` of any rank, on every rank (one small all-reduce per step with several processes; the
-    message itself travels only when there is one)."""
+    """``failure`` of any rank, on every rank, as one line naming the rank: one small all-reduce per step
+    with several processes; when it says some rank failed, every rank (the failing ones too) enters the
+    gather of the messages, so no rank is left waiting in a collective the others skipped."""
     if accelerator.num_processes == 1:
         return failure
     flag = accelerator.reduce(torch.tensor([1 if failure else 0], device=accelerator.device), reduction="sum")
@@ -55,13 +62,19 @@ def shared_failure(accelerator: Accelerator, failure: str | None) -> str | None:
         return None
     from accelerate.utils import gather_object
 
-    return failure or next(m for m in gather_object([failure]) if m)
+    failed = [(rank, message) for rank, message in enumerate(gather_object([failure])) if message]
+    rank, message = failed[0]
+    others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    return f"rank {rank}{others}: {message}"
 
 
 def stop_on_data_failure(accelerator: Accelerator, config: Config, tokenizer, ckpt_dir: Path, state: dict[str, Any],
                          loader, failure: str, resumed_at: int) -> Exception:
     """Before any step: the plain one-line error (bad input, exit 2). After: save the last completed step
-    (unless it is the checkpoint just resumed from), then the error the run exits with (status 4)."""
+    (unless it is the checkpoint just resumed from), with the data state rewound to that step's end (the
+    micro-batches fetched for the step that failed, on any rank, are not trained: a resume starts with
+    them), then the error the run exits with (status 4)."""
+    loader.rewind()
     if state["step"] == 0:
         return ConfigError(failure)
     where = "the checkpoint it resumed from"
