@@ -13,9 +13,13 @@ A resume on another layout (``N' x W'`` readers) hands that state out:
   consumed since replayed, as a same-layout resume does);
 - its documents not yet read, up to the end of the newest pass any old reader had started, are split
   over the new readers assigned to it (row ``t`` after the stop goes to part ``t mod k``), and its
-  documents in flight are re-queued to those owners the same way, and so are the documents of its
-  packing remainder (tokens already cut from the text; the first, partly trained, to the first owner).
-  A new reader taking over several old ones merges their remainders by pass: a remainder is a whole
+  documents in flight are re-queued to those owners the same way;
+- its packing content (tokens already cut from the text) is dealt out in the blocks the old reader
+  would have made next (block ``u`` to part ``u mod k``; the first, whose first document is partly
+  trained already, to part 0): a new reader starts a block with each handed-over block and completes a
+  short one with its own tokens, so every handed-over token keeps its place in its block, and with it
+  its ``position_ids`` and document segment (``data.document_masking``), as in an uninterrupted run.
+  A new reader taking over several old ones merges their blocks by pass: a packing remainder is a whole
   tokenized chunk (256 documents), which spans many passes of a small share, and appended one old
   reader after the other a later reader's first pass would wait behind the earlier ones' later passes;
 - after that pass, each new reader reads its own share of the stream (its layout's).
@@ -24,16 +28,21 @@ Each document of a pass is therefore read by exactly one reader: 0 duplicated, 0
 randomness continues: the old readers' sources are read from their saved RNG state. The order differs
 from an uninterrupted run's.
 
-Until a new reader has left the passes it took over, its state is *its origin* (what it was handed)
-and the number of batches it produced since: a resume on the same layout rebuilds it and replays
-those batches (exact, at the price of re-reading what it read since the layout change). A second
-layout change in that window is refused with one line.
+While a new reader reads the passes it took over (on an endless stream: for good), its state stays
+bounded and its resume cost flat, however long ago the layout change was: like a native reader it
+notes anchors (:class:`Prelude` ``position()``: each old reader's source position, the rows it read,
+how many handed-over documents are taken), and its state is the usual one, anchored there. A resume
+re-opens the old readers at the anchor's positions and reads forward to where the reader stood (no
+tokenizing, no batches replayed). Only the documents in flight handed over at the change need more:
+their text can only be re-read by rebuilding the old readers from their snapshots, so the state carries
+the *origin* (what the reader was handed) until an anchor lies past the point where they were all
+taken. A reader that is itself still in such passes is handed out at a further layout change like any
+other: rebuilt from its state, its rest read through it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,9 +83,6 @@ def origins(states: list[dict[str, Any]], processes: int, workers: int, rank: in
         entries.append({"rank": r, "worker": w, "snapshot": saved["snapshot"] if saved else None,
                         "skip": saved["skip"] if saved else 0, "processes": len(states), "workers": old_workers,
                         **settings})
-    if any(e["snapshot"] is not None and "replay" in e["snapshot"] for e in entries):
-        raise ElasticRefused("the checkpoint was written while its readers were still finishing a pass taken "
-                             "over from an earlier layout change")
     last_epoch = max(max(s.get("read_epochs", {}).values(), default=s.get("epoch", 0)) for s in states)
     new = readers(processes, workers)
     plan = assign(len(old), len(new))
@@ -87,10 +93,6 @@ def origins(states: list[dict[str, Any]], processes: int, workers: int, rank: in
         parts = [{**copy.deepcopy(entries[i]), "k": k, "part": part} for i, k, part in plan[j]]
         out[w] = {"parts": parts, "last_epoch": last_epoch}
     return out
-
-
-class ElasticRefused(ValueError):
-    """A layout change this checkpoint cannot take (the message says why)."""
 
 
 class ShareStream:
@@ -136,21 +138,26 @@ class ShareStream:
 
 
 class Prelude:
-    """The documents a new reader takes over, pass by pass: first the re-queued documents in flight of
-    that pass, then its part of each old reader's rest of the pass. ``next(epoch)`` gives None at the
-    end of the pass ``epoch``'s part."""
+    """The documents a new reader takes over, pass by pass: first the documents in flight handed to it at the
+    change (``held``, by pass), then its part of each old reader's rest of the pass. ``next(epoch)`` gives None at
+    the end of the pass ``epoch``'s part. ``position()`` is where it stands, as small whatever it has read."""
 
-    def __init__(self, held: dict[int, deque], cursors: list[list], last_epoch: int):
-        self.held = held  # epoch -> documents in flight handed to this reader
+    def __init__(self, parts: list[dict], held: dict[int, list], cursors: list[list], last_epoch: int,
+                 taken: dict[int, int] | None = None, current: int = 0):
+        self.parts = parts  # the old readers (rank, worker, layout, settings, k, part), in cursor order
+        self.held = held  # epoch -> documents in flight handed to this reader (None once taken: no text kept)
+        self.taken = dict(taken or {})  # epoch -> how many of them are taken
         self.cursors = cursors  # [old pipeline, k, part, rows read since the stop]
         self.last_epoch = last_epoch
         self.first_epoch = min([*held, *(c[0].epoch for c in cursors), last_epoch])
-        self.current = 0
+        self.current = current
 
     def next(self, epoch: int):
-        queue = self.held.get(epoch)
-        if queue:
-            return queue.popleft()
+        queue, n = self.held.get(epoch, ()), self.taken.get(epoch, 0)
+        if n < len(queue):
+            doc, queue[n] = queue[n], None
+            self.taken[epoch] = n + 1
+            return doc
         while self.current < len(self.cursors):
             cursor = self.cursors[self.current]
             old = cursor[0]
@@ -171,14 +178,23 @@ class Prelude:
     def next_pass(self) -> None:
         self.current = 0
 
+    def held_left(self) -> int:
+        """Handed-over documents in flight not taken yet."""
+        return sum(len(queue) - self.taken.get(epoch, 0) for epoch, queue in self.held.items())
 
-def remainder_pieces(old, k: int, part: int) -> list[tuple[int, list[int], int, int]]:
-    """Part ``part`` of ``k`` of an old reader's packing remainder, split at its documents' ends:
-    ``(epoch, tokens, source, key)`` per document, the ``t``-th document of the remainder to part
-    ``t mod k`` (the first, partly trained already, to part 0)."""
-    pieces, start = [], old.cut
-    for t, (end, source, key, epoch) in enumerate(old.doc_ends):
-        if t % k == part:
-            pieces.append((int(epoch), old.tokens[start - old.cut:end - old.cut], int(source), int(key)))
-        start = end
-    return pieces
+    def position(self) -> dict[str, Any]:
+        """Where the reading stands: each old reader's position and rows read, the cursor read now, the held
+        documents taken per pass (``WorkerPipeline`` re-opens it from this, with the origin while ``held_left``)."""
+        return {"parts": self.parts, "cursors": [[c[0].position(), c[3]] for c in self.cursors],
+                "current": self.current, "taken": dict(self.taken), "held_left": self.held_left(),
+                "last_epoch": self.last_epoch}
+
+
+def needs_origin(source: Any) -> bool:
+    """Whether a reader anchored at ``source`` (an anchor's source position) can only be rebuilt from its origin:
+    some document in flight handed over at a layout change, to it or to an old reader it reads through, is not
+    taken yet there, and its text is only in the old readers' snapshots."""
+    if not (isinstance(source, dict) and "prelude" in source):
+        return False
+    position = source["prelude"]
+    return position["held_left"] > 0 or any(needs_origin(where["anchor"][2]) for where, _ in position["cursors"])

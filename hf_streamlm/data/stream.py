@@ -43,7 +43,7 @@ import torch
 
 from hf_streamlm.config import ConfigError
 from hf_streamlm.data.documents import Doc, document_key, runs
-from hf_streamlm.data.elastic import Prelude, remainder_pieces
+from hf_streamlm.data.elastic import Prelude, needs_origin
 from hf_streamlm.data.packing import document_positions
 from hf_streamlm.data.quality import skip_counter
 
@@ -136,6 +136,8 @@ class WorkerPipeline:
         # key, epoch); `cut` is the stream offset of tokens[0].
         self.doc_ends: deque[tuple[int, int, int, int]] = deque()
         self.cut = 0
+        # Blocks handed over at a layout change, each made the start of a block here (see packed_ahead).
+        self.handed: deque[list[tuple]] = deque()
         self.batch_epoch = 0
         self.batch_docs: list[list] = []
         self._rows: Iterator[dict] | None = None
@@ -144,12 +146,11 @@ class WorkerPipeline:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: tuple[list[Doc], Future] | None = None
         self.produced = 0  # batches made
-        # Elastic resume (hf_streamlm.data.elastic): what this reader took over from another layout, the
-        # documents of those passes still to read, and the serial its own reading starts at.
+        # Elastic resume (hf_streamlm.data.elastic): what this reader took over from another layout (kept while
+        # a state needs it) and the documents of those passes still to read.
         self.open_reader: Callable[[dict], WorkerPipeline] | None = None  # set by the factory
         self.origin: dict | None = None
         self.prelude: Prelude | None = None
-        self.native_from = 0
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -167,14 +168,12 @@ class WorkerPipeline:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here: positions and document references, no text."""
         pending = self._inflight[0] if self._inflight is not None else []
-        if self.origin is not None:
-            held = [d.serial for d in self.buffer] + [d.serial for d in pending]
-            if self.prelude is not None or min(held, default=self.read) < self.native_from:
-                # Still in the passes taken over at a layout change: rebuilt from the origin and replayed.
-                return {"replay": self.origin, "batches": self.produced}
-            self.origin = None  # every document held now is this reader's own: the usual state from here
-        return {
-            "anchor": self._live_anchor(),
+        anchor = self._live_anchor()
+        if self.origin is not None and not needs_origin(anchor[2]):
+            self.origin = None  # every handed-over document in flight is taken before the anchor: not needed again
+        handed = [piece for block in self.handed for piece in block]
+        state = {
+            "anchor": anchor,
             "epoch": self.epoch,
             "read": self.read,
             "pass_rows": self.pass_rows,
@@ -194,47 +193,46 @@ class WorkerPipeline:
             "source_docs": dict(self.source_docs),
             "source_tokens": dict(self.source_tokens),
             "skipped": self.skipped(),
+            # Blocks handed over at a layout change not made yet: (block, tokens, source, key, epoch, ends) per piece.
+            "handed": np.array([(b, len(p[0]), *p[1:]) for b, block in enumerate(self.handed) for p in block],
+                               dtype=np.uint64).reshape(-1, 6),
+            "handed_tokens": np.array([t for p in handed for t in p[0]], dtype=np.int32),
         }
+        if self.origin is not None:
+            state["origin"] = self.origin
+        return state
+
+    def position(self) -> dict[str, Any]:
+        """Where this reader stands in its share of the stream when it holds no document (an old reader that an
+        elastic resume reads through): an anchor at ``read`` itself wherever the reading can be re-opened there."""
+        anchor = self._live_anchor()  # (dropping the older ones)
+        if self.prelude is not None:
+            anchor = (self.read, self.epoch, {"prelude": self.prelude.position()})
+        elif self._rows is not None:
+            anchor = (self.read, self.epoch, self.texts.state_dict())
+        elif self.pass_rows == 0 and not self._resumed_pass:
+            anchor = (self.read, self.epoch, None)  # a pass not started
+        return {"anchor": anchor, "read": self.read, "epoch": self.epoch, "pass_rows": self.pass_rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: re-read the source from the state's anchor to where it stood,
         taking the held documents' texts on the way."""
-        if "replay" in state:
+        if "replay" in state:  # written by hf_streamlm before issue 25: rebuilt from the origin, batches replayed
             self.start_elastic(state["replay"])
             for _ in range(state["batches"]):
                 self.next_batch()
             return
+        if "anchor" not in state:  # handed over at a layout change, nothing made yet (ResumableLoader.load_elastic)
+            self.start_elastic(state["origin"])
+            return
+        self.origin = state.get("origin")
         held = {int(s): int(k) for s, k in state["buffer"]}
         held.update((int(s), int(k)) for s, k in state["pending"])
-        serial, epoch, source = state["anchor"]
-        self.read, self.epoch, self.pass_rows, self.pass_done = serial, epoch, 0, False
-        self.anchors.clear()
-        if source is not None:
-            self.texts.load_state_dict(source)  # applied when the pass's iteration starts
-            self._resumed_pass = True
-            self.anchors.append((serial, epoch, source))  # still the oldest one needed (a pass start re-adds itself)
-        self._rows = None
-        found: dict[int, Doc] = {}
-        empty_passes = 0
-        while self.read < state["read"]:
-            doc = self._read()
-            if doc is None:  # end of a pass inside the span
-                empty_passes = empty_passes + 1 if self.pass_rows == 0 else 0
-                if empty_passes > 1:
-                    break
-                self._next_pass()
-                continue
-            if doc.serial in held:
-                found[doc.serial] = doc
-        missing = [s for s, k in held.items() if s not in found or found[s].key != k]
-        if missing or self.read != state["read"]:
-            raise ConfigError(
-                f"the data source no longer holds the documents this checkpoint points at ({len(missing)} of the "
-                f"{len(held)} documents in flight differ or are gone): the source changed since the checkpoint was "
-                "written; pin the source's `revision` (or restore its files) to resume exactly"
-            )
-        self.epoch = state["epoch"]
-        self.pass_rows, self.pass_done = state["pass_rows"], state["pass_done"]
+        found = self._seek(state, held)
+        self.pass_done = state["pass_done"]
+        if self.pass_done and self.prelude is not None:
+            # The writer met the end of its part of the pass, which moved the old readers on to the next pass.
+            self.prelude.next(self.epoch)
         self.buffer = [found[int(s)] for s, _ in state["buffer"]]
         version, _, gauss = self.rng.getstate()
         self.rng.setstate((version, tuple(state["rng"].tolist()), gauss))
@@ -248,19 +246,80 @@ class WorkerPipeline:
             self.collate.set_rng_state(state["collate_rng"])
         self.source_docs = dict(state["source_docs"])
         self.source_tokens = dict(state["source_tokens"])
+        self.handed = deque()
+        tokens, start = state.get("handed_tokens", np.zeros(0, dtype=np.int32)).tolist(), 0
+        for block, length, source, key, epoch, ends in state.get("handed", np.zeros((0, 6))).tolist():
+            if block == len(self.handed):
+                self.handed.append([])
+            self.handed[-1].append((tokens[start:start + length], source, key, epoch, bool(ends)))
+            start += length
         if len(state["pending"]):
             self._submit([found[int(s)] for s, _ in state["pending"]])
         self.skipped_before = dict(state["skipped"])
         self._skips_at_start = Counter(self._skips)  # the re-read counted its skips again
 
+    def _seek(self, state: dict[str, Any], held: dict[int, int] | None = None) -> dict[int, Doc]:
+        """Re-open the reading at ``state``'s anchor and read forward to its ``read`` (no tokenizing), keeping the
+        documents of ``held`` (serial -> key) met on the way; their keys are checked."""
+        held = held or {}
+        serial, epoch, source = state["anchor"]
+        self.read, self.epoch, self.pass_rows, self.pass_done = serial, epoch, 0, False
+        self.anchors.clear()
+        self._rows, self._resumed_pass, self.prelude = None, False, None
+        if isinstance(source, dict) and "prelude" in source:
+            self._open_prelude(source["prelude"])
+            self.anchors.append((serial, epoch, source))
+        elif source is not None:
+            self.texts.load_state_dict(source)  # applied when the pass's iteration starts
+            self._resumed_pass = True
+            self.anchors.append((serial, epoch, source))  # still the oldest one needed (a pass start re-adds itself)
+        found: dict[int, Doc] = {}
+        empty_passes = 0
+        while self.read < state["read"]:
+            doc = self._read()
+            if doc is None:  # end of a pass inside the span
+                # (A pass taken over at a layout change may hold nothing for this reader: the passes still end.)
+                empty_passes = empty_passes + 1 if self.pass_rows == 0 and self.prelude is None else 0
+                if empty_passes > 1:
+                    break
+                self._next_pass()
+                continue
+            if doc.serial in held:
+                found[doc.serial] = doc
+        missing = [s for s, k in held.items() if s not in found or found[s].key != k]
+        if missing or self.read != state["read"]:
+            raise ConfigError(
+                f"the data source no longer holds the documents this checkpoint points at ({len(missing)} of the "
+                f"{len(held)} documents in flight differ or are gone): the source changed since the checkpoint was "
+                "written; pin the source's `revision` (or restore its files) to resume exactly"
+            )
+        self.epoch, self.pass_rows = state["epoch"], state["pass_rows"]
+        return found
+
     def start_elastic(self, origin: dict[str, Any]) -> None:
         """Take over the part ``origin`` names of readers of another layout (see
         :mod:`hf_streamlm.data.elastic`): their documents in flight and not yet read, up to the end of
-        the newest pass they had started; their packing remainders' documents, merged by pass."""
+        the newest pass they had started; their blocks of packing content, merged by pass."""
         self.origin = origin
-        held: dict[int, deque] = {}
-        cursors = []
-        pieces: list[tuple] = []
+        held, cursors, blocks = self._take_over(origin)
+        for old, _, part, _ in cursors:
+            if part == 0:
+                self._take_counts(old)
+        # A packing remainder is a whole tokenized chunk, which can span several passes of a small share; appended
+        # one old reader after the other, a later reader's first pass would wait behind the earlier readers' later
+        # passes. Stable: each old reader's order kept within a pass.
+        self.handed.extend(sorted(blocks, key=lambda block: block[0][3]))
+        parts = [{k: v for k, v in part.items() if k not in ("snapshot", "skip")} for part in origin["parts"]]
+        self.prelude = Prelude(parts, held, cursors, origin["last_epoch"])
+        self.epoch = self.prelude.first_epoch
+        self.anchors.append((self.read, self.epoch, {"prelude": self.prelude.position()}))
+
+    def _take_over(self, origin: dict[str, Any]) -> tuple[dict[int, list[Doc]], list[list], list[list[tuple]]]:
+        """The old readers ``origin`` names, rebuilt where they stopped, their documents in flight and packing content
+        taken out: the documents in flight handed to this reader (by pass), a cursor per old reader, and this
+        reader's blocks of their packing content (block ``u`` to part ``u mod k``)."""
+        held: dict[int, list[Doc]] = {}
+        cursors, blocks = [], []
         for part in origin["parts"]:
             old = self.open_reader(part)
             if part["snapshot"] is not None:
@@ -271,27 +330,39 @@ class WorkerPipeline:
             old._inflight = None
             for h, doc in enumerate(old.buffer + pending):
                 if h % part["k"] == part["part"]:
-                    held.setdefault(doc.epoch, deque()).append(doc)
+                    held.setdefault(doc.epoch, []).append(doc)
             old.buffer = []
-            pieces.extend(remainder_pieces(old, part["k"], part["part"]))
-            if part["part"] == 0:
-                self._take_counts(old)
+            blocks += old.packed_ahead()[part["part"]::part["k"]]
             cursors.append([old, part["k"], part["part"], 0])
-        # The packing remainders, merged by pass: a remainder is a whole tokenized chunk, which can span
-        # several passes of a small share; appended one old reader after the other, a later reader's first
-        # pass would wait behind the earlier readers' later passes.
-        for piece in sorted(pieces, key=lambda p: p[0]):  # stable: each old reader's order kept within a pass
-            self._append_piece(*piece)
-        self.prelude = Prelude(held, cursors, origin["last_epoch"])
-        self.epoch = self.prelude.first_epoch
+        return held, cursors, blocks
 
-    def _append_piece(self, epoch: int, tokens: list[int], source: int, key: int) -> None:
-        """Append one document's tokens not yet trained (or all of them) to the packing buffer."""
-        self.tokens.extend(tokens)
-        if self.with_documents:
-            self.serials.extend([self.next_serial] * len(tokens))
-        self.next_serial += 1
-        self.doc_ends.append((self.cut + len(self.tokens), source, key, epoch))
+    def _open_prelude(self, position: dict[str, Any]) -> None:
+        """The passes taken over at a layout change, as they stood at a prelude anchor: the old readers re-opened
+        at its positions (rebuilt from the origin first while a handed-over document in flight is left)."""
+        if self.origin is not None:
+            held, cursors, _ = self._take_over(self.origin)
+        else:
+            held, cursors = {}, [[self.open_reader(part), part["k"], part["part"], 0] for part in position["parts"]]
+        for cursor, (where, t) in zip(cursors, position["cursors"]):
+            cursor[0]._seek(where)
+            cursor[3] = t
+        self.prelude = Prelude(position["parts"], held, cursors, position["last_epoch"], position["taken"],
+                               position["current"])
+
+    def packed_ahead(self) -> list[list[tuple]]:
+        """The blocks this reader would make next from its packing content, as pieces ``(tokens, source, key, epoch,
+        ends)`` (a document's tokens in the block; ``ends``: its last token is there): its handed-over blocks first,
+        each completed by the tokens after it, then the rest cut at the block size. The last may be short: the
+        documents that would complete them are not tokenized yet."""
+        rest: deque[tuple] = deque()
+        start = self.cut
+        for end, source, key, epoch in self.doc_ends:
+            rest.append((self.tokens[start - self.cut:end - self.cut], source, key, epoch, True))
+            start = end
+        blocks = [block + _take_pieces(rest, self.block_size - sum(len(p[0]) for p in block)) for block in self.handed]
+        while rest:
+            blocks.append(_take_pieces(rest, self.block_size))
+        return blocks
 
     def _take_counts(self, old: WorkerPipeline) -> None:
         """Add ``old``'s documents and tokens per source and its skips to this reader's counts."""
@@ -313,7 +384,13 @@ class WorkerPipeline:
     def _read(self) -> Doc | None:
         """The next document of the pass being read; None at its end."""
         if self.prelude is not None:
-            taken = self.prelude.next(self.epoch)
+            prelude = self.prelude
+            if self.anchors[-1][0] != self.read and (
+                self.read % ANCHOR_EVERY == 0 or self.pass_rows == 0
+                or prelude.held_left() == 0 and self.anchors[-1][2]["prelude"]["held_left"]  # (the origin's last use)
+            ):
+                self.anchors.append((self.read, self.epoch, {"prelude": prelude.position()}))
+            taken = prelude.next(self.epoch)
             if taken is None:
                 return None
             doc = Doc(taken.text, taken.source, self.read, self.epoch, taken.key)
@@ -347,8 +424,7 @@ class WorkerPipeline:
             self.epoch += 1
             self.pass_rows, self.pass_done, self._rows = 0, False, None
             if self.epoch > self.prelude.last_epoch:
-                self.prelude = None
-                self.native_from = self.read  # this reader's own share from here
+                self.prelude = None  # this reader's own share from here
             else:
                 self.prelude.next_pass()
             return True
@@ -459,36 +535,52 @@ class WorkerPipeline:
         return True
 
     def next_block(self) -> dict[str, list[int]] | None:
+        # A block handed over at a layout change starts the block, so that its tokens keep their places (and
+        # positions) in it; this reader's own tokens complete it.
+        handed = self.handed[0] if self.handed else []
+        lead = sum(len(p[0]) for p in handed)
         pad = 0
-        while len(self.tokens) < self.block_size:
+        while lead + len(self.tokens) < self.block_size:
             if not self._fill():
-                if not self.tokens or self.pad_id is None:
+                if not (lead or self.tokens) or self.pad_id is None:
                     return None
-                pad = self.block_size - len(self.tokens)  # the end of a finite stream, kept (drop_last false)
+                pad = self.block_size - lead - len(self.tokens)  # the end of a finite stream, kept (drop_last false)
                 break
-        size = self.block_size - pad
-        block = {"input_ids": self.tokens[:size]}  # full blocks: the collator adds the all-ones mask
+        if handed:
+            self.handed.popleft()
+        size = self.block_size - lead - pad
+        # Full blocks: the collator adds the all-ones mask.
+        block = {"input_ids": [t for p in handed for t in p[0]] + self.tokens[:size]}
         del self.tokens[:size]
         self.cut += size
         if self.with_documents:
-            block["position_ids"], block["document_ids"] = document_positions(self.serials[:size])
+            # A segment per handed-over piece (serials below this reader's own), as in the block it came from.
+            serials = [-1 - i for i, p in enumerate(handed) for _ in p[0]] + self.serials[:size]
+            block["position_ids"], block["document_ids"] = document_positions(serials)
             del self.serials[:size]
         if pad:
             block["input_ids"] += [self.pad_id] * pad
-            block["attention_mask"] = [1] * size + [0] * pad
+            block["attention_mask"] = [1] * (lead + size) + [0] * pad
             if self.with_documents:  # padding continues the last segment; it is masked out anyway
                 last = block["position_ids"][-1]
                 block["position_ids"] += list(range(last + 1, last + 1 + pad))
                 block["document_ids"] += [block["document_ids"][-1]] * pad
         # The documents whose last token is in this block end here; the block's epoch is the pass of
         # the document that holds its last token.
-        ends, last = self.doc_ends, None
-        while ends and ends[0][0] <= self.cut:
-            end, source, key, epoch = ends.popleft()
-            if self.trace:
+        last = None
+        for _, source, key, epoch, ends in handed:
+            if ends and self.trace:
                 self.batch_docs.append([source, f"{key:016x}", epoch])
-            last = epoch if end == self.cut else None
-        self.batch_epoch = last if last is not None else ends[0][3] if ends else self.batch_epoch
+            last = epoch
+        if size:
+            ends, last = self.doc_ends, None
+            while ends and ends[0][0] <= self.cut:
+                end, source, key, epoch = ends.popleft()
+                if self.trace:
+                    self.batch_docs.append([source, f"{key:016x}", epoch])
+                last = epoch if end == self.cut else None
+            last = last if last is not None else ends[0][3] if ends else None
+        self.batch_epoch = last if last is not None else self.batch_epoch
         return block
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
@@ -512,3 +604,17 @@ class WorkerPipeline:
         if self.trace:
             batch["_docs"] = self.batch_docs
         return batch
+
+
+def _take_pieces(pieces: deque[tuple], room: int) -> list[tuple]:
+    """Up to ``room`` tokens from the front of ``pieces`` (``(tokens, source, key, epoch, ends)``), a piece cut at the
+    end if it does not fit (its head does not end its document)."""
+    out = []
+    while pieces and room > 0:
+        tokens, source, key, epoch, ends = pieces.popleft()
+        if len(tokens) > room:
+            pieces.appendleft((tokens[room:], source, key, epoch, ends))
+            tokens, ends = tokens[:room], False
+        out.append((tokens, source, key, epoch, ends))
+        room -= len(tokens)
+    return out

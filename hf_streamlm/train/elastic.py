@@ -140,7 +140,7 @@ def load_elastic_data(accelerator: Accelerator, path: Path, loader, state_file: 
     """Hand the data state that ``path``'s processes wrote (rank r's in ``state_file(path, r)``) to this
     run's readers; returns the ``resumed AxB -> CxD`` line."""
     from hf_streamlm.config import load_config
-    from hf_streamlm.data.elastic import ElasticRefused, origins
+    from hf_streamlm.data.elastic import origins
     from hf_streamlm.data.pipeline import buffer_per_worker
 
     processes, workers = saved_layout(path)
@@ -148,10 +148,6 @@ def load_elastic_data(accelerator: Accelerator, path: Path, loader, state_file: 
     old = load_config([f"recipe={Path(path) / 'config.yaml'}", "runtime.resume=never"])
     settings = {"batch_size": old.data.batch_size, "with_documents": old.data.document_masking,
                 "buffer": buffer_per_worker(old, processes, max(1, workers), rank=-1)}
-    try:
-        handed = origins(states, accelerator.num_processes, loader.num_workers, accelerator.process_index, settings)
-    except ElasticRefused as err:
-        raise ConfigError(f"checkpoint {path}: {err}; resume it with {processes} process(es) and "
-                          f"data.num_workers={workers} first") from None
+    handed = origins(states, accelerator.num_processes, loader.num_workers, accelerator.process_index, settings)
     loader.load_elastic(handed, min(s.get("epoch", 0) for s in states))
     return f"resumed {processes}x{workers} -> {accelerator.num_processes}x{loader.num_workers}"
