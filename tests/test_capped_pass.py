@@ -23,7 +23,8 @@ from hf_streamlm.data import stream as stream_module
 from hf_streamlm.data.collate import make_collator
 from hf_streamlm.data.documents import document_key
 from hf_streamlm.data.elastic import ShareStream
-from hf_streamlm.data.pipeline import _rank_texts, build_train_loader, iter_texts
+from hf_streamlm.data.cap import capped_shards, shard_quotas
+from hf_streamlm.data.pipeline import _rank_texts, build_train_loader, iter_rows, iter_texts
 from hf_streamlm.tokenizer import build_tokenizer, train_tokenizer
 from hf_streamlm.tokenizer.train import tokenizer_doc_limit
 
@@ -172,6 +173,9 @@ def test_a_capped_mixture_is_the_same_documents_on_every_layout(tmp_path, tokeni
     # Layout-free per source too, at the stream level (and for the layouts the loader does not run here).
     rows = [sorted(reader_texts(config_for(sources, 0), r, w)) for r, w in [*LAYOUTS, (4, 1), (2, 0)]]
     assert all(r == rows[0] for r in rows) and len(rows[0]) == CAP
+    # The tokenizer's sample of the mixture: part of the pass, from both sources.
+    sample = {(source, f"{document_key(t):016x}") for t, source in iter_rows(config_for(sources, 0), limit=20)}
+    assert len(sample) == 20 and sample <= set(passes[0]) and {s for s, _ in sample} == {0, 1}
 
 
 def test_a_source_cap_is_per_shard_too(corpus):
@@ -229,3 +233,17 @@ def test_stats_measures_the_capped_pass(corpus, tokenizer):
     root, _ = corpus
     stats = pipeline_stats(one_source(root, "p", 2), tokenizer, CAP)
     assert stats["docs"] == CAP
+
+
+def test_the_rule_spreads_the_cap_over_the_shards_it_can_afford():
+    assert shard_quotas(8, 40) == [5] * 8 and shard_quotas(8, 43) == [6, 6, 6, 5, 5, 5, 5, 5]
+    assert capped_shards(8, 40) == 8 and capped_shards(64, 10) == 64  # every shard of a stream of up to 64
+    # A stream of thousands of files (FineWeb): a power of two of them, about 1,024+ documents each.
+    assert capped_shards(25_000, 1_000_000) == 512 and shard_quotas(25_000, 1_000_000)[0] == 1954
+    assert capped_shards(25_000, 1_000) == 64 and capped_shards(25_000, 10**9) == 25_000
+    # A sample of the pass takes a prefix of each shard's part: q'_j <= q_j, the same shards.
+    for shards, cap in ((8, 40), (25_000, 1_000_000), (100, 131_072), (3, 7)):
+        for take in (1, 5, cap // 3, cap - 1, cap):
+            sample, whole = shard_quotas(shards, cap, take), shard_quotas(shards, cap)
+            assert len(sample) == len(whole) and sum(sample) == take
+            assert all(a <= b for a, b in zip(sample, whole)), (shards, cap, take)

@@ -81,7 +81,7 @@ class TokenizerConfig:
     """Least count a token needs to enter a trained vocabulary."""
     train_samples: int | None = 20000
     """Documents of the training stream used to train the tokenizer; ``null`` for all. With
-    ``data.max_samples`` set too, the smaller of the two applies."""
+    ``data.max_samples`` set too, the smaller of the two applies, and the documents are part of the capped pass."""
     lowercase: bool = True
     """Lowercase before WordPiece/word-level tokenization (as BERT uncased)."""
     path: str | None = None
@@ -122,7 +122,8 @@ class SourceConfig:
     streaming: bool = True
     """Stream (``true``) or download and cache first (``false``)."""
     max_samples: int | None = None
-    """Take at most this many documents from the source (after filtering)."""
+    """Take at most this many documents from the source (after filtering), spread over its shards the
+    way ``data.max_samples`` is: the same documents on every layout."""
     min_words: int = 0
     """Skip documents with fewer whitespace-separated words."""
     cache: bool = False
@@ -164,7 +165,9 @@ class DataConfig:
     sequence_length: int = 128
     """Tokens per packed block."""
     max_samples: int | None = None
-    """Stop the training stream after this many documents in all (per pass)."""
+    """Documents in each pass of the training stream: the first few of each source shard (up to
+    the cap's share of it), the same documents on every number of ranks and workers (docs/data.md, "A capped
+    pass"); ``null``: the whole stream."""
     min_words: int = 0
     """Skip documents with fewer words (applies to every source, on top of its own)."""
     stopping_strategy: Literal["first_exhausted", "all_exhausted", "all_exhausted_without_replacement"] = "all_exhausted"

@@ -12,7 +12,7 @@ elastic resume of ``runpod_1b`` trained another million). The cap is defined on 
   ``U = min(S, max(MIN_CAPPED_SHARDS, the largest power of two <= n // DOCS_PER_CAPPED_SHARD))``: every
   shard up to 64 shards, and on streams of thousands of files (FineWeb) enough shards for about 1,024
   documents or more each, so a pass does not open every file of a Hub dataset for a few documents each
-  (``runpod_1b``: 512 of FineWeb's files, 1,953 documents from each). A power of two divides the usual rank
+  (``runpod_1b``: 512 of FineWeb's files, about 1,953 documents from each). A power of two divides the usual rank
   and worker counts, so the ranks still split whole shards.
 - Shard ``j < U`` contributes its first ``q_j = n // U + (j < n % U)`` documents, counted after the
   filters (empty text, ``min_words``, hold-out). A shard that holds fewer makes the pass shorter by the

@@ -395,8 +395,9 @@ def _rank_texts(config: Config, rank: int, world_size: int, skips_key: str) -> t
 
 def buffer_per_worker(config: Config, world_size: int, workers: int, rank: int = 0) -> int:
     """``data.shuffle_buffer_size`` counts per rank: each of its ``workers`` shuffles in an equal part.
-    With ``data.max_samples`` the share each worker reads per pass is known, and a larger buffer is
-    clamped to it (a pass that turns out smaller than the buffer is clamped while reading, too)."""
+    With ``data.max_samples`` the share each worker reads per pass is about ``max_samples / readers`` (the
+    quotas of its shards, :mod:`hf_streamlm.data.cap`), and a larger buffer is clamped to that (a pass that
+    turns out smaller than the buffer is clamped while reading, too)."""
     size = config.data.shuffle_buffer_size
     if size <= 0:
         return 0

@@ -1,8 +1,9 @@
 """Pipeline statistics (seed 002's ``sample_stats``): what a recipe's stream holds and how fast it flows.
 
 :func:`pipeline_stats` runs the recipe's training data path itself (the stages training runs, one
-pass, in this process), sources to collated tensor batches, over its first ``max_docs`` training
-documents and counts documents, tokens, blocks and batches, with its timing. Training, ``stats`` and
+pass, in this process), sources to collated tensor batches, over a pass capped at ``max_docs`` training
+documents (the documents ``data.max_samples=max_docs`` trains on, on any layout: :mod:`hf_streamlm.data.cap`)
+and counts documents, tokens, blocks and batches, with its timing. Training, ``stats`` and
 epoch counting share that one path (issue #13: a second pipeline that must agree with the first
 measured 0.56x of raw ``encode_batch`` while training ran at 0.92x).
 """
@@ -31,7 +32,7 @@ def separator_count(config: Config) -> int:
 
 
 def pipeline_stats(config: Config, tokenizer, max_docs: int) -> dict[str, Any]:
-    """Run ``config``'s stream over its first ``max_docs`` training documents and measure it.
+    """Run ``config``'s stream over one pass capped at ``max_docs`` training documents and measure it.
 
     One data path: the training stream's own stages (sources, shuffle buffer, tokenization on its
     helper thread, packing, collation) run in this process for one pass, and the per-document counts

@@ -10,8 +10,10 @@ with the number of documents), and the same documents give byte-identical files 
 (see :func:`train_tokenizer` for what that takes with WordPiece).
 
 Documents: ``tokenizer.train_samples`` and ``data.max_samples`` both cap the documents a tokenizer
-is trained on; when both are set the smaller one wins (:func:`tokenizer_doc_limit`), so the
-tokenizer never sees documents the model will not be trained on.
+is trained on; when both are set the smaller one wins (:func:`tokenizer_doc_limit`), and the documents
+are part of the capped pass training reads on any layout (the first few of each of its shards,
+:func:`hf_streamlm.data.pipeline.iter_rows`), so the tokenizer never sees documents the model will not
+be trained on.
 """
 
 from __future__ import annotations
@@ -370,8 +372,8 @@ def load_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerFast | None:
 
 def build_tokenizer(config: Config, texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
     """Load the configured tokenizer, or train one on ``texts`` (default: the training stream, with
-    the same sources, mixture and filters as training, in stream order). At most
-    :func:`tokenizer_doc_limit` documents are used, from the stream or from ``texts``."""
+    the same sources, mixture, filters and cap as training, unshuffled: :func:`hf_streamlm.data.iter_texts`).
+    At most :func:`tokenizer_doc_limit` documents are used, from the stream or from ``texts``."""
     cfg = config.tokenizer
     tok = load_tokenizer(cfg)
     if tok is None:
