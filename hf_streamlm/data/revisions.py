@@ -94,9 +94,25 @@ def checkpoint_pins(checkpoint: Path) -> Pins | None:
     path = Path(checkpoint) / "config.yaml"
     if not path.is_file():
         return None
-    sources = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("sources") or []
+    return pins_of(yaml.safe_load(path.read_text()) or {})
+
+
+def pins_of(tree: dict) -> Pins:
+    """The pins in a config as a dict (a checkpoint's ``config.yaml``, read)."""
+    sources = (tree.get("data") or {}).get("sources") or []
     return [[s.get("pinned_revision")] + [f.get("pinned_revision") for f in s.get("fallbacks") or []]
             for s in sources]
+
+
+def fill_pins(config: Config, pins: Pins) -> None:
+    """Give the sources of ``config`` (and their fallbacks) whose pin is unset the one of ``pins`` (a
+    checkpoint's): what a resume reads, and what its stream check compares (``train.elastic``)."""
+    for source, row in zip(config.data.sources, pins):
+        if source.pinned_revision is None and row:
+            source.pinned_revision = row[0]
+        for fallback, pin in zip(source.fallbacks, row[1:]):
+            if fallback.get("pinned_revision") is None and pin is not None:
+                fallback["pinned_revision"] = pin
 
 
 def pinned_revisions(config: Config, resume_from: Path | None) -> Pins:

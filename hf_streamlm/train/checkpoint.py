@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
@@ -338,15 +339,21 @@ def resolve_resume(config: Config, directory: Path) -> Path | None:
     return Path(mode)
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[str, Any]:
+def load_checkpoint(accelerator: Accelerator, path: Path, loader=None, batch_size: int | None = None) -> dict[str, Any]:
     """Load the training state and the data state. A checkpoint of another layout (processes x DataLoader
-    workers) hands its data state out to this run's readers (:mod:`hf_streamlm.train.elastic`)."""
+    workers) hands its data state out to this run's readers (:mod:`hf_streamlm.train.elastic`), and so does one
+    of the same layout whose data state replays batches made at another ``data.batch_size`` (``batch_size``:
+    this run's): replayed at the new size, they would end elsewhere in the stream."""
     from hf_streamlm.train.elastic import load_elastic_data, saved_layout
 
     moved = None
     if loader is not None:
-        if saved_layout(path) != (accelerator.num_processes, loader.num_workers):
+        layout = saved_layout(path)
+        resized = replays_other_batches(path, layout[0], batch_size)
+        if layout != (accelerator.num_processes, loader.num_workers) or resized:
             moved = load_elastic_data(accelerator, path, loader, data_state_file)
+            if resized:
+                moved = f"{resized}: the data state was handed over as on a layout change ({moved})"
         else:
             # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
             loader.load_state_dict(torch.load(data_state_file(path, accelerator.process_index), weights_only=False))
@@ -354,6 +361,23 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None) -> dict[s
     if moved:
         accelerator.print(moved)
     return json.loads((path / STATE_FILE).read_text())
+
+
+def replays_other_batches(path: Path, processes: int, batch_size: int | None) -> str | None:
+    """``data.batch_size OLD -> NEW`` when the checkpoint's data state replays batches made at another batch size
+    than ``batch_size`` (DataLoader workers: the batches consumed since a worker's last snapshot), else None.
+    Refused in one line while a reader is still finishing the passes taken over at a layout change (its replay
+    cannot be handed over again)."""
+    old = (yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}).get("data", {}).get("batch_size")
+    if batch_size is None or old is None or old == batch_size or not processes:
+        return None
+    entries = [entry for r in range(processes)
+               for entry in torch.load(data_state_file(path, r), weights_only=False)["workers"].values()]
+    if any("replay" in e["snapshot"] and e["snapshot"].get("batches") for e in entries):
+        raise ConfigError(f"data.batch_size differs from the checkpoint's ({old} -> {batch_size}) while its data state "
+                          f"still replays the batches made at {old} since a layout change: resume with "
+                          f"data.batch_size={old} until its readers have left the passes taken over, then change it")
+    return f"data.batch_size {old} -> {batch_size}" if any(e["skip"] for e in entries) else None
 
 
 # --------------------------------------------------------------------------------------------------

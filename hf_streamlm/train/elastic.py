@@ -2,9 +2,11 @@
 what must not, and what is adjusted.
 
 - **The stream must be the same.** Sources, weights, the mixture's stopping rule, caps, filters, the
-  hold-out share, the sequence length, the tokenizer and the seed define which documents a pass holds
-  and how they are cut; a resume that changes one is refused with one line naming the key (on any
-  layout: a same-layout resume would train on other documents than the checkpoint points at).
+  hold-out share, the shuffle buffer, the sequence length, document masking, the tokenizer and the seed
+  define which documents a pass holds, in which order, and how they are cut; a resume that changes one is
+  refused with one line naming the key (on any layout: a same-layout resume would train on other documents
+  than the checkpoint points at). Every key of ``data``, of a source and of ``tokenizer`` is classified in
+  :data:`DATA_KEYS`, :data:`SOURCE_KEYS` and :data:`TOKENIZER_KEYS` (a test fails on a key left out).
 - **The global batch is kept.** Tokens per optimizer step (batch size x sequence length x gradient
   accumulation x processes) stay the checkpoint's: gradient accumulation is recomputed for the new
   number of processes and logged, or the resume is refused when no whole number keeps it.
@@ -17,6 +19,7 @@ what must not, and what is adjusted.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -30,14 +33,60 @@ from hf_streamlm.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
-# The settings that decide which documents a pass holds and how they become tokens.
+STREAM = "stream"
+"""A key that decides which documents the training stream holds, in which order, or how they become tokens and
+blocks: a resume that changes it is refused in one line naming it (exit 2)."""
+
+# What a resume may do with each key of the data section: STREAM (refused when changed), or why a change is
+# handled or does not touch the stream. tests/test_stream_check.py fails on a DataConfig field missing here.
+DATA_KEYS: dict[str, str] = {
+    "sources": STREAM,  # each field of a source: SOURCE_KEYS
+    "train_shards": STREAM,
+    "validation_shards": "not the training stream: the held-out data of evaluations",
+    "batch_size": "handled: keep_global_batch keeps the checkpoint's sequences per optimizer step through "
+                  "gradient accumulation, and a data state that replays batches made at the checkpoint's size "
+                  "(DataLoader workers) is handed over as on a layout change (checkpoint.load_checkpoint)",
+    "gradient_accumulation_steps": "handled: recomputed by keep_global_batch to keep the checkpoint's sequences "
+                                   "per optimizer step",
+    "shuffle_buffer_size": STREAM,  # the order within a pass, and the references the data state holds
+    "num_workers": "handled: another number of DataLoader workers is an elastic resume (load_elastic_data)",
+    "worker_start_method": "not the stream: how DataLoader workers start",
+    "trace_documents": "not the stream: the audit file (turned on at a resume, it starts at the resumed step)",
+    "cache_dir": "not the stream: where downloads and processed sources are kept (the same documents)",
+    "sequence_length": STREAM,
+    "max_samples": STREAM,
+    "min_words": STREAM,
+    "stopping_strategy": STREAM,
+    "drop_last": "not the training stream: the padded last block of a pass counted for scheduler.total_epochs "
+                 "(the training stream is endless)",
+    "document_masking": STREAM,  # the blocks' position_ids/document_ids, and the packing state's serials
+    "mlm_probability": "not the stream: the masked-LM objective (the share of tokens the collator masks), a "
+                       "training setting as the learning rate is",
+    "retries": "not the stream: tries of a failing read",
+    "retry_backoff": "not the stream: the wait between those tries",
+    "eval_holdout": STREAM,  # which documents are held out of the training stream
+}
+SOURCE_KEYS: dict[str, str] = {  # every field of a data.sources entry (and of its fallbacks) is compared
+    "path": STREAM, "name": STREAM, "split": STREAM, "data_files": STREAM, "revision": STREAM,
+    "pinned_revision": STREAM,  # left unset, it is the checkpoint's (filled before the comparison: data.revisions)
+    "text_column": STREAM, "weight": STREAM, "streaming": STREAM, "max_samples": STREAM, "min_words": STREAM,
+    "cache": STREAM,  # another reader of the source: positions in its shards mean other rows
+    "fallbacks": STREAM,
+}
+TOKENIZER_KEYS: dict[str, str] = {
+    **{name: STREAM for name in ("kind", "vocab_size", "min_frequency", "lowercase", "path", "name",
+                                 "tokenizer_json", "vocab", "merges", "special_tokens")},
+    "train_samples": "not the stream: how many documents trained the tokenizer, which exists by then",
+}
+# The settings that decide which documents a pass holds and how they become tokens. Beyond data and tokenizer:
+# model.type (masked-LM or causal collation) and runtime.seed (shuffle buffer, mixture and masking RNGs); the
+# other keys of model, optimizer, scheduler, runtime and hub do not touch the stream.
 STREAM_KEYS = {
-    "data": ("sources", "train_shards", "max_samples", "min_words", "stopping_strategy", "eval_holdout",
-             "sequence_length"),
+    "data": tuple(name for name, what in DATA_KEYS.items() if what == STREAM),
+    "tokenizer": tuple(name for name, what in TOKENIZER_KEYS.items() if what == STREAM),
     "model": ("type",),
     "runtime": ("seed",),
 }
-TOKENIZER_SKIP = ("train_samples",)  # how many documents trained it: irrelevant once it exists
 
 
 def saved_config(path: Path) -> dict[str, Any]:
@@ -45,10 +94,7 @@ def saved_config(path: Path) -> dict[str, Any]:
 
 
 def _differs(old: Any, new: Any, key: str) -> str | None:
-    """The first key under ``key`` whose value differs (lists and dicts walked), or None. A source's
-    ``pinned_revision`` left unset reads the checkpoint's pin (``data.revisions``): not a change."""
-    if key.endswith(".pinned_revision") and new is None:
-        return None
+    """The first key under ``key`` whose value differs (lists and dicts walked), or None."""
     if isinstance(old, dict) and isinstance(new, dict):
         for name in sorted(set(old) | set(new)):
             found = _differs(old.get(name), new.get(name), f"{key}.{name}")
@@ -65,12 +111,16 @@ def _differs(old: Any, new: Any, key: str) -> str | None:
 
 
 def check_same_stream(old: dict[str, Any], config: Config) -> None:
-    """Refuse (one line, naming the key) a resume whose config changes what the stream is."""
-    new = config.to_dict()
-    keys = [(f"{section}.{name}", old.get(section, {}).get(name), new[section][name])
+    """Refuse (one line, naming the key) a resume whose config changes what the stream is. The sources' pins
+    left unset are the checkpoint's (as :func:`hf_streamlm.data.revisions.pin_hub_sources` fills them next); a
+    key the checkpoint's config lacks (written before the key existed) had its default."""
+    from hf_streamlm.data.revisions import fill_pins, pins_of
+
+    filled = copy.deepcopy(config)
+    fill_pins(filled, pins_of(old))
+    new, defaults = filled.to_dict(), Config().to_dict()
+    keys = [(f"{section}.{name}", old.get(section, {}).get(name, defaults[section][name]), new[section][name])
             for section, names in STREAM_KEYS.items() for name in names]
-    keys += [(f"tokenizer.{name}", old.get("tokenizer", {}).get(name), value)
-             for name, value in new["tokenizer"].items() if name not in TOKENIZER_SKIP]
     for key, before, now in keys:
         changed = _differs(before, now, key)
         if changed:

@@ -105,7 +105,7 @@ def train(config: Config, command: str | None = None) -> Path:
     best_dir = Path(r.evaluation.best.directory or out / "best")
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0, "nonfinite_skips": 0}
     if resume_from is not None:
-        state = {**state, **load_checkpoint(accelerator, resume_from, loader)}
+        state = {**state, **load_checkpoint(accelerator, resume_from, loader, d.batch_size)}
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
         abandon_newer(accelerator, ckpt_dir, resume_from, state["step"])  # latest.json; newer checkpoints moved aside
     state["command"] = command or state.get("command")
