@@ -51,6 +51,7 @@ def write_source(root, name: str, shards: int, per_shard, start: int = 0) -> dic
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("capped")
+    write_source(root, "m", 8, 12, start=2000)  # a second source, for a mixture
     return root, write_source(root, "p", SHARDS, PER_SHARD)
 
 
@@ -191,8 +192,13 @@ def test_a_source_cap_is_per_shard_too(corpus):
 def test_the_capped_stream_resumes_mid_pass_from_its_state(corpus, stop):
     """``datasets``' state_dict through the cap: inside a shard's quota, at its end, past it."""
     root, _ = corpus
-    config = one_source(root)
-    for ranks, workers, rank, worker in [(1, 0, 0, 0), (2, 2, 1, 1)]:
+    source_cap = config_for(f"[{{path: json, data_files: '{root}/p-*.jsonl', max_samples: 24}}]", 0,
+                            "data.max_samples=null", "data.min_words=2")  # under the source's map and a filter
+    mixture = config_for(f"[{{path: json, data_files: '{root}/p-*.jsonl', weight: 2}}, "
+                         f"{{path: json, data_files: '{root}/m-*.jsonl'}}]", 0)  # the mixture's generator too
+    for config, ranks, workers, rank, worker in [(one_source(root), 1, 0, 0, 0), (one_source(root), 2, 2, 1, 1),
+                                                 (source_cap, 1, 0, 0, 0), (source_cap, 2, 2, 0, 1),
+                                                 (mixture, 1, 0, 0, 0), (mixture, 2, 2, 1, 0)]:
         ds, _ = _rank_texts(config, rank, ranks, "capped-resume")
         whole = [r["text"] for r in ShareStream(ds, workers, worker)]
         first = ShareStream(ds, workers, worker)
@@ -247,3 +253,20 @@ def test_the_rule_spreads_the_cap_over_the_shards_it_can_afford():
             sample, whole = shard_quotas(shards, cap, take), shard_quotas(shards, cap)
             assert len(sample) == len(whole) and sum(sample) == take
             assert all(a <= b for a, b in zip(sample, whole)), (shards, cap, take)
+
+
+def test_a_position_saved_by_take_is_refused_in_one_line(corpus):
+    """A checkpoint of the version that capped with ``take`` points into other documents."""
+    from hf_streamlm.config import ConfigError
+
+    root, _ = corpus
+    config = one_source(root)
+    ds, _ = _rank_texts(config, 0, 1, "capped-old")
+    old = ds.take(3)  # what _rank_texts wrapped the stream in before
+    rows = iter(old)
+    next(rows)
+    state = old.state_dict()
+    assert state["examples_iterable"]["type"] == "TakeExamplesIterable"
+    ds.load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"was a `take` of the stream's first documents.*start a new runtime.output_dir"):
+        next(iter(ds))

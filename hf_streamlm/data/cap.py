@@ -39,6 +39,8 @@ from collections.abc import Iterator
 import datasets
 from datasets.iterable_dataset import DataSourcesShufflingDisallowed, _BaseExamplesIterable, shift_ex_examples_rngs
 
+from hf_streamlm.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 MIN_CAPPED_SHARDS = 64
@@ -130,6 +132,13 @@ class CappedShards(_BaseExamplesIterable):
 
     def __iter__(self) -> Iterator[tuple]:
         state = self._state_dict
+        if state is not None and state.get("type") != type(self).__name__:
+            # A position saved by `take` (before the cap was per shard) points into another set of documents.
+            raise ConfigError(
+                f"the checkpoint's stream position was written when {self.what} was a `take` of the stream's first "
+                "documents; the capped pass is now per source shard (other documents): resume with the version that "
+                "wrote the checkpoint, or start a new runtime.output_dir"
+            )
         position = state["unit"] if state is not None else 0
         taken = state["taken"] if state is not None else 0
         saved = state["examples_iterable"] if state is not None else None
