@@ -86,7 +86,7 @@ def test_resume_cut_is_one_truncate_whatever_the_size(tmp_path):
     rss_growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss
     if read is not None:
         assert bytes_read() - read < 64 * 1024, "the cut read the trace"
-    assert elapsed < 0.05, f"cut took {elapsed * 1000:.1f} ms"
+    assert elapsed < 0.2, f"cut took {elapsed * 1000:.1f} ms"  # 2-8 ms measured; the rewrite took 1.4 s
     assert rss_growth_kib < 8 * 1024
     assert path.stat().st_ino == inode and path.stat().st_size == ends[keep]
     with path.open("rb") as f:

@@ -20,6 +20,7 @@ what must not, and what is adjusted.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from hf_streamlm.config import Config, ConfigError
+from hf_streamlm.config import Config, ConfigError, SourceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,10 @@ def check_same_stream(old: dict[str, Any], config: Config) -> None:
     filled = copy.deepcopy(config)
     fill_pins(filled, pins_of(old))
     new, defaults = filled.to_dict(), Config().to_dict()
-    keys = [(f"{section}.{name}", old.get(section, {}).get(name, defaults[section][name]), new[section][name])
+    old = {section: {**defaults[section], **(old.get(section) or {})} for section in STREAM_KEYS}
+    source = dataclasses.asdict(SourceConfig())
+    old["data"]["sources"] = [{**source, **s} if isinstance(s, dict) else s for s in old["data"]["sources"] or []]
+    keys = [(f"{section}.{name}", old[section][name], new[section][name])
             for section, names in STREAM_KEYS.items() for name in names]
     for key, before, now in keys:
         changed = _differs(before, now, key)
