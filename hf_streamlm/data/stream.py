@@ -246,7 +246,7 @@ class WorkerPipeline:
             self.collate.set_rng_state(state["collate_rng"])
         self.source_docs = dict(state["source_docs"])
         self.source_tokens = dict(state["source_tokens"])
-        self.handed = deque()
+        self.handed = deque()  # (no "handed" in a state written before issue 25: none)
         tokens, start = state.get("handed_tokens", np.zeros(0, dtype=np.int32)).tolist(), 0
         for block, length, source, key, epoch, ends in state.get("handed", np.zeros((0, 6))).tolist():
             if block == len(self.handed):
@@ -387,7 +387,8 @@ class WorkerPipeline:
             prelude = self.prelude
             if self.anchors[-1][0] != self.read and (
                 self.read % ANCHOR_EVERY == 0 or self.pass_rows == 0
-                or prelude.held_left() == 0 and self.anchors[-1][2]["prelude"]["held_left"]  # (the origin's last use)
+                # The handed-over documents in flight just ran out: from this anchor on the origin is not needed.
+                or self.anchors[-1][2]["prelude"]["held_left"] and prelude.held_left() == 0
             ):
                 self.anchors.append((self.read, self.epoch, {"prelude": prelude.position()}))
             taken = prelude.next(self.epoch)
