@@ -61,6 +61,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # one worker busy while the other idles (the suite's tail was test_resume_run, test_run* and test_signals, all near
 # the end of the alphabet). Collected first, they run while the many short files fill the gaps.
 SLOW_FILES = (
+    "tests/test_rehearsal.py",
     "tests/test_preemption.py",
     "tests/test_deepspeed.py",
     "tests/test_resume_run.py",
