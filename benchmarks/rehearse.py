@@ -36,12 +36,14 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,11 +244,19 @@ class Rehearsal:
             self.server.fail_with(shard_name(i), 429, times=None, repo=REPO_ID)
         release(self.out, B_HOLD)
         result = self.finish(proc, "B")
+        ended = time.time()
         self.server.clear_faults()
         assert "exitcode  : 4" in result.stderr, f"leg B: {result.stderr[-3000:]}"
+        # The first rank to give up logs when; every rank must be out within seconds of it (no collective waits).
+        seen = re.findall(r"^(\S+ \S+) hf_streamlm.train.stops: data failure after", result.stderr, re.M)
+        assert seen, f"leg B: no data failure logged: {result.stderr[-3000:]}"
+        first = min(datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp() for t in seen)
+        out_after = ended - first
+        assert out_after < 60, f"leg B: the ranks took {out_after:.0f} s to stop after the failure"
         lines = {line for line in result.stderr.splitlines() if line.startswith("hf-streamlm: error:")}
         assert len(lines) == 1 and "rank 0: " in next(iter(lines)), f"leg B: {lines}"
         figures = self.audit("B: resume 2x2, read failure on rank 0", 2, 2, time.monotonic() - t0, result)
+        figures["out_after_failure_s"] = round(out_after, 1)
         failed_at = figures["last_step"]
         assert failed_at > B_HOLD and f"training stopped after step {failed_at}" in next(iter(lines))
         assert failed_at + B2_STEPS <= REFERENCE_STEPS, f"leg B: failed at step {failed_at}, past the reference"
@@ -299,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             rehearsal.server.stop()
         total = time.monotonic() - t0
-        print(f"\n| leg | layout | seconds | last step | exit | data state per rank (bytes) | documents traced |")
+        b = next(leg for leg in rehearsal.legs if "out_after_failure_s" in leg)
+        print(f"\nleg B: every rank out {b['out_after_failure_s']} s after the first rank gave up on its source")
+        print("\n| leg | layout | seconds | last step | exit | data state per rank (bytes) | documents traced |")
         print("|---|---|---|---|---|---|---|")
         for leg in rehearsal.legs:
             print(f"| {leg['leg']} | {leg['layout']} | {leg['seconds']} | {leg['last_step']} | {leg['exit']} | "

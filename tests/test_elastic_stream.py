@@ -119,8 +119,8 @@ def test_every_document_of_each_pass_once_after_a_layout_change(corpus, family, 
 
 
 def test_a_same_layout_resume_after_a_layout_change_is_exact(corpus):
-    """Until the new readers leave the passes they took over, their state is what they were handed plus
-    the batches made since; a same-layout resume in that window replays them: the same batches, bit for bit."""
+    """Until the new readers leave the passes they took over, their state is anchored in those passes (the old
+    readers' positions); a same-layout resume in that window re-opens them there: the same batches, bit for bit."""
     root, docs, tokenizers = corpus
     tokenizer = tokenizers["decoder"]
     old = loaders(root, tokenizer, "decoder", 2, 0)
@@ -132,7 +132,7 @@ def test_a_same_layout_resume_after_a_layout_change_is_exact(corpus):
     its = [iter(ld) for ld in new]
     step(new, its, 3, [], STOP + 1)
     middle = copy.deepcopy(new[0].state_dict())
-    assert "replay" in middle["workers"][0]["snapshot"]  # still inside the passes taken over
+    assert "prelude" in middle["workers"][0]["snapshot"]["anchor"][2]  # still inside the passes taken over
     step(new, its, 4, [], STOP + 4, straight)
 
     resumed: list = []
