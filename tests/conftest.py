@@ -311,6 +311,12 @@ def shared_runs_unchanged(request):
             assert not changed, f"the shared run {run.name!r} changed during {request.node.nodeid}: {changed[:10]}"
 
 
+def checkpoints_of(run: Path) -> list[Path]:
+    """What a run left in its ``checkpoints/`` folder: the checkpoints and anything a kill left behind (``.tmp-``
+    folders), without the ``latest.json`` record that ``runtime.resume=auto`` follows."""
+    return [p for p in (run / "checkpoints").iterdir() if p.name != "latest.json"]
+
+
 def copy_run(run: Path, tmp_path: Path) -> Path:
     """A copy of a shared run that a test may write into (its config.yaml keeps the original output_dir,
     which nothing a test runs on a finished run reads)."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, checkpoints_of
 
 CASES = {2: "quickstart", 3: "quickstart_decoder"}
 
@@ -171,7 +171,7 @@ def test_nonfinite_step_under_deepspeed_never_becomes_the_last_good_state(tmp_pa
     assert "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]  # the rank's status; torchrun itself exits 1
     (message,) = [line for line in proc.stderr.splitlines() if line.startswith("hf-streamlm: error:")]
     assert "non-finite loss or gradient norm at step 2" in message and "step-1 (DeepSpeed may have" in message
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
+    assert sorted(p.name for p in checkpoints_of(run)) == ["step-1"]
     weights = zero_checkpoint_weights(run / "checkpoints" / "step-1")
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
 

@@ -17,6 +17,7 @@ import pytest
 from hf_streamlm.config import load_config
 from hf_streamlm.data.pipeline import iter_rows
 from tests.hub_fixtures import hub_server, set_read_timeout  # noqa: F401 - the fixture
+from tests.conftest import checkpoints_of
 
 REPO = "org/name"
 SHARDS = [f"data/train-{i:05d}-of-00003.jsonl" for i in range(3)]
@@ -260,7 +261,7 @@ def test_training_stops_cleanly_when_retries_run_out_and_keeps_its_checkpoints(h
     errors = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
     assert len(errors) == 1 and "org/flaky" in errors[0] and "429" in errors[0], err[-2000:]
     assert hub_server.count(bad) >= 2  # retried before giving up
-    checkpoints = sorted((out / "checkpoints").iterdir())
+    checkpoints = sorted(checkpoints_of(out))
     assert checkpoints and all(p.name.startswith("step-") for p in checkpoints)  # no .tmp- folder left
     newest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((newest / "trainer_state.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import main_refuses, run_in_process
+from tests.conftest import main_refuses, run_in_process, checkpoints_of
 
 TINY = ["recipe=quickstart_decoder", "scheduler.warmup_steps=1", "runtime.logging.progress_bar=false",
         "runtime.demo_sentences=[]", "data.batch_size=4", "data.sequence_length=32", "data.shuffle_buffer_size=100",
@@ -58,7 +58,7 @@ def test_best_keeps_the_lowest_eval_losses(budget_run):
         assert saved["eval"]["eval_loss"] == pytest.approx(evals[step], rel=1e-12)
         assert (budget_run / "best" / f"step-{step}" / "model.safetensors").is_file()
     # A best step that was also a regular checkpoint step shares its files (hard links, no second write).
-    for step in set(kept) & {int(p.name.split("-")[1]) for p in (budget_run / "checkpoints").iterdir()}:
+    for step in set(kept) & {int(p.name.split("-")[1]) for p in checkpoints_of(budget_run)}:
         a = (budget_run / "best" / f"step-{step}" / "model.safetensors").stat()
         b = (budget_run / "checkpoints" / f"step-{step}" / "model.safetensors").stat()
         assert a.st_ino == b.st_ino
@@ -113,7 +113,7 @@ def test_nonfinite_stop_saves_the_last_good_state_and_exits_3(tmp_path, bpe_500,
                         f"runtime.output_dir={run}"], capfd, code=3)  # no traceback either
     message = [line for line in err.splitlines() if line.startswith("hf-streamlm: error:")]
     assert len(message) == 1 and "non-finite loss or gradient norm at step 2" in message[0]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
+    assert sorted(p.name for p in checkpoints_of(run)) == ["step-1"]
     good = weights(run / "checkpoints" / "step-1")
     assert all(torch.isfinite(t).all() for t in good.values())
     assert not (run / "export").exists()

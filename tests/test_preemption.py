@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_in_process, run_in_process_stdout
+from tests.conftest import REPO, run_in_process, run_in_process_stdout, checkpoints_of
 from tests.faults import Drained, release, wait_until_held
 from tests.test_resume_run import command  # `accelerate launch` for 2+ processes, on a free port
 
@@ -221,7 +221,7 @@ def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path, bpe_500):
     assert "at step 4" in message and "after 3 skipped steps in a row" in message
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["nonfinite_skips"] for r in rows] == [0, 1, 2]
-    (checkpoint,) = (out / "checkpoints").iterdir()
+    (checkpoint,) = checkpoints_of(out)
     assert checkpoint.name == "step-3"
     assert sorted(p.name for p in checkpoint.glob("data_state_*.pt")) == ["data_state_0.pt", "data_state_1.pt"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import main_refuses, run_cli, run_in_process
+from tests.conftest import main_refuses, run_cli, run_in_process, checkpoints_of
 
 SHORT = [
     "recipe=quickstart",
@@ -41,7 +41,7 @@ def test_run_directory_contract(quickstart_run):
     for name in ("config.yaml", "history.jsonl", "history.png", "export", "tensorboard", "checkpoints"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-15", "step-30"]
+    assert sorted(p.name for p in checkpoints_of(out)) == ["step-15", "step-30"]
     export = out / "export"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
                  "hf_streamlm_config.yaml"):

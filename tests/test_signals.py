@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_in_process, run_in_process_stdout
+from tests.conftest import REPO, run_in_process, run_in_process_stdout, checkpoints_of
 from tests.faults import Drained, wait_until_held
 
 TOTAL_STEPS = 40
@@ -73,7 +73,7 @@ def stop_at(args: list[str], run: Path, step: int, sig: signal.Signals) -> str:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert f"Stopped by {sig.name} at step {step};" in out, out[-2000:]
-    newest = max((run / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    newest = max(checkpoints_of(run), key=lambda p: int(p.name.split("-")[1]))
     assert newest.name == f"step-{step}" and checkpoint_step(newest) == step
     assert not (run / "export").exists()  # preempted, not finished
     return out
@@ -85,7 +85,7 @@ def test_sigterm_then_sigint_save_at_step_boundary_exit_0_and_resume_is_exact(tm
     the stops is itself stopped."""
     run = tmp_path / "run"
     stop_at(args, run, 10, signal.SIGTERM)
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-10"]  # the one checkpoint: the stop's
+    assert [p.name for p in checkpoints_of(run)] == ["step-10"]  # the one checkpoint: the stop's
     out = stop_at(args, run, 20, signal.SIGINT)
     assert "step-10 (step 10)" in out  # it resumed from the first stop
     out = run_in_process_stdout(capsys, *args, f"runtime.output_dir={run}")
@@ -102,7 +102,7 @@ def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_at_the_next_bou
     proc = with_fault("sigterm-in-checkpoint", 30, [*args, f"runtime.output_dir={run}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Stopped by SIGTERM at step 31" in proc.stdout, proc.stdout[-2000:]  # never step 30's write cut short
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-30", "step-31"]
+    assert sorted(p.name for p in checkpoints_of(run)) == ["step-30", "step-31"]
     out = run_in_process_stdout(capsys, *args, f"runtime.output_dir={run}")
     assert "step-31 (step 31)" in out
     assert losses(run) == losses(full)
@@ -118,7 +118,7 @@ def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_run(tmp_path, ar
     launcher.send_signal(signal.SIGTERM)  # to the launcher only
     out, err = launcher.communicate(timeout=300)  # the pipes close when the training process has exited
     assert "Stopped by SIGTERM at step 10;" in out, err[-2000:]
-    (checkpoint,) = (run / "checkpoints").iterdir()
+    (checkpoint,) = checkpoints_of(run)
     assert checkpoint_step(checkpoint) == 10
 
 
@@ -133,7 +133,7 @@ def test_sigterm_during_eval_finishes_it_and_stops_at_that_step(tmp_path, args):
     assert rows[-1]["step"] == 20 and "eval_loss" in rows[-1]  # the evaluation was not cut short
     assert rows[-1]["eval_loss"] > 0 and len([r for r in rows if "loss" in r]) == 20
     assert "Stopped by SIGTERM at step 20" in proc.stdout
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-20"]
+    assert [p.name for p in checkpoints_of(run)] == ["step-20"]
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, args):
@@ -155,6 +155,6 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, args):
     ranks[0].send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-2000:]
-    (checkpoint,) = (run / "checkpoints").iterdir()
+    (checkpoint,) = checkpoints_of(run)
     assert sorted(p.name for p in checkpoint.glob("data_state_*.pt")) == ["data_state_0.pt", "data_state_1.pt"]
     assert checkpoint_step(checkpoint) == 10 and "Stopped by SIGTERM at step 10;" in out

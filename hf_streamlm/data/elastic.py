@@ -43,6 +43,7 @@ other: rebuilt from its state, its rest read through it.
 from __future__ import annotations
 
 import copy
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -198,3 +199,34 @@ def needs_origin(source: Any) -> bool:
         return False
     position = source["prelude"]
     return position["held_left"] > 0 or any(needs_origin(where["anchor"][2]) for where, _ in position["cursors"])
+
+
+def packed_ahead(reader) -> list[list[tuple]]:
+    """The blocks a reader (a ``WorkerPipeline``) would make next from its packing content, as pieces ``(tokens,
+    source, key, epoch, ends)`` (a document's tokens in the block; ``ends``: its last token is there): its
+    handed-over blocks first, each completed by the tokens after it, then the rest cut at the block size. The
+    last may be short: the documents that would complete them are not tokenized yet."""
+    rest: deque[tuple] = deque()
+    start = reader.cut
+    for end, source, key, epoch in reader.doc_ends:
+        rest.append((reader.tokens[start - reader.cut:end - reader.cut], source, key, epoch, True))
+        start = end
+    room = reader.block_size
+    blocks = [block + _take_pieces(rest, room - sum(len(p[0]) for p in block)) for block in reader.handed]
+    while rest:
+        blocks.append(_take_pieces(rest, room))
+    return blocks
+
+
+def _take_pieces(pieces: deque[tuple], room: int) -> list[tuple]:
+    """Up to ``room`` tokens from the front of ``pieces`` (``(tokens, source, key, epoch, ends)``), a piece cut at the
+    end if it does not fit (its head does not end its document)."""
+    out = []
+    while pieces and room > 0:
+        tokens, source, key, epoch, ends = pieces.popleft()
+        if len(tokens) > room:
+            pieces.appendleft((tokens[room:], source, key, epoch, ends))
+            tokens, ends = tokens[:room], False
+        out.append((tokens, source, key, epoch, ends))
+        room -= len(tokens)
+    return out

@@ -43,7 +43,7 @@ import torch
 
 from hf_streamlm.config import ConfigError
 from hf_streamlm.data.documents import Doc, document_key, runs
-from hf_streamlm.data.elastic import Prelude, needs_origin
+from hf_streamlm.data.elastic import Prelude, needs_origin, packed_ahead
 from hf_streamlm.data.packing import document_positions
 from hf_streamlm.data.quality import skip_counter
 
@@ -136,7 +136,7 @@ class WorkerPipeline:
         # key, epoch); `cut` is the stream offset of tokens[0].
         self.doc_ends: deque[tuple[int, int, int, int]] = deque()
         self.cut = 0
-        # Blocks handed over at a layout change, each made the start of a block here (see packed_ahead).
+        # Blocks handed over at a layout change, each made the start of a block here (elastic.packed_ahead).
         self.handed: deque[list[tuple]] = deque()
         self.batch_epoch = 0
         self.batch_docs: list[list] = []
@@ -332,7 +332,7 @@ class WorkerPipeline:
                 if h % part["k"] == part["part"]:
                     held.setdefault(doc.epoch, []).append(doc)
             old.buffer = []
-            blocks += old.packed_ahead()[part["part"]::part["k"]]
+            blocks += packed_ahead(old)[part["part"]::part["k"]]
             cursors.append([old, part["k"], part["part"], 0])
         return held, cursors, blocks
 
@@ -348,21 +348,6 @@ class WorkerPipeline:
             cursor[3] = t
         self.prelude = Prelude(position["parts"], held, cursors, position["last_epoch"], position["taken"],
                                position["current"])
-
-    def packed_ahead(self) -> list[list[tuple]]:
-        """The blocks this reader would make next from its packing content, as pieces ``(tokens, source, key, epoch,
-        ends)`` (a document's tokens in the block; ``ends``: its last token is there): its handed-over blocks first,
-        each completed by the tokens after it, then the rest cut at the block size. The last may be short: the
-        documents that would complete them are not tokenized yet."""
-        rest: deque[tuple] = deque()
-        start = self.cut
-        for end, source, key, epoch in self.doc_ends:
-            rest.append((self.tokens[start - self.cut:end - self.cut], source, key, epoch, True))
-            start = end
-        blocks = [block + _take_pieces(rest, self.block_size - sum(len(p[0]) for p in block)) for block in self.handed]
-        while rest:
-            blocks.append(_take_pieces(rest, self.block_size))
-        return blocks
 
     def _take_counts(self, old: WorkerPipeline) -> None:
         """Add ``old``'s documents and tokens per source and its skips to this reader's counts."""
@@ -606,16 +591,3 @@ class WorkerPipeline:
             batch["_docs"] = self.batch_docs
         return batch
 
-
-def _take_pieces(pieces: deque[tuple], room: int) -> list[tuple]:
-    """Up to ``room`` tokens from the front of ``pieces`` (``(tokens, source, key, epoch, ends)``), a piece cut at the
-    end if it does not fit (its head does not end its document)."""
-    out = []
-    while pieces and room > 0:
-        tokens, source, key, epoch, ends = pieces.popleft()
-        if len(tokens) > room:
-            pieces.appendleft((tokens[room:], source, key, epoch, ends))
-            tokens, ends = tokens[:room], False
-        out.append((tokens, source, key, epoch, ends))
-        room -= len(tokens)
-    return out
