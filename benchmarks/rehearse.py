@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.faults import Drained, release, wait_until_held  # noqa: E402
 from tests.hub_server import HubServer  # noqa: E402
+from tests.test_preemption import finish  # noqa: E402
 from tests.test_resume_run import command  # noqa: E402
 
 REPO_ID = "rehearsal/fineweb"
@@ -140,12 +141,9 @@ class Rehearsal:
 
     def finish(self, proc: Drained, name: str) -> subprocess.CompletedProcess:
         try:
-            out, err = proc.communicate(timeout=LEG_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError(f"leg {name}: still running after {LEG_TIMEOUT} s (a hang): {err[-3000:]}") from None
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            return finish(proc, LEG_TIMEOUT)
+        except AssertionError as err:  # still running: a hang (the whole process group was killed)
+            raise AssertionError(f"leg {name}: {err}") from None
 
     # -- checks -----------------------------------------------------------------------------------
 

@@ -72,6 +72,8 @@ SLOW_FILES = (
     "tests/test_run_decoder.py",
     "tests/test_run_launch.py",
     "tests/test_elastic_resume.py",
+    "tests/test_elastic_endless.py",
+    "tests/test_trace_durable.py",
     "tests/test_tokenizer.py",
     "tests/test_run.py",
     "tests/test_harness.py",

@@ -28,6 +28,8 @@ import logging
 import os
 from pathlib import Path
 
+from hf_streamlm.durable import sync_dir
+
 logger = logging.getLogger(__name__)
 
 RECORD = "trace_{rank}.json"
@@ -174,20 +176,7 @@ def drop_after(path: Path, step: int) -> None:
         dst.flush()
         os.fsync(dst.fileno())
     os.replace(tmp, path)
-    _sync_folder(path.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    sync_dir(path.parent)
 
 
 def read_trace(path: str | Path) -> list[dict]:

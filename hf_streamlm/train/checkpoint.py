@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from hf_streamlm.config import Config, ConfigError, load_config
+from hf_streamlm.durable import sync_dir, write_synced
 from hf_streamlm.data.trace import RECORD as TRACE_RECORD
 from hf_streamlm.data.trace import record_lengths, trace_folder
 from hf_streamlm.train.fsdp import fsdp_checkpoint_weights, is_fsdp_checkpoint
@@ -109,20 +110,6 @@ def save_checkpoint(
     return final
 
 
-def sync_dir(path: Path) -> None:
-    """fsync a folder: makes the names in it (a rename, a new file) durable (POSIX; a no-op elsewhere)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder; nothing more can be done there
-        pass
-    finally:
-        os.close(fd)
-
-
 def sync_tree(root: Path) -> None:
     """fsync every file under ``root``, then every folder, deepest first."""
     if not root.is_dir():
@@ -138,13 +125,6 @@ def sync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         sync_dir(Path(folder))
-
-
-def write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def manifest(root: Path) -> dict[str, int]:
