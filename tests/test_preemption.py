@@ -189,20 +189,6 @@ def test_epochs_with_two_processes_and_uneven_shards_agree_on_one_length(epoch_r
             "data_state_0.pt", "data_state_1.pt"}
 
 
-def test_sigterm_to_a_two_process_launch_with_two_workers_each_saves_and_resumes_exactly(tmp_path, uneven_shards,
-                                                                                          bpe_500, epoch_run):
-    """torchrun's agent passes the SIGTERM on to each rank's own process group (rank and workers), then
-    SIGKILLs 30 s later. The ranks save within that time and exit 0; the launcher itself reports the
-    signal it got (torchrun's SignalException, exit 1). The resumed run ends as the uninterrupted one."""
-    out = tmp_path / "run"
-    step, result = stop_by_group_signal(epoch_args(uneven_shards, bpe_500), out, 2)
-    assert "Unable to shutdown process" not in result.stderr  # no rank needed torchrun's SIGKILL
-    resumed = finish(start([*epoch_args(uneven_shards, bpe_500), f"runtime.output_dir={out}"], 2), timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"step-{step} (step {step})" in resumed.stdout
-    assert losses(out) == losses(epoch_run)
-
-
 def test_nonfinite_skips_with_two_processes_are_one_decision(tmp_path, bpe_500):
     """A learning rate of 1e30 makes every loss after step 1 NaN on both ranks. The skip is decided once
     per step for all ranks (an all-reduce of the non-finite flag): both skip the same steps, stop after
