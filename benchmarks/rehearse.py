@@ -18,7 +18,10 @@ B. 2 x 2 resumed (same layout); rank 0's shards start answering 429 for good whi
    B_HOLD: a read failure on one rank. Both ranks save the last completed step and exit 4 with one line
    naming rank 0; weights and trace equal to the reference's.
 B2. 2 x 2 resumed once the shards answer again, for B2_STEPS steps: equal to the reference.
-C. 1 x 1 (one process, no worker): an elastic resume of the 2 x 2 checkpoint, C_STEPS steps.
+C. 1 x 1 (one process, no worker): an elastic resume of the 2 x 2 checkpoint, C_STEPS steps. The blocks of the
+   old readers' packing content are handed over whole: each block of this leg that holds the tokens of a block the
+   reference trained after the checkpoint carries the reference's ``position_ids`` (both runs record their
+   micro-batches: tests/faults.py ``record-batches``).
 D. 2 x 2 again: a second layout change, D_STEPS steps, mid-prelude of the first (the stream is endless).
 
 After each leg: it ended within its timeout (no hang), each rank's data state is under ``STATE_BOUND`` bytes,
@@ -62,7 +65,7 @@ PER_SHARD = 100
 # buffer: two changes in a row at most double that again. What must never happen is growth with the stream read.
 STATE_BOUND = 2 << 20
 LEG_TIMEOUT = 240  # seconds; a rank left waiting in a collective would sit until gloo's 30-minute timeout
-A_STOP, B_HOLD, B2_STEPS, C_STEPS, D_STEPS = 6, 8, 3, 5, 6
+A_STOP, B_HOLD, B2_STEPS, C_STEPS, D_STEPS = 6, 8, 3, 10, 6
 REFERENCE_STEPS = 24
 
 
@@ -210,7 +213,8 @@ class Rehearsal:
     def run_reference(self) -> None:
         t0 = time.monotonic()
         result = self.finish(self.start(self.reference, 2, [f"scheduler.total_steps={REFERENCE_STEPS}",
-                                                           "runtime.checkpoint.every_n_steps=1"]), "reference")
+                                                           "runtime.checkpoint.every_n_steps=1"],
+                                        ["record-batches", "0"]), "reference")
         assert result.returncode == 0, f"reference: exit {result.returncode}: {result.stderr[-3000:]}"
         print(f"[rehearsal] reference: {REFERENCE_STEPS} steps in {time.monotonic() - t0:.1f} s", flush=True)
 
@@ -274,15 +278,43 @@ class Rehearsal:
         self.same_trace(1, end)
         return end
 
-    def leg_elastic(self, name: str, start: int, steps: int, processes: int, workers: int) -> int:
+    def handed_over_blocks(self, start: int) -> dict[tuple[int, int], int]:
+        """The blocks of this run's newest leg (recorded: ``batches-rank0.npz``, one process) that hold the tokens of
+        a block the reference trained after step ``start`` (the old readers' packing content, handed over): each
+        must carry the reference's positions. Returns how many there are per old reader (rank, worker)."""
+        import numpy as np
+
+        trained = {}
+        for rank in (0, 1):
+            ref = np.load(self.reference / f"batches-rank{rank}.npz")  # micro-batches: 4 per step and rank
+            for j in range(start * 4, len(ref["input_ids"])):
+                for row, pos in zip(ref["input_ids"][j], ref["position_ids"][j]):
+                    trained[row.tobytes()] = pos, (rank, j % 2)  # batch j of a rank comes from worker j mod 2
+        leg = np.load(self.out / "batches-rank0.npz")
+        found: Counter = Counter()
+        for row, pos in zip(*(leg[k].reshape(-1, leg[k].shape[-1]) for k in ("input_ids", "position_ids"))):
+            if (want := trained.get(row.tobytes())) is not None:
+                assert (want[0] == pos).all(), f"a block handed over by {want[1]} carries other positions"
+                found[want[1]] += 1
+        return dict(found)
+
+    def leg_elastic(self, name: str, start: int, steps: int, processes: int, workers: int, record: bool = False) -> int:
         end = start + steps
         t0 = time.monotonic()
         extra = [f"scheduler.total_steps={end}", f"data.num_workers={workers}"]
-        result = self.finish(self.start(self.out, processes, extra), name)
+        result = self.finish(self.start(self.out, processes, extra, ["record-batches", "0"] if record else None), name)
         assert result.returncode == 0, f"leg {name}: {result.stderr[-3000:]}"
         assert "resumed " in result.stdout and f"-> {processes}x{workers}" in result.stdout, \
             f"leg {name}: no elastic resume line: {result.stdout[-1500:]}"
-        self.audit(name, processes, workers, time.monotonic() - t0, result)
+        figures = self.audit(name, processes, workers, time.monotonic() - t0, result)
+        if record:
+            # Each old reader hands over the blocks it would have made next, whole, one old reader after the other
+            # (~40 blocks each here, more than this leg trains of the last ones): found in this leg with the
+            # reference's tokens and positions. Appended one document after the other, as before issue 25, only the
+            # first old reader's blocks kept their cut; the next ones' fell across block boundaries.
+            found = self.handed_over_blocks(start)
+            figures["handed_over_blocks"] = {f"{rank}x{worker}": n for (rank, worker), n in sorted(found.items())}
+            assert len(found) >= 2, f"leg {name}: blocks of the old readers found whole, by (rank, worker): {found}"
         return end
 
 
@@ -301,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             rehearsal.leg_a()
             failed_at = rehearsal.leg_b()
             end = rehearsal.leg_b2(failed_at)
-            end = rehearsal.leg_elastic("C: elastic 2x2 -> 1x1", end, C_STEPS, 1, 0)
+            end = rehearsal.leg_elastic("C: elastic 2x2 -> 1x1", end, C_STEPS, 1, 0, record=True)
             rehearsal.leg_elastic("D: elastic 1x1 -> 2x2 (second change)", end, D_STEPS, 2, 2)
         except AssertionError as err:
             print(f"[rehearsal] FAILED: {err}", flush=True)
@@ -310,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             rehearsal.server.stop()
         total = time.monotonic() - t0
         b = next(leg for leg in rehearsal.legs if "out_after_failure_s" in leg)
+        c = next(leg for leg in rehearsal.legs if "handed_over_blocks" in leg)
         print(f"\nleg B: every rank out {b['out_after_failure_s']} s after the first rank gave up on its source")
+        print(f"leg C: blocks handed over whole, with the reference's tokens and positions, by old reader (rank x "
+              f"worker): {c['handed_over_blocks']}")
         print("\n| leg | layout | seconds | last step | exit | data state per rank (bytes) | documents traced |")
         print("|---|---|---|---|---|---|---|")
         for leg in rehearsal.legs:

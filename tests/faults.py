@@ -17,6 +17,9 @@ The signal is real and goes through the OS; only the moment is chosen:
   step's boundary; or until the test writes ``release-after-step-N`` there (after changing what the run
   reads, say), then goes on. The test acts once the first file is there: the run cannot have gone on
   meanwhile. Under ``accelerate launch`` the rank named by ``TESTS_FAULTS_RANK`` (default 0) holds.
+- ``record-batches N``: no fault; every micro-batch's ``input_ids`` and ``position_ids`` as the loop moves them to
+  the device (``N`` unused), saved at exit to ``batches-rank<r>.npz`` in the run folder (benchmarks/rehearse.py
+  compares the blocks handed over at a layout change with the uninterrupted run's).
 - ``hold-in-step N``: the same hold, in the middle of step N's gradient accumulation (N >= 2,
   ``data.gradient_accumulation_steps`` >= 3, ``data.trace_documents=true``): after the backward pass of the
   step's second micro-batch, with ``held-in-step-N`` as the marker and ``release-in-step-N`` to go on.
@@ -40,7 +43,7 @@ import time
 from pathlib import Path
 
 FAULTS = ("kill-in-checkpoint", "sigterm-in-checkpoint", "sigterm-after-row", "kill-after-row", "hold-after-step",
-          "hold-in-step")
+          "hold-in-step", "record-batches")
 HOLD_TIMEOUT = 300  # seconds a held run waits for its signal before it fails
 
 
@@ -102,6 +105,8 @@ def install(fault: str, step: int) -> None:
                 fire()
 
         history.History.write = write_then_fire
+    elif fault == "record-batches":
+        record_batches()
     elif os.environ.get("RANK", "0") == os.environ.get("TESTS_FAULTS_RANK", "0"):  # hold-after-step, hold-in-step
         signalled = threading.Event()  # a stop signal reached the run's handler
         handle = signals.StopSignal._handle
@@ -146,6 +151,32 @@ def install(fault: str, step: int) -> None:
                         hold(seen["out"], "in")
 
             monitor.NonFiniteGuard.add_loss = add_loss_then_hold
+
+
+def record_batches() -> None:
+    """Keep each micro-batch's ``input_ids`` and ``position_ids`` (as the loop hands them to ``to_device``); write
+    them to ``batches-rank<r>.npz`` in the run folder when the process exits."""
+    import atexit
+
+    import numpy as np
+
+    from hf_streamlm.train import loop
+
+    to_device, kept = loop.to_device, {"input_ids": [], "position_ids": []}
+
+    def record_then_move(batch, device):
+        for name, rows in kept.items():
+            rows.append(batch[name].numpy().copy())
+        return to_device(batch, device)
+
+    def save() -> None:
+        out = Path(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("runtime.output_dir=")))
+        if kept["input_ids"]:
+            np.savez(out / f"batches-rank{os.environ.get('RANK', '0')}.npz",
+                     **{name: np.stack(rows) for name, rows in kept.items()})
+
+    loop.to_device = record_then_move
+    atexit.register(save)
 
 
 class Drained(subprocess.Popen):
