@@ -323,36 +323,41 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None, batch_siz
     """Load the training state and the data state. A checkpoint of another layout (processes x DataLoader
     workers) hands its data state out to this run's readers (:mod:`hf_streamlm.train.elastic`), and so does one
     of the same layout whose data state replays batches made at another ``data.batch_size`` (``batch_size``:
-    this run's): replayed at the new size, they would end elsewhere in the stream."""
+    this run's): replayed at the new size, they would end elsewhere in the stream. Each data state file is read
+    once."""
     from hf_streamlm.train.elastic import load_elastic_data, saved_layout
 
     moved = None
     if loader is not None:
         layout = saved_layout(path)
-        resized = replays_other_batches(path, layout[0], batch_size)
-        if layout != (accelerator.num_processes, loader.num_workers) or resized:
-            moved = load_elastic_data(accelerator, path, loader, data_state_file)
-            if resized:
-                moved = f"{resized}: the data state was handed over as on a layout change ({moved})"
-        else:
+        old_batch = (yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}).get("data", {}).get("batch_size")
+        same = layout == (accelerator.num_processes, loader.num_workers)
+        if same and batch_size in (None, old_batch):
             # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
             loader.load_state_dict(torch.load(data_state_file(path, accelerator.process_index), weights_only=False))
+        else:
+            states = [torch.load(data_state_file(path, r), weights_only=False) for r in range(layout[0])]
+            resized = replays_other_batches(states, old_batch, batch_size)
+            if same and not resized:
+                loader.load_state_dict(states[accelerator.process_index])
+            else:
+                moved = load_elastic_data(accelerator, path, loader, states, layout)
+                if resized:
+                    moved = f"{resized}: the data state was handed over as on a layout change ({moved})"
     accelerator.load_state(str(path))
     if moved:
         accelerator.print(moved)
     return json.loads((path / STATE_FILE).read_text())
 
 
-def replays_other_batches(path: Path, processes: int, batch_size: int | None) -> str | None:
-    """``data.batch_size OLD -> NEW`` when the checkpoint's data state replays batches made at another batch size
-    than ``batch_size`` (DataLoader workers: the batches consumed since a worker's last snapshot), else None.
-    Refused in one line while a reader is still finishing the passes taken over at a layout change (its replay
-    cannot be handed over again)."""
-    old = (yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}).get("data", {}).get("batch_size")
-    if batch_size is None or old is None or old == batch_size or not processes:
+def replays_other_batches(states: list[dict[str, Any]], old: int | None, batch_size: int | None) -> str | None:
+    """``data.batch_size OLD -> NEW`` when the checkpoint's data ``states`` (one per rank) replay batches made at
+    batch size ``old``, not ``batch_size`` (DataLoader workers: the batches consumed since a worker's last
+    snapshot), else None. Refused in one line for a state written before issue 25 by a reader still finishing
+    the passes taken over at a layout change (it replays every batch made since, at the old size)."""
+    if batch_size is None or old is None or old == batch_size:
         return None
-    entries = [entry for r in range(processes)
-               for entry in torch.load(data_state_file(path, r), weights_only=False)["workers"].values()]
+    entries = [entry for state in states for entry in state["workers"].values()]
     if any("replay" in e["snapshot"] and e["snapshot"].get("batches") for e in entries):
         raise ConfigError(f"data.batch_size differs from the checkpoint's ({old} -> {batch_size}) while its data state "
                           f"still replays the batches made at {old} since a layout change: resume with "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,15 +189,15 @@ def keep_global_batch(config: Config, accelerator: Accelerator, path: Path) -> N
     accelerator.gradient_accumulation_steps = steps
 
 
-def load_elastic_data(accelerator: Accelerator, path: Path, loader, state_file: Callable[[Path, int], Path]) -> str:
-    """Hand the data state that ``path``'s processes wrote (rank r's in ``state_file(path, r)``) to this
-    run's readers; returns the ``resumed AxB -> CxD`` line."""
+def load_elastic_data(accelerator: Accelerator, path: Path, loader, states: list[dict[str, Any]],
+                      layout: tuple[int, int]) -> str:
+    """Hand the data ``states`` that checkpoint ``path``'s processes wrote (one per rank; their ``layout``:
+    processes x DataLoader workers) to this run's readers; returns the ``resumed AxB -> CxD`` line."""
     from hf_streamlm.config import load_config
     from hf_streamlm.data.elastic import origins
     from hf_streamlm.data.pipeline import buffer_per_worker
 
-    processes, workers = saved_layout(path)
-    states = [torch.load(state_file(path, r), weights_only=False) for r in range(processes)]
+    processes, workers = layout
     old = load_config([f"recipe={Path(path) / 'config.yaml'}", "runtime.resume=never"])
     settings = {"batch_size": old.data.batch_size, "with_documents": old.data.document_masking,
                 "buffer": buffer_per_worker(old, processes, max(1, workers), rank=-1)}
