@@ -77,6 +77,7 @@ SLOW_FILES = (
     "tests/test_tokenizer.py",
     "tests/test_run.py",
     "tests/test_harness.py",
+    "tests/models/test_transformers_suite.py",
     "tests/models/test_decoder_attention.py",
     "tests/test_push.py",
     "tests/test_gpu_path.py",
