@@ -12,11 +12,16 @@ whose `document_ids` keep attention inside each document, as `data.document_mask
 cross the attention implementation (`model.attn_implementation`), document masking on/off and `torch.compile`
 on/off; two more rows take full logits instead of the fused loss, and Muon instead of AdamW
 (`optimizer.algorithm: muon`). The micro-batch is the largest of --batch-sizes that fits (found once, on the first
-variant).
+variant); the flash rows train at the recipe's own micro-batch (`data.batch_size`, 2 for `runpod_1b`) with document
+masking, where transformers' own flash path used to run the dense kernel and let documents attend to each other.
+The packed rows carry what the training collator emits for them (`hf_streamlm.data.collate.varlen_kwargs`: the
+segments of the flattened batch for the flash kernels' variable-length entry point).
 
 One table row per variant: tokens/s, MFU (against --peak-tflops, default the device's dense 16-bit peak: 989.5
 for H100 SXM and H200), peak memory, the share of time waiting for the next batch (host -> device copy of pinned
-memory, `non_blocking`), and the attention kernel the profiler saw take the most time in one step.
+memory, `non_blocking`), the attention kernel the profiler saw take the most time in one step, and for the flash
+rows the flash-attn entry points transformers called in that step (`varlen` x layers: document masking reached the
+kernel).
 
 Then the FSDP2 check (`benchmarks/gpu_fsdp.py`, `--fsdp on|off|only`): the real training loop under `accelerate
 launch` with `accelerate_configs/fsdp2_8gpu.yaml` on one process, trained, resumed from a checkpoint, compared with
@@ -36,11 +41,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_streamlm.config import load_config  # noqa: E402
+from hf_streamlm.data.collate import batch_to, varlen_kwargs  # noqa: E402
 from hf_streamlm.train.builders import build_optimizer, estimate, hf_model_config  # noqa: E402
 from hf_streamlm.train.monitor import PEAK_TFLOPS_16BIT  # noqa: E402
 
@@ -60,6 +67,7 @@ class Variant:
     compile: bool
     full_logits: bool = False  # model.loss_chunk_size=0: the (batch, seq, vocab) logits, then the loss
     muon: bool = False  # optimizer.algorithm=muon: Muon for the blocks' matrices, AdamW for the rest
+    recipe_batch: bool = False  # at the recipe's data.batch_size, not the largest that fits
 
     @property
     def name(self) -> str:
@@ -76,6 +84,7 @@ class Row:
     peak_memory_gib: float | None = None
     data_wait_pct: float | None = None
     kernel: str = ""
+    entry_points: str = ""  # flash rows: the flash-attn functions transformers called in one step, with counts
     note: str = ""
 
 
@@ -92,9 +101,40 @@ def variants(device: torch.device) -> list[Variant]:
     if device.type == "cuda":
         from transformers.utils import is_flash_attn_2_available
 
+        from transformers.utils import is_flash_attn_3_available
+
         if is_flash_attn_2_available():
-            out.append(Variant("flash_attention_2", documents=True, compile=False))
+            out.append(Variant("flash_attention_2", documents=True, compile=False, recipe_batch=True))
+        if is_flash_attn_3_available():
+            out.append(Variant("flash_attention_3", documents=True, compile=False, recipe_batch=True))
     return out
+
+
+@contextlib.contextmanager
+def flash_entry_points():
+    """Count the calls of the flash-attn functions transformers loaded (`_flash_fn`: dense, `_flash_varlen_fn`: the
+    segments of a flattened batch) while the block runs; yields the Counter. Nothing is counted until a flash
+    forward has loaded them (the warmup steps do)."""
+    from collections import Counter
+
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    calls: Counter = Counter()
+    originals = {"dense": flash_utils._flash_fn, "varlen": flash_utils._flash_varlen_fn}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    flash_utils._flash_fn = counted("dense", originals["dense"]) if originals["dense"] else None
+    flash_utils._flash_varlen_fn = counted("varlen", originals["varlen"]) if originals["varlen"] else None
+    try:
+        yield calls
+    finally:
+        flash_utils._flash_fn, flash_utils._flash_varlen_fn = originals["dense"], originals["varlen"]
 
 
 def packed_rows(batch_size: int, length: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -111,7 +151,9 @@ def packed_rows(batch_size: int, length: int, vocab: int, seed: int) -> dict[str
             documents[row, start:end] = document
             start, document = end, document + 1
     input_ids = torch.randint(3, vocab, (batch_size, length), generator=generator)
-    return {"input_ids": input_ids, "labels": input_ids, "position_ids": positions, "document_ids": documents}
+    segments = varlen_kwargs(np.ones((batch_size, length), dtype=np.int64), documents.numpy())
+    return {"input_ids": input_ids, "labels": input_ids, "position_ids": positions, "document_ids": documents,
+            **segments}
 
 
 def kernel_seen(prof) -> str:
@@ -147,14 +189,14 @@ def run_variant(variant: Variant, config, vocab: int, batch_size: int, args, dev
     if not variant.documents:  # the same tokens, one causal block per row
         batches = [{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batches]
     if device.type == "cuda":
-        batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         torch.cuda.reset_peak_memory_stats(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
     def step(i: int) -> float:
         """One optimizer step; returns the seconds spent getting the batch onto the device."""
         waited = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
+        batch = batch_to(batches[i % len(batches)], device, non_blocking=True)
         waited = time.perf_counter() - waited
         with autocast:
             loss = forward(**batch).loss
@@ -178,9 +220,10 @@ def run_variant(variant: Variant, config, vocab: int, batch_size: int, args, dev
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities) as prof, flash_entry_points() as entry_points:
         step(0)
         synchronize()
+    row.entry_points = ", ".join(f"{name} x{n}" for name, n in sorted(entry_points.items()))
 
     tokens_per_s = args.steps * batch_size * length / elapsed
     row.tokens_per_s = round(tokens_per_s, 1)
@@ -273,7 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.time_budget and elapsed + longest > args.time_budget:
             rows.append(Row(variant.name, batch_size or 0, note=f"skipped: --time-budget {args.time_budget:.0f} s"))
             continue
-        if batch_size is None and not (device.type == "cpu" and variant.attention == "flex_attention"):
+        if variant.recipe_batch:
+            try:
+                row = run_variant(variant, config, vocab, config.data.batch_size, args, device)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                row = Row(variant.name, config.data.batch_size, note="out of memory at the recipe's micro-batch")
+        elif batch_size is None and not (device.type == "cpu" and variant.attention == "flex_attention"):
             batch_size, row = largest_batch(variant, config, vocab, args, device)
         else:
             try:
@@ -303,13 +352,14 @@ def print_table(rows: list[Row], device_name: str, config, args, seconds: float)
     print(f"\n{device_name}, recipe={args.recipe}, sequence {config.data.sequence_length}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.steps} timed steps after {args.warmup}, "
           f"peak {args.peak_tflops or '-'} TFLOP/s, {seconds:.0f} s in all\n")
-    print("| variant | micro-batch | tokens/s | MFU | peak memory (GiB) | data wait % | attention kernel | note |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | micro-batch | tokens/s | MFU | peak memory (GiB) | data wait % | attention kernel | flash entry "
+          "points | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mfu = f"{100 * row.mfu:.1f}%" if row.mfu is not None else "-"
         cells = [row.variant, row.batch_size, row.tokens_per_s or "-", mfu, row.peak_memory_gib or "-",
                  row.data_wait_pct if row.data_wait_pct is not None else "-", f"`{row.kernel}`" if row.kernel else "-",
-                 row.note]
+                 row.entry_points or "-", row.note]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_streamlm.config import Config, ConfigError, load_config
-from hf_streamlm.data.collate import CausalCollator, make_collator
+from hf_streamlm.data.collate import CausalCollator, batch_to, make_collator
 from hf_streamlm.env import default_device
 
 MASKED, CAUSAL = "microbert", "decoder"
@@ -75,7 +75,7 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
     tokens = text_bytes = 0
     byte_lengths = byte_lengths.to(device) if causal and byte_lengths is not None else None
     for i in range(0, len(blocks), batch_size):
-        batch = {k: v.to(device) for k, v in collator(blocks[i : i + batch_size]).items()}
+        batch = batch_to(collator(blocks[i : i + batch_size]), device)
         with context:
             out = model(**batch)
         labels = batch["labels"][:, 1:] if causal else batch["labels"]  # a causal LM predicts the next token

@@ -1,15 +1,20 @@
-"""No host-device synchronisation in a micro-step that does not log (issue 15, item 2), counted in the real
-training loop: every ``.item()``, ``int()``, ``bool()`` on a tensor is one ``aten._local_scalar_dense`` call,
-the read-back that makes the CPU wait for the GPU. On the CPU the same calls are made, so they can be
-counted here, without a GPU."""
+"""No host-device synchronisation in a micro-step that does not log (issues 15 and 26), counted in the real
+training loop, for both families, in one process and in a real 2-process ``accelerate launch``: every operator
+that makes the host wait for a CUDA GPU (tests/host_syncs.py lists them: ``.item()`` and friends, ``nonzero``,
+boolean-mask indexing, ``masked_select``, ``repeat_interleave`` without ``output_size``, ``unique``, ...). On the
+CPU the same calls are made, so they can be counted here, without a GPU."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import DECODER, MLM
+from tests.conftest import DECODER, MLM, REPO
+from tests.host_syncs import Syncs, syncs, syncs_per_micro_step
 
 GAS = 4  # micro-batches per optimizer step
 SYNC_RUN = [
@@ -20,67 +25,68 @@ SYNC_RUN = [
     "runtime.checkpoint.every_n_steps=3",
     "runtime.evaluation.every_n_steps=null",
 ]
-TOP_MODELS = ("DecoderForCausalLM", "MicroBertForMaskedLM")
 
 
-class ReadBacks(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense`` calls, except inside ``optimizer.step()``: torch's non-fused CPU
-    AdamW reads its step counters with ``.item()``, host tensors on a GPU too (the fused CUDA kernel
-    keeps them on the device), so they say nothing about the loop."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-        self.in_optimizer = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and not self.in_optimizer:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def read_backs_per_micro_step(args: list[str], tmp_path) -> list[int]:
-    """Read-backs between the starts of consecutive training forwards of a real ``train()`` run: interval i
-    holds micro-step i and the host work up to the next forward (at a step's end: the optimizer step, and
-    logging/eval/checkpoint when due)."""
-    from torch.nn.modules.module import register_module_forward_pre_hook
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    from hf_streamlm.config import load_config
-    from hf_streamlm.train.loop import train
-
-    config = load_config([*args, *SYNC_RUN, f"runtime.output_dir={tmp_path / 'run'}"])
-    counter, marks = ReadBacks(), []
-
-    def on_forward(module, inputs):
-        if type(module).__name__ in TOP_MODELS and module.training:
-            marks.append(counter.count)
-
-    def enter_optimizer(optimizer, args, kwargs):
-        counter.in_optimizer = True
-
-    def leave_optimizer(optimizer, args, kwargs):
-        counter.in_optimizer = False
-
-    handles = [register_module_forward_pre_hook(on_forward), register_optimizer_step_pre_hook(enter_optimizer),
-               register_optimizer_step_post_hook(leave_optimizer)]
-    try:
-        with counter:
-            train(config)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert len(marks) == 3 * GAS, marks
-    return [b - a for a, b in zip(marks, marks[1:])]
-
-
-@pytest.mark.parametrize("family", ["decoder", "microbert"])
-def test_micro_steps_that_do_not_log_read_nothing_back(family, tmp_path):
-    # The decoder recipe packs documents (position_ids, document_ids): the document-causal mask path.
-    per_interval = read_backs_per_micro_step(DECODER if family == "decoder" else MLM, tmp_path)
-    # Interval i runs micro-step i (forward, backward) and the host work up to micro-step i + 1's forward.
+def check(per_interval: list[int]) -> None:
+    """Interval i runs micro-step i (forward, backward) and the host work up to micro-step i + 1's forward."""
     within_steps = [n for i, n in enumerate(per_interval) if (i + 1) % GAS]
     step_ends = [n for i, n in enumerate(per_interval) if (i + 1) % GAS == 0]  # steps 1 and 2: no log, no save
     assert within_steps == [0] * len(within_steps), per_interval
-    # Once per optimizer step: the guard's verdict and the stop flag, read back together.
+    # Once per optimizer step: the guard's verdict and the stop flag, read back together (the data-failure
+    # flag of several processes is reduced on the host: tests/test_host_sync.py's launch).
     assert step_ends == [1, 1], per_interval
+
+
+def family_args(family: str, tokenizer) -> list[str]:
+    # The decoder recipe packs documents (position_ids, document_ids, the flash kernels' segments): the
+    # document-causal mask path. MicroBERT's training head takes its labelled rows from the collator.
+    return [*(DECODER if family == "decoder" else MLM), f"tokenizer.path={tokenizer}", *SYNC_RUN]
+
+
+@pytest.mark.parametrize("family", ["decoder", "microbert"])
+def test_micro_steps_that_do_not_log_sync_nothing(family, tmp_path, request, reset_accelerate):
+    tokenizer = request.getfixturevalue("bpe_800" if family == "decoder" else "wordpiece_800")
+    per_interval, by_op = syncs_per_micro_step(
+        [*family_args(family, tokenizer), f"runtime.output_dir={tmp_path / 'run'}"], 3 * GAS)
+    check(per_interval)
+
+
+@pytest.mark.parametrize("family", ["decoder", "microbert"])
+def test_two_processes_sync_nothing_in_a_micro_step(family, tmp_path, request):
+    """The same count on each rank of a real 2-process launch (gloo): DDP adds no read-back (the data-failure
+    flag of the ranks is reduced on the host), and both ranks count the same."""
+    from tests.test_accelerate_configs import free_port
+
+    tokenizer = request.getfixturevalue("bpe_800" if family == "decoder" else "wordpiece_800")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), "-m", "tests.host_syncs", str(tmp_path), str(3 * GAS), family,
+           *family_args(family, tokenizer), f"runtime.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = [json.loads((tmp_path / f"syncs-{family}-rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in counts:
+        check(rank["intervals"])
+    assert counts[0]["intervals"] == counts[1]["intervals"], counts
+
+
+def test_the_counter_sees_what_syncs_on_cuda():
+    """Each listed operator is counted, and the sync-free spellings of the same work are not."""
+    x, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
+    with Syncs() as counter:
+        x.sum().item()
+        x[mask]
+        x.masked_select(mask)
+        torch.nonzero(x)
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        torch.unique(x)
+        y = x.clone()
+        y[mask] = 0.0
+    assert counter.count == 7, dict(counter.by_op)
+    with Syncs() as counter:
+        x.index_select(0, torch.tensor([0, 2, 4]))  # the positions computed on the host: no read-back
+        torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)
+        torch.where(mask, x, 0.0)
+        x.masked_fill(mask, 0.0)
+    assert counter.count == 0, dict(counter.by_op)
+    assert not syncs(torch.ops.aten._to_copy.default, (x,), {"device": torch.device("cpu")})  # host to host

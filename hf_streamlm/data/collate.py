@@ -1,4 +1,10 @@
-"""Collators: causal-LM labels, and BERT masking (15%, 80/10/10, special tokens never masked)."""
+"""Collators: causal-LM labels, and BERT masking (15%, 80/10/10, special tokens never masked).
+
+They run on the CPU, in the DataLoader workers, and also compute there what the GPU step would
+otherwise have to read back from the device: the packed documents' boundaries for the flash kernels
+(``cu_seq_lens_q/k``, ``max_length_q/k``) and the labelled positions of a masked-LM batch. A value the
+host computes from the batch costs nothing; the same value derived on the GPU stalls the host once per
+micro-step (or, in transformers' flash path, once per layer)."""
 
 from __future__ import annotations
 
@@ -21,16 +27,57 @@ def inputs_and_mask(examples: list[dict[str, list[int]]]) -> tuple[torch.Tensor,
     return input_ids, torch.ones_like(input_ids)
 
 
-class CausalCollator:
-    """Stack blocks; labels are the inputs (the model shifts), padding ignored with -100."""
+def varlen_kwargs(attention_mask: np.ndarray, document_ids: np.ndarray | None = None,
+                  position_ids: np.ndarray | None = None) -> dict[str, torch.Tensor | int]:
+    """transformers' ``FlashAttentionKwargs`` of a ``(batch, seq)`` batch flattened into one sequence of
+    ``batch * seq`` tokens: ``cu_seq_lens_q/k``, the int32 offsets where each segment starts (and the total
+    at the end), and ``max_length_q/k``, the longest segment, a Python int (the kernels take it as one).
 
-    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    A segment is a run of tokens that attend to each other: a new one starts at every row, at every
+    document change (``document_ids``, else ``position_ids`` that do not continue: the rule of
+    transformers' ``find_packed_sequence_indices``) and where padding starts or stops. Padding is thus a
+    segment of its own, so no real token attends to it and every position has an output (the kernels
+    leave positions outside every segment unwritten). ``DataCollatorWithFlattening(return_flash_attn_kwargs=
+    True)`` emits the same keys for a batch it flattens itself."""
+    rows, length = attention_mask.shape
+    starts = np.zeros((rows, length), dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
+    if document_ids is not None:
+        starts[:, 1:] |= document_ids[:, 1:] != document_ids[:, :-1]
+    elif position_ids is not None:
+        starts[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
+    offsets = np.append(np.flatnonzero(starts), rows * length).astype(np.int32)
+    cu_seq_lens = torch.from_numpy(offsets)
+    longest = int(np.diff(offsets).max())
+    # One tensor for queries and keys (self-attention), as transformers' own helpers return them.
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+
+
+def batch_to(batch: dict, device: torch.device | str, non_blocking: bool = False) -> dict:
+    """``batch`` with its tensors on ``device``; other values (``max_length_q``: Python ints) as they are."""
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class CausalCollator:
+    """Stack blocks; labels are the inputs (the model shifts), padding ignored with -100.
+
+    Packed documents (``data.document_masking``: the blocks carry ``position_ids`` and ``document_ids``)
+    also get the flattened batch's document boundaries (:func:`varlen_kwargs`), which the decoder hands to
+    the flash kernels: exact document masking at any batch size without a device read-back. The other
+    kernels take the documents from ``document_ids`` and ignore them."""
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor | int]:
         input_ids, attention_mask = inputs_and_mask(examples)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         for key in ("position_ids", "document_ids"):  # packed-document inputs (data.document_masking)
             if key in examples[0]:
                 batch[key] = stack(examples, key)
+        if "position_ids" in batch:
+            documents = batch.get("document_ids")
+            batch.update(varlen_kwargs(attention_mask.numpy(), None if documents is None else documents.numpy(),
+                                       batch["position_ids"].numpy()))
         return batch
 
 
@@ -80,7 +127,11 @@ class MLMCollator:
         randomize = chosen & (roll >= 0.8) & (roll < 0.9)
         random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=g)
         masked = torch.where(randomize, random_ids, masked)
-        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+        # The labelled positions, flat over (batch, seq), found on the host (numpy, no tensor operation): the
+        # model's training head gathers them with an integer index. Derived on the GPU (``hidden[labels !=
+        # -100]``, a boolean index), they cost a device read-back per micro-step.
+        positions = torch.from_numpy(np.flatnonzero(chosen.numpy()))
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels, "masked_positions": positions}
 
 
 def make_collator(config: Config, tokenizer, seed: int) -> CausalCollator | MLMCollator:

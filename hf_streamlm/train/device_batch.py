@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_streamlm.data.collate import batch_to
+
 
 def host_tokens(mask: torch.Tensor) -> int:
     """Real (non-padding) tokens of a CPU ``attention_mask``, summed by numpy: a host count that issues
@@ -23,11 +25,11 @@ def host_tokens(mask: torch.Tensor) -> int:
     return int(mask.numpy().sum())
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+def to_device(batch: dict, device: torch.device) -> tuple[dict, int]:
     """``batch`` on ``device`` and its token count. A mask without padding is left out (the models then
     take the plain causal or bidirectional pattern, which is what an all-ones mask means)."""
     mask = batch.get("attention_mask")
     tokens = host_tokens(mask) if mask is not None else batch["input_ids"].numel()
     if mask is not None and tokens == mask.numel():
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tokens
+    return batch_to(batch, device, non_blocking=True), tokens

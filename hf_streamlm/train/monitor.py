@@ -97,9 +97,12 @@ class NonFiniteGuard:
             bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).reshape(())
         self.bad_loss.zero_()
         if self.accelerator.num_processes > 1:
-            flags = torch.stack([bad.to(torch.float32), torch.full((), float(stop_requested), device=bad.device)])
-            bad_ranks, stop_ranks = self.accelerator.reduce(flags, reduction="sum").tolist()
-            is_bad, stop = bad_ranks > 0, stop_ranks > 0
+            # Both flags in one integer, summed over the ranks: bad + (world + 1) x stop, so the sum is
+            # (bad ranks) + (world + 1) x (stopping ranks) and one scalar read says both.
+            world = self.accelerator.num_processes
+            code = bad.to(torch.int64) + (world + 1) * int(stop_requested)
+            total = int(self.accelerator.reduce(code.reshape(1), reduction="sum"))
+            is_bad, stop = total % (world + 1) > 0, total // (world + 1) > 0
         else:
             is_bad, stop = bool(bad), stop_requested
         self.in_a_row = self.in_a_row + 1 if is_bad else 0

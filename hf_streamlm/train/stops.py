@@ -51,14 +51,32 @@ def fetch_step(batches: Iterator[dict], micro_batches: int, loader=None) -> tupl
     return fetched, None
 
 
+def host_group() -> torch.distributed.ProcessGroup | None:
+    """A process group whose collectives run on the host (gloo): the default group when it is gloo already
+    (CPU runs), else one made once, by every rank at the same point of the loop (its first step). A flag
+    reduced there is a CPU tensor: reading it makes no rank wait for its GPU, where the same flag reduced
+    over NCCL is a device read-back (a stall of the host) per step."""
+    global _HOST_GROUP
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = torch.distributed.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+_HOST_GROUP = None
+
+
 def shared_failure(accelerator: Accelerator, failure: str | None) -> str | None:
     """``failure`` of any rank, on every rank, as one line naming the rank: one small all-reduce per step
-    with several processes; when it says some rank failed, every rank (the failing ones too) enters the
-    gather of the messages, so no rank is left waiting in a collective the others skipped."""
+    with several processes, on the host (:func:`host_group`), so that it adds no device read-back to the
+    step; when it says some rank failed, every rank (the failing ones too) enters the gather of the
+    messages, so no rank is left waiting in a collective the others skipped."""
     if accelerator.num_processes == 1:
         return failure
-    flag = accelerator.reduce(torch.tensor([1 if failure else 0], device=accelerator.device), reduction="sum")
-    if not flag.item():
+    flag = torch.tensor([1 if failure else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, group=host_group())
+    if not flag.numpy()[0]:  # host memory: nothing to wait for
         return None
     from accelerate.utils import gather_object
 

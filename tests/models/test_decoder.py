@@ -136,7 +136,7 @@ def test_config_legacy_rope_arguments_and_aliases():
         ({"residual_dropout": 1.5}, "residual_dropout"),
         ({"hidden_act": "not_an_activation"}, "hidden_act"),
         ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope"),
+        ({"rope_scaling": {"rope_type": "proportional", "factor": 2.0}}, "rope"),
         ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 0.5}}, "factor"),
         ({"rope_theta": -1.0}, "rope_theta"),

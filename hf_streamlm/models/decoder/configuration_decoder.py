@@ -23,9 +23,10 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 
-# The RoPE variants the decoder implements (in `DecoderRotaryEmbedding`); each is also a `rope_type` of the installed
-# transformers, so the native export keeps the same `rope_parameters`.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
+# The RoPE variants the decoder implements (in `DecoderRotaryEmbedding`): the `rope_type`s of transformers'
+# `ROPE_INIT_FUNCTIONS` that stock Llama runs, so the native export keeps the same `rope_parameters`. Not
+# "proportional" (Gemma 4's, for partial rotation, which the decoder does not do).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 def swiglu_intermediate_size(hidden_size: int) -> int:
@@ -81,10 +82,15 @@ class DecoderConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares its weight with the input embeddings (the `LlamaConfig` default is untied).
         rope_parameters (`dict`, *optional*):
-            RoPE settings in the transformers 5 format: `rope_type` (`"default"`, `"linear"` or `"dynamic"`),
-            `rope_theta` (base wavelength, default 10000.0, Su et al. 2021) and, for the scaled types, `factor`
-            (>= 1). `None` means `{"rope_type": "default", "rope_theta": 10000.0}`. May also be given through the
-            legacy arguments `rope_theta` and `rope_scaling` (a dict with `rope_type` and `factor`, or `None`).
+            RoPE settings in the transformers 5 format: `rope_type` (`"default"`, `"linear"`, `"dynamic"`,
+            `"yarn"`, `"llama3"` or `"longrope"`), `rope_theta` (base wavelength, default 10000.0, Su et al. 2021)
+            and, for the scaled types, `factor` (>= 1; optional for `"longrope"`) and the keys of that type in
+            transformers' `modeling_rope_utils` (`"llama3"`: `low_freq_factor`, `high_freq_factor`; `"longrope"`:
+            `short_factor`, `long_factor`, lists of head_dim / 2 numbers; `"yarn"`: optionally `beta_fast`,
+            `beta_slow`, `attention_factor`, `mscale`, `mscale_all_dim`, `truncate`; the last three types:
+            `original_max_position_embeddings`, the trained length, default `max_position_embeddings`). `None` means
+            `{"rope_type": "default", "rope_theta": 10000.0}`. May also be given through the legacy arguments
+            `rope_theta` and `rope_scaling` (a dict with `rope_type` and `factor`, or `None`).
         attention_bias (`bool`, *optional*, defaults to `False`):
             Whether q/k/v/o projections have biases.
         attention_dropout (`float`, *optional*, defaults to 0.0):
@@ -286,13 +292,41 @@ class DecoderConfig(PreTrainedConfig):
         theta = rope_parameters.get("rope_theta")
         if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not theta > 1:
             raise ValueError(f"`rope_theta` (in `rope_parameters`) must be a number > 1, got {theta!r}.")
-        if rope_type != "default":
+        # longrope may leave `factor` out (then max_position_embeddings / original_max_position_embeddings).
+        if rope_type != "default" and not (rope_type == "longrope" and rope_parameters.get("factor") is None):
             factor = rope_parameters.get("factor")
-            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not factor >= 1:
+            if not _is_number(factor) or not factor >= 1:
                 raise ValueError(
                     f"`rope_parameters` (or `rope_scaling`) of rope_type {rope_type!r} needs a `factor` >= 1, "
                     f"got {factor!r}."
                 )
+        if rope_type in ("yarn", "llama3", "longrope"):
+            original = rope_parameters.get("original_max_position_embeddings")
+            if original is not None and not _is_positive_int(original):
+                raise ValueError(
+                    "`rope_parameters['original_max_position_embeddings']` must be a positive integer, "
+                    f"got {original!r}."
+                )
+        required = {"llama3": ("low_freq_factor", "high_freq_factor"), "longrope": ("short_factor", "long_factor")}
+        missing = [key for key in required.get(rope_type, ()) if key not in rope_parameters]
+        if missing:
+            raise ValueError(f"`rope_parameters` of rope_type {rope_type!r} needs {missing}, got {rope_parameters!r}.")
+        if rope_type == "llama3":
+            low, high = rope_parameters["low_freq_factor"], rope_parameters["high_freq_factor"]
+            if not (_is_number(low) and _is_number(high) and 0 < low < high):
+                raise ValueError(
+                    f"`rope_parameters` of rope_type 'llama3' needs 0 < low_freq_factor < high_freq_factor, got "
+                    f"low_freq_factor={low!r}, high_freq_factor={high!r}."
+                )
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                factors = rope_parameters[key]
+                if not (isinstance(factors, (list, tuple)) and len(factors) == self.head_dim // 2
+                        and all(_is_number(value) and value > 0 for value in factors)):
+                    raise ValueError(
+                        f"`rope_parameters['{key}']` must be a list of head_dim / 2 = {self.head_dim // 2} positive "
+                        f"numbers, got {factors!r}."
+                    )
         partial = rope_parameters.get("partial_rotary_factor", 1.0)
         if partial != 1.0:
             raise ValueError(
@@ -306,6 +340,10 @@ def _is_int(value: Any) -> bool:
 
 def _is_positive_int(value: Any) -> bool:
     return _is_int(value) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 
 __all__ = ["DecoderConfig", "swiglu_intermediate_size"]

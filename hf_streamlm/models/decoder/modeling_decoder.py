@@ -17,8 +17,9 @@ What this file adds to (or does differently from) the stock implementation, for 
 - Attention chosen by `config._attn_implementation`: "eager" (softmax in float32) and "sdpa" here, sharing a
   boolean mask, with no mask at all when the plain causal pattern suffices (so SDPA can use its fastest kernels);
   any other name through transformers' attention interface, each handed the mask format it takes (`mask_format`):
-  "flex_attention" a document-causal `BlockMask`, "flash_attention_2/3" the padding mask and the restarting
-  `position_ids` (transformers' padding-free path), so packed documents never build a dense T x T mask there.
+  "flex_attention" a document-causal `BlockMask`, "flash_attention_2/3" the segments of the batch flattened into one
+  sequence (`cu_seq_lens_q/k`, `max_length_q/k`: from the training collator, else derived once per forward), at any
+  batch size, so packed documents never build a dense T x T mask there.
 - A float32 shifted cross-entropy that honours the `num_items_in_batch` the Trainer passes under gradient
   accumulation. A forward that will be differentiated computes it fused with the LM head, `loss_chunk_size`
   positions at a time (`LinearCrossEntropy`): the (batch, seq, vocab) logits are never materialised, and their
@@ -30,6 +31,8 @@ This file is copied next to the weights by the "custom" export and imported with
 processes where `hf_streamlm` is not installed: it imports only torch, transformers and, relatively, its config.
 """
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,7 +47,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_decoder import DecoderConfig
+from .configuration_decoder import SUPPORTED_ROPE_TYPES, DecoderConfig
 
 
 if TYPE_CHECKING:
@@ -58,12 +61,23 @@ if TYPE_CHECKING:
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache passed under either name (`past_key_values` is the pre-5.24 spelling); both at once is an error."""
+def _one_cache(cache: Cache | None, past_key_values: Cache | None, caller: str) -> Cache | None:
+    """The cache passed under either name (`past_key_values` is the pre-5.24 spelling); both at once is an error.
+
+    Where the installed transformers has renamed it (5.24 on), `past_key_values` warns as transformers'
+    `deprecate_kwarg` makes a stock model's `forward` warn (a FutureWarning, "`past_key_values` is deprecated");
+    before 5.24 it is the name `generate` itself passes, and stays silent.
+    """
     if past_key_values is None:
         return cache
     if cache is not None:
         raise ValueError("Pass the key/value cache as `cache` or as `past_key_values`, not both.")
+    if CACHE_FIELD == "cache" and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"`past_key_values` is deprecated for `{caller}` (transformers 5.24 renamed it). Use `cache` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
     return past_key_values
 
 
@@ -98,35 +112,73 @@ class DecoderRMSNorm(nn.Module):
 class DecoderRotaryEmbedding(nn.Module):
     """cos/sin tables of rotary position embeddings (Su et al. 2021, "RoFormer") for given `position_ids`.
 
-    The inverse frequencies are `theta ** (-2i / head_dim)`, recomputed on every call (head_dim / 2 numbers): no buffer
-    means nothing to initialise after a meta-device `from_pretrained`, nothing to keep in float32 under `.to(bf16)`,
-    and no extra state dict keys. Scaling variants (the `rope_type`s of transformers):
+    The inverse frequencies are `theta ** (-2i / head_dim)`, rescaled as the `rope_type` of `config.rope_parameters`
+    says and recomputed on every call (head_dim / 2 numbers): no buffer means nothing to initialise after a
+    meta-device `from_pretrained`, nothing to keep in float32 under `.to(bf16)`, and no extra state dict keys. The
+    call is `LlamaRotaryEmbedding`'s, `(x, position_ids) -> (cos, sin)`, and `inv_freq` / `attention_scaling` read
+    as its attributes do after initialisation. Each variant is the function of the same `rope_type` in transformers'
+    `modeling_rope_utils`, in the same float operations, so that the tables equal a stock Llama's bit for bit
+    (tests/models/test_decoder_contracts.py):
 
     - "linear" (kaiokendev 2023; Chen et al. 2023, "Extending Context Window ... via Positional Interpolation"):
       frequencies divided by `factor`, i.e. positions compressed by `factor`.
     - "dynamic" (NTK-aware, bloc97/emozilla 2023): while the longest position + 1 (`seq_len`) is within
       `max_position_embeddings` the frequencies are the plain ones; beyond it the base becomes
       `theta * (factor * seq_len / max_position_embeddings - (factor - 1)) ** (head_dim / (head_dim - 2))`.
-      The same formula and float arithmetic as transformers' `_compute_dynamic_ntk_parameters`, evaluated per call.
       (transformers keeps the last grown table while later inputs stay longer than `max_position_embeddings`; this
       module always uses the current input's length, which only differs for inputs shorter than an earlier one.)
+    - "yarn" (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models"): each frequency
+      a blend of the plain one and the one divided by `factor`, by a linear ramp over the dimensions that make
+      between `beta_fast` (32) and `beta_slow` (1) turns within `original_max_position_embeddings`; cos and sin are
+      multiplied by `attention_factor`, by default the paper's 0.1 ln(factor) + 1 (Eq. 21; with `mscale` and
+      `mscale_all_dim`, DeepSeek's ratio of two such terms).
+    - "llama3" (Meta, Llama 3.1): frequencies whose wavelength exceeds `original_max_position_embeddings /
+      low_freq_factor` divided by `factor`, those under `original_max_position_embeddings / high_freq_factor` kept,
+      and the band between interpolated smoothly.
+    - "longrope" (Ding et al. 2024, "LongRoPE"; Phi-3): frequency i divided by `short_factor[i]` while `seq_len` is
+      within `original_max_position_embeddings`, by `long_factor[i]` beyond; cos and sin are multiplied by
+      `attention_factor`, by default sqrt(1 + ln(factor) / ln(original_max_position_embeddings)), `factor`
+      defaulting to `max_position_embeddings / original_max_position_embeddings`.
+
+    `original_max_position_embeddings` defaults to `max_position_embeddings`, as transformers'
+    `standardize_rope_params` fills it in.
     """
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
 
-    def inverse_frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies of inputs within the trained length (float32): what `LlamaRotaryEmbedding.inv_freq`
+        holds after initialisation. Computed on each read, not a buffer."""
+        return self.frequencies()[0]
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor of cos and sin (1.0 but for "yarn" and "longrope"): `LlamaRotaryEmbedding.attention_scaling`."""
+        return self.frequencies()[1]
+
+    def frequencies(self, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """`(inv_freq, attention_scaling)` for inputs at `position_ids` (None: inputs within the trained length); only
+        "dynamic" and "longrope" depend on the positions, through their longest one."""
         rope = self.config.rope_parameters
         rope_type = rope.get("rope_type", "default")
         dim = self.config.head_dim
         base = rope["rope_theta"]
+        device = None if position_ids is None else position_ids.device
+        max_positions = self.config.max_position_embeddings
+        original_length = rope.get("original_max_position_embeddings") or max_positions
         # int64 arange then float, as transformers does, so the exponents (hence the frequencies) are bit-identical.
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device).float() / dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+
+        if rope_type == "default":
+            return 1.0 / base**exponents, 1.0
+        if rope_type == "linear":
+            return 1.0 / base**exponents / rope["factor"], 1.0
         if rope_type == "dynamic":
             factor = rope["factor"]
-            max_positions = self.config.max_position_embeddings
-            seq_len = torch.max(position_ids) + 1
+            seq_len = max_positions if position_ids is None else torch.max(position_ids) + 1
             # Data-dependent branch (a host sync), where transformers' `dynamic_rope_update` has it. Within the
             # trained length the formula is evaluated in Python floats at seq_len = max_position_embeddings (the
             # base is then theta, up to rounding when `factor` is not an integer), beyond it in float32 tensors:
@@ -134,19 +186,86 @@ class DecoderRotaryEmbedding(nn.Module):
             if not seq_len > max_positions:
                 seq_len = max_positions
             base = base * ((factor * seq_len / max_positions) - (factor - 1)) ** (dim / (dim - 2))
-        inv_freq = 1.0 / (base**exponents)
-        if rope_type == "linear":
-            inv_freq = inv_freq / rope["factor"]
-        return inv_freq
+            return 1.0 / base**exponents, 1.0
+        if rope_type == "yarn":
+            return self._yarn(rope, base, exponents, original_length)
+        if rope_type == "llama3":
+            inv_freq = 1.0 / base**exponents
+            factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+            wavelength = 2 * math.pi / inv_freq
+            long_waves = wavelength > original_length / low
+            scaled = torch.where(long_waves, inv_freq / factor, inv_freq)
+            smooth = (original_length / wavelength - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium_waves = ~(wavelength < original_length / high) * ~long_waves
+            return torch.where(medium_waves, smoothed, scaled), 1.0
+        if rope_type == "longrope":
+            factor = rope.get("factor")
+            if factor is None:
+                factor = max_positions / original_length
+            scaling = rope.get("attention_factor")
+            if scaling is None:
+                scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_length))
+            powers = base**exponents
+            short = 1.0 / (torch.tensor(rope["short_factor"], dtype=torch.float32, device=device) * powers)
+            if position_ids is None:
+                return short, scaling
+            long = 1.0 / (torch.tensor(rope["long_factor"], dtype=torch.float32, device=device) * powers)
+            # A 0-dim condition: no host sync (transformers' `longrope_frequency_update` selects the same way).
+            return torch.where(torch.max(position_ids) + 1 > original_length, long, short), scaling
+        raise ValueError(
+            f"`rope_parameters` has rope_type {rope_type!r}; the decoder implements {list(SUPPORTED_ROPE_TYPES)}."
+        )
+
+    def _yarn(
+        self, rope: dict, base: float, exponents: torch.Tensor, original_length: int
+    ) -> tuple[torch.Tensor, float]:
+        """YaRN's frequencies and cos/sin factor (transformers' `_compute_yarn_parameters`)."""
+        dim = 2 * exponents.shape[0]
+        factor = rope.get("factor")
+        if factor is None:
+            factor = self.config.max_position_embeddings / original_length
+        scaling = rope.get("attention_factor")
+        if scaling is None:
+            mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                scaling = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+            else:
+                scaling = _yarn_mscale(factor)
+
+        def dimension(turns: float) -> float:
+            # The dimension whose wavelength 2 pi theta^(2i/dim) fits `turns` times into the original length.
+            return (dim * math.log(original_length / (turns * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = dimension(rope.get("beta_fast") or 32), dimension(rope.get("beta_slow") or 1)
+        if rope.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # a ramp of zero width would divide by zero
+        ramp = (torch.arange(dim // 2, dtype=torch.float32, device=exponents.device) - low) / (high - low)
+        keep_plain = 1 - ramp.clamp(0, 1)  # the weight of the plain (extrapolated) frequency
+        powers = base**exponents
+        inv_freq = 1.0 / (factor * powers) * (1 - keep_plain) + 1.0 / powers * keep_plain
+        return inv_freq, scaling
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return `(cos, sin)`, each `(batch or 1, seq, head_dim)` in `dtype`; angles are computed in float32."""
-        inv_freq = self.inverse_frequencies(position_ids)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(cos, sin)`, each `(batch or 1, seq, head_dim)` in `x.dtype` (`x` gives only the dtype); angles are
+        computed in float32."""
+        inv_freq, scaling = self.frequencies(position_ids)
         freqs = position_ids[..., None].float() * inv_freq
         # Llama's layout: the two halves of a head (not interleaved pairs) form the rotated pairs.
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature factor 0.1 mscale ln(scale) + 1 (Peng et al. 2023, Eq. 21), 1 for scale <= 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -250,12 +369,18 @@ def check_key_shape(name: str, tensor: torch.Tensor | None, batch_size: int, key
         )
 
 
+# transformers' `FlashAttentionKwargs` for padding-free batches: the segments of the batch flattened into one sequence.
+FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def mask_format(attn_implementation: str, output_attentions: bool = False) -> str:
-    """The attention mask each attention implementation takes, as transformers' `masking_utils` hands them out:
+    """The attention inputs each attention implementation takes, as transformers' `masking_utils` hands them out:
 
     - "block": a FlexAttention `BlockMask`, built from the document/padding/causal rule (never a dense T x T);
-    - "padding": the 2D padding mask or None; the flash kernels read packed documents off `position_ids` that
-      restart at 0 (transformers' padding-free path computes `cu_seqlens` from them), so nothing else is needed;
+    - "varlen": for the flash kernels, packed documents (and padding) as the segments of the batch flattened into
+      one sequence (`cu_seq_lens_q/k`, `max_length_q/k`: `DecoderModel._flash_inputs`), at any batch size; no
+      mask. transformers' own fallback, segments read off restarting `position_ids` in every layer, only works at
+      batch size 1 (at batch 2 it runs plain causal flash, and documents attend to each other);
     - "dense": a boolean `(batch, 1, q, k)` mask, or None when the plain causal pattern suffices (eager, sdpa, and
       any other function registered with transformers' `AttentionInterface`).
     """
@@ -264,8 +389,34 @@ def mask_format(attn_implementation: str, output_attentions: bool = False) -> st
     if attn_implementation == "flex_attention":
         return "block"
     if attn_implementation.startswith("flash_attention"):
-        return "padding"
+        return "varlen"
     return "dense"
+
+
+def flex_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: "BlockMask",
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' "flex_attention" function, with its kernel compiled for static shapes on the CPU.
+
+    transformers compiles `flex_attention` once with torch.compile's default `dynamic=None`, so the first shape that
+    changes (batch 1, then 2) makes dynamo recompile with symbolic sizes. Inductor's C++ FlexAttention template
+    (torch 2.13, `_inductor/codegen/cpp_flex_attention_template.py`) then renames its block-size arguments back by
+    plain text replacement (`ks1` -> `cur_qSplitSize`), which also rewrites any later size argument `ks1<digit>`,
+    e.g. the batch size of the `document_ids` the mask function reads: the C++ does not compile (`'cur_qSplitSize8'
+    was not declared`). Without automatic dynamic shapes, each new shape compiles static, as the first one did (up
+    to torch._dynamo's `recompile_limit` shapes, then flex_attention's unfused implementation). The GPU's Triton
+    template has no such replacement and keeps its dynamic kernel; inside a compiled model the caller's compile rules.
+    """
+    flex = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    if query.device.type != "cpu" or torch.compiler.is_compiling():
+        return flex(module, query, key, value, attention_mask, **kwargs)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        return flex(module, query, key, value, attention_mask, **kwargs)
 
 
 class DecoderAttention(nn.Module):
@@ -299,8 +450,10 @@ class DecoderAttention(nn.Module):
         is_causal: bool = True,
         cache: Cache | None = None,
         output_attentions: bool = False,
-        position_ids: torch.Tensor | None = None,
+        **attention_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_kwargs` go to the functions of transformers' attention interface only (the flash kernels'
+        `cu_seq_lens_q/k` and `max_length_q/k`; see `DecoderModel._flash_inputs`)."""
         batch_size, seq_length, _ = hidden_states.shape
         head_shape = (batch_size, seq_length, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
@@ -327,8 +480,9 @@ class DecoderAttention(nn.Module):
         else:
             # Any other name is dispatched through transformers' attention interface (flex_attention,
             # flash_attention_2/3, kernels registered by the user), with the module-first signature and the
-            # (batch, q_len, heads, head_dim) output its functions share.
-            context, probs = ALL_ATTENTION_FUNCTIONS[implementation](
+            # (batch, q_len, heads, head_dim) output its functions share; flex_attention through its CPU wrapper.
+            flex = implementation == "flex_attention"
+            context, probs = (flex_attention_forward if flex else ALL_ATTENTION_FUNCTIONS[implementation])(
                 self,
                 query,
                 key,
@@ -337,7 +491,7 @@ class DecoderAttention(nn.Module):
                 scaling=self.scaling,
                 dropout=dropout,
                 is_causal=is_causal,
-                position_ids=position_ids,
+                **attention_kwargs,
             )
         context = context.reshape(batch_size, seq_length, -1)
         return self.o_proj(context), probs
@@ -383,7 +537,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         is_causal: bool = True,
         cache: Cache | None = None,
         output_attentions: bool = False,
-        position_ids: torch.Tensor | None = None,
+        **attention_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention_output, probs = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -392,7 +546,7 @@ class DecoderLayer(GradientCheckpointingLayer):
             is_causal=is_causal,
             cache=cache,
             output_attentions=output_attentions,
-            position_ids=position_ids,
+            **attention_kwargs,
         )
         hidden_states = hidden_states + self.residual_dropout(attention_output)
         mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -571,6 +725,59 @@ class DecoderModel(DecoderPreTrainedModel):
         )
         return block_mask, False
 
+    @staticmethod
+    def _flash_inputs(
+        attention_mask: torch.Tensor | None,
+        document_ids: torch.Tensor | None,
+        varlen: dict,
+        batch_size: int,
+        query_length: int,
+        past_length: int,
+    ) -> tuple[torch.Tensor | None, dict]:
+        """`(mask, attention_kwargs)` for the flash kernels (transformers' `_flash_attention_forward`).
+
+        Packed documents or padding at the start of a sequence become segments of the batch flattened into one
+        sequence: the kernels' variable-length entry point (`flash_attn_varlen_func`) then attends within each
+        segment, at any batch size, the same attention as the document mask of the other kernels. `varlen` are
+        the segments given by the caller (`FLASH_VARLEN_KWARGS`; the training collator computes them on the CPU,
+        `hf_streamlm.data.collate.varlen_kwargs`): used as given, nothing is read back from the device. Without
+        them they are derived here, once per forward (one read-back for the longest segment), rather than by
+        transformers once per layer. The padding of a generation step with a cache goes as the 2D mask (the
+        kernels' own unpadding).
+        """
+        if varlen:
+            if len(varlen) < len(FLASH_VARLEN_KWARGS):
+                missing = [key for key in FLASH_VARLEN_KWARGS if key not in varlen]
+                raise ValueError(f"the flash kernels' segments need all of {FLASH_VARLEN_KWARGS}; missing {missing}")
+            if past_length:
+                raise ValueError("`cu_seq_lens_q/k` describe a whole flattened batch: not combinable with a cache")
+            return None, varlen
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("the flash kernels take a 2D padding `attention_mask`, not a 4D mask.")
+        if past_length or query_length == 1:
+            if document_ids is not None:
+                raise ValueError("`document_ids` with the flash kernels need the whole sequence (no cache)")
+            return attention_mask, {}
+        keep = attention_mask
+        if keep is not None and bool(keep.all()):  # without padding there is nothing to mask
+            keep = None
+        if keep is None and document_ids is None:
+            return None, {}  # the plain causal pattern: flash's dense entry point
+        device = (keep if keep is not None else document_ids).device
+        starts = torch.zeros(batch_size, query_length, dtype=torch.bool, device=device)
+        starts[:, 0] = True
+        if keep is not None:
+            keep = keep.expand(batch_size, -1)
+            starts[:, 1:] |= keep[:, 1:] != keep[:, :-1]
+        if document_ids is not None:
+            documents = document_ids.expand(batch_size, -1)
+            starts[:, 1:] |= documents[:, 1:] != documents[:, :-1]
+        total = torch.tensor([batch_size * query_length], device=device)
+        offsets = torch.cat([starts.reshape(-1).nonzero().reshape(-1), total]).to(torch.int32)
+        longest = int(offsets.diff().max())
+        return None, {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest,
+                      "max_length_k": longest}
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -621,14 +828,18 @@ class DecoderModel(DecoderPreTrainedModel):
             past_key_values (`Cache`, *optional*):
                 The name of `cache` before transformers 5.24, still accepted.
             kwargs:
-                Accepted and ignored, so that extra collator, Trainer or `generate` keys do not break the call.
+                `cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`, `max_length_k` (transformers'
+                `FlashAttentionKwargs`): the segments of the batch flattened into one sequence, which the flash
+                kernels attend within; the training collator emits them for packed documents. The other kernels take
+                the documents from `document_ids` and ignore them. Other keys are accepted and ignored, so that extra
+                collator, Trainer or `generate` keys do not break the call.
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        cache = _one_cache(cache, past_key_values)
+        cache = _one_cache(cache, past_key_values, f"{type(self).__name__}.forward")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.layers):
@@ -654,14 +865,17 @@ class DecoderModel(DecoderPreTrainedModel):
             document_ids = self._documents_from_positions(position_ids, batch_size)
 
         mask_kind = mask_format(self.config._attn_implementation, output_attentions)
+        attention_kwargs = {}
         if mask_kind == "block":
             mask, is_causal = self._build_block_mask(
                 attention_mask, document_ids, batch_size, query_length, past_length, key_length, inputs_embeds.device
             )
-        elif mask_kind == "padding":
-            if attention_mask is not None and attention_mask.dim() != 2:
-                raise ValueError(f"{self.config._attn_implementation} takes a 2D padding `attention_mask`.")
-            mask, is_causal = attention_mask, True
+        elif mask_kind == "varlen":
+            varlen = {key: kwargs[key] for key in FLASH_VARLEN_KWARGS if kwargs.get(key) is not None}
+            mask, attention_kwargs = self._flash_inputs(
+                attention_mask, document_ids, varlen, batch_size, query_length, past_length
+            )
+            is_causal = True
         else:
             mask, is_causal = self._build_attention_mask(
                 attention_mask,
@@ -672,7 +886,7 @@ class DecoderModel(DecoderPreTrainedModel):
                 key_length=key_length,
                 device=inputs_embeds.device,
             )
-        position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
@@ -687,7 +901,7 @@ class DecoderModel(DecoderPreTrainedModel):
                 is_causal=is_causal,
                 cache=cache,
                 output_attentions=output_attentions,
-                position_ids=position_ids if mask_kind == "padding" else None,
+                **attention_kwargs,
             )
             if output_attentions:
                 all_attentions += (probs,)
@@ -831,18 +1045,23 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         )
 
     @staticmethod
-    def _shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    def _targets(labels: torch.Tensor, shift_labels: torch.Tensor | None) -> torch.Tensor:
+        """The target of every position, flattened: `shift_labels` as given (already aligned with the positions),
+        else `labels` shifted left by one, as transformers' `ForCausalLMLoss` takes them."""
+        if shift_labels is not None:
+            return shift_labels.reshape(-1)
         # Shift the labels, not the logits: padding one -100 on the right avoids copying the (batch, seq, vocab)
         # logits.
         return nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
 
     def _fused_loss(
-        self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch, shift_labels=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss and the z-loss term it includes (None when `config.z_loss` is 0)."""
-        if labels.shape[:2] != hidden_states.shape[:2]:
+        targets, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
+        if targets.shape[:2] != hidden_states.shape[:2]:
             raise ValueError(
-                f"`labels` have shape {tuple(labels.shape)} but the inputs cover {tuple(hidden_states.shape[:2])}."
+                f"`{name}` have shape {tuple(targets.shape)} but the inputs cover {tuple(hidden_states.shape[:2])}."
             )
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         weight = self.lm_head.weight
@@ -851,7 +1070,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             # What autocast does to the unfused head's matmul, once for all chunks (the casts stay differentiable).
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        flat_labels = self._shifted_labels(labels).to(hidden.device)
+        flat_labels = self._targets(labels, shift_labels).to(hidden.device)
         divisor = (flat_labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
         if torch.is_tensor(divisor):
             divisor = divisor.to(hidden.device)
@@ -860,18 +1079,19 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         return loss, (z_term if z_loss else None)
 
     def _loss(
-        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch, shift_labels=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss and the z-loss term it includes: a training-mode forward adds one when `config.z_loss` > 0 (the
         unfused path trains under ZeRO-3 and FSDP2); an eval-mode loss is the cross entropy alone."""
-        if labels.shape[-1] != logits.shape[-2]:
+        targets, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
+        if targets.shape[-1] != logits.shape[-2]:
             raise ValueError(
-                f"`labels` cover {labels.shape[-1]} positions but logits were kept for {logits.shape[-2]} "
+                f"`{name}` cover {targets.shape[-1]} positions but logits were kept for {logits.shape[-2]} "
                 "(leave `logits_to_keep` at 0 when computing the loss)."
             )
         # float32 cross entropy: the log-sum-exp over the vocabulary is where half precision hurts most.
         flat_logits = logits.float().reshape(-1, logits.shape[-1])
-        flat_labels = self._shifted_labels(labels).to(flat_logits.device)
+        flat_labels = self._targets(labels, shift_labels).to(flat_logits.device)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(flat_logits.device)
         if num_items_in_batch is None:
@@ -901,6 +1121,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         document_ids: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> DecoderCausalLMOutput | tuple:
@@ -921,6 +1142,12 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
                 Number of target tokens in the whole accumulated batch. The Trainer passes it (this forward takes
                 `**kwargs`, so it treats the model as accepting loss kwargs); the loss is then the sum over this
                 micro-batch divided by it, which keeps gradient accumulation exact. Without it the loss is the mean.
+            shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The targets already aligned with the positions (position t predicts `shift_labels[:, t]`, -100 where
+                no loss is wanted), taken instead of `labels` shifted by one. Under context or sequence parallelism
+                the sequence is cut into shards after the shift, so that the last token of each shard keeps its
+                target: transformers' Trainer and DeepSpeed's Ulysses pass them then. Read only when `labels` is
+                given, as `LlamaForCausalLM` reads them.
 
             The other arguments are those of [`DecoderModel.forward`].
         """
@@ -929,19 +1156,20 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=_one_cache(cache, past_key_values),
+            cache=_one_cache(cache, past_key_values, f"{type(self).__name__}.forward"),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
             document_ids=document_ids,
+            **{key: kwargs[key] for key in FLASH_VARLEN_KWARGS if key in kwargs},
         )
         hidden_states = outputs.last_hidden_state
         if labels is not None and self._fuses_loss(hidden_states, logits_to_keep):
             # Differentiated forward: the loss without the logits (`logits` is None in the output).
             logits = None
-            loss, z_term = self._fused_loss(hidden_states, labels, num_items_in_batch)
+            loss, z_term = self._fused_loss(hidden_states, labels, num_items_in_batch, shift_labels)
         else:
             if isinstance(logits_to_keep, int):
                 if logits_to_keep > 0:
@@ -949,7 +1177,10 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             else:
                 hidden_states = hidden_states[:, logits_to_keep]
             logits = self.lm_head(hidden_states)
-            loss, z_term = (None, None) if labels is None else self._loss(logits, labels, num_items_in_batch)
+            if labels is None:
+                loss, z_term = None, None
+            else:
+                loss, z_term = self._loss(logits, labels, num_items_in_batch, shift_labels)
 
         output = DecoderCausalLMOutput(
             loss=loss,
