@@ -98,7 +98,7 @@ def take(lds, its, batches: int, trace: list, out: list | None = None) -> None:
         for ld, it in zip(lds, its):
             batch = next(it)
             if out is not None:
-                out.append({k: v.clone() for k, v in batch.items()})
+                out.append({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)})  # not the flash kernels' ints
             trace.extend(tuple(d) for d in ld.take_documents())
 
 

@@ -63,7 +63,11 @@ def take(stream_loader, n: int) -> list[dict]:
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    # Tensors, and the flash kernels' longest segment (`max_length_q/k`, a Python int).
+    def equal(u, v) -> bool:
+        return torch.equal(u, v) if torch.is_tensor(u) else u == v
+
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 def doc_ids(batches: list[dict], tokenizer) -> list[str]:
