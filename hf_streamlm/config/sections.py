@@ -319,7 +319,9 @@ class RuntimeConfig:
     """Experiment name; names the default output directory ``runs/<experiment>``."""
     resume: str = "auto"
     """``auto`` (the checkpoint the run last completed, named by ``checkpoints/latest.json``; without it the newest
-    complete one), ``never``, or a checkpoint path (newer checkpoints of the run are then moved aside)."""
+    complete one; with no complete one and ``hub.repo_id`` set, the newest complete one on the Hub), ``never``, a
+    checkpoint path (newer checkpoints of the run are then moved aside), or ``hub:<repo_id>[@revision]``: the newest
+    complete checkpoint pushed there (``hub.strategy``), downloaded into the run's checkpoints first."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (faster steps after a one-time compilation)."""
     compile_backend: str = "inductor"
@@ -345,15 +347,36 @@ class RuntimeConfig:
 @dataclass
 class HubConfig:
     push: bool = False
-    """Push the final export to the Hub."""
+    """Push to the Hub: the final export, and during training what ``strategy`` says (uploaded in the background
+    by the main process; training never waits for the network)."""
     repo_id: str | None = None
     """Target repository (``user/name``); required when push is true."""
     private: bool = True
     """Create the repository as private."""
     revision: str | None = None
-    """Branch to push to; ``null`` for the default branch."""
+    """Branch to push to (and where ``runtime.resume=auto`` looks for checkpoints); ``null`` for the default branch."""
     commit_message: str = "Upload model trained with hf_streamlm"
-    """Commit message of the push."""
+    """Commit message of the push; a checkpoint's commit adds its step (``... (step 1500)``)."""
+    strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = "end"
+    """What is pushed when (transformers' ``hub_strategy``): ``end`` the final export only; ``every_save`` also the
+    export of every checkpoint (at the repository's root); ``checkpoint`` also the checkpoint itself under
+    ``checkpoints/step-<N>/``, the newest one kept (older ones deleted by the same commit): a run resumes from it on an
+    empty machine; ``all_checkpoints`` every checkpoint kept. One commit per checkpoint, and a branch ``step-<N>``."""
+    keep_every_n_steps: int | None = None
+    """Milestones: checkpoints at multiples of N steps are always pushed (never coalesced away when the Hub is
+    slower than the checkpoints, as the best one and the last one never are) and ``checkpoint`` keeps them on the
+    Hub; ``null``: none but the best and the last."""
+    min_commit_interval: float = 30.0
+    """Seconds between two commits to the repository: the Hub allows about 128 commits per hour and repository.
+    Checkpoints that come faster coalesce to the newest (milestones wait their turn)."""
+    retries: int = 10
+    """Tries of a push that failed with 429, a 5xx or a network error before it is given up (and listed)."""
+    retry_backoff: float = 5.0
+    """Seconds before the first retry of a push, doubled at each one (at most 10 minutes); a ``Retry-After`` of the
+    Hub is waited for instead when it is longer."""
+    flush_timeout: float = 900.0
+    """Seconds the end of the run (or a stop signal) waits for the pushes still queued; what is not pushed by
+    then is listed in the log, and stays in the run directory."""
     license: str | None = None
     """License of the model, as a Hub license id (``apache-2.0``, ``mit``, ``other`` ...), written into the
     model card's metadata; ``null`` leaves it out (the data's licenses decide what it may be)."""

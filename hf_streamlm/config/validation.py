@@ -152,10 +152,22 @@ def validate(c: Config) -> None:
     _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
     _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
     check_report_to(r.logging.report_to)
-    if r.resume not in ("auto", "never") and not Path(r.resume).exists():
-        raise ConfigError(f"'runtime.resume' must be auto, never or an existing checkpoint path; got {r.resume!r}")
-    if c.hub.push and not c.hub.repo_id:
+    if r.resume.startswith("hub:"):
+        repo_id, _, revision = r.resume.removeprefix("hub:").partition("@")
+        if not repo_id or "@" in r.resume and not revision:
+            raise ConfigError(f"'runtime.resume' from the Hub is hub:<repo_id>[@revision] (hub:me/run-1, "
+                              f"hub:me/run-1@step-1500); got {r.resume!r}")
+    elif r.resume not in ("auto", "never") and not Path(r.resume).exists():
+        raise ConfigError(f"'runtime.resume' must be auto, never, hub:<repo_id>[@revision] or an existing checkpoint "
+                          f"path; got {r.resume!r}")
+    h = c.hub
+    if h.push and not h.repo_id:
         raise ConfigError("'hub.push' is true but 'hub.repo_id' is not set")
+    _positive("hub.keep_every_n_steps", h.keep_every_n_steps)
+    _positive("hub.min_commit_interval", h.min_commit_interval, allow_none=False, allow_zero=True)
+    _positive("hub.retries", h.retries, allow_none=False, allow_zero=True)
+    _positive("hub.retry_backoff", h.retry_backoff, allow_none=False, allow_zero=True)
+    _positive("hub.flush_timeout", h.flush_timeout, allow_none=False, allow_zero=True)
 
 
 def known_trackers() -> list[str]:

@@ -31,12 +31,13 @@ from hf_streamlm.train.builders import (
     check_optimizer_engine,
     estimate,
 )
-from hf_streamlm.train.checkpoint import (abandon_newer, load_checkpoint, main_decides, qualifies_as_best, resume_choice,
-                                          save_best, save_checkpoint, trained_model)
+from hf_streamlm.train.checkpoint import (abandon_newer, load_checkpoint, main_decides, qualifies_as_best, save_best,
+                                          save_checkpoint, trained_model)
 from hf_streamlm.train.demo import print_fill_mask, print_generation
 from hf_streamlm.train.device_batch import to_device
 from hf_streamlm.train.elastic import keep_global_batch
 from hf_streamlm.train.history import History, plot_history
+from hf_streamlm.train.hub_sync import resume_choice, start_pusher
 from hf_streamlm.train.logs import Window, log_row, source_counts
 from hf_streamlm.train.monitor import NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.prepare import count_steps_per_epoch, prepare_tokenizer
@@ -97,6 +98,7 @@ def train(config: Config, command: str | None = None) -> Path:
     # scheduler steps once per optimizer step (a prepared one would step num_processes times).
     configure_deepspeed(accelerator, config)  # DeepSpeed's batch values from the recipe (no prepared loader)
     model, optimizer = accelerator.prepare(model, optimizer)
+    pusher = start_pusher(config, accelerator, out, model, tokenizer)  # hub.push: a background thread, main process
     accelerator.register_for_checkpointing(scheduler)
     eval_blocks = build_eval_blocks(config, tokenizer, r.evaluation.max_batches * d.batch_size)
     eval_collator = make_collator(config, tokenizer, seed=r.seed)  # re-seeded per eval: same masks each time
@@ -197,7 +199,10 @@ def train(config: Config, command: str | None = None) -> Path:
             if (every and state["step"] % every == 0) or state["step"] == total_steps or stopping:
                 saved = save_checkpoint(accelerator, config, tokenizer, ckpt_dir, dict(state), r.checkpoint.max_keep, loader)
             if best:  # among the best.max_keep by eval loss: best/step-<N>
-                save_best(accelerator, config, tokenizer, best_dir, dict(state), r.evaluation.best.max_keep, loader, saved)
+                best_saved = save_best(accelerator, config, tokenizer, best_dir, dict(state), r.evaluation.best.max_keep,
+                                       loader, saved)
+                saved = saved or best_saved
+            pusher.saved(saved, dict(state), best, last=stopping or state["step"] == total_steps)  # queued, not waited for
             if stopping:
                 # The launcher's grace period (torchrun 30 s, docker 10 s, ...) must cover this: see resume.md.
                 accelerator.print(f"Stopped by {stop.name} at step {state['step']}; checkpoint saved in {ckpt_dir} "
@@ -210,6 +215,7 @@ def train(config: Config, command: str | None = None) -> Path:
         stop.restore()
     if stop.received:
         accelerator.wait_for_everyone()
+        pusher.finish()  # the queued pushes, up to hub.flush_timeout (the launcher's grace period may be shorter)
         accelerator.end_training()
         return out
 
@@ -221,11 +227,8 @@ def train(config: Config, command: str | None = None) -> Path:
         if r.demo_sentences:
             demo = print_fill_mask if config.model.type == "microbert" else print_generation
             demo(export_dir, r.demo_sentences)
-        if config.hub.push:
-            from hf_streamlm.export import push_export
-
-            push_export(export_dir, config)
     accelerator.wait_for_everyone()
+    pusher.finish(out / "export", state["step"])  # the other ranks are done: only the main process waits here
     accelerator.end_training()  # closes trackers and the process group: last
     return out
 
