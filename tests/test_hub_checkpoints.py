@@ -226,3 +226,16 @@ def test_a_slow_hub_gets_the_newest_save_and_every_milestone(tmp_path, monkeypat
     release.set()
     assert pusher.finish() == []
     assert pushed == [1, 3, 5, 8] and pusher.dropped == ["step-2", "step-4", "step-6", "step-7"]
+
+
+def test_offline_auto_starts_afresh_and_a_hub_resume_says_why(tmp_path):
+    """HF_HUB_OFFLINE (the suite's default): ``auto`` with hub.repo_id set does not look on the Hub and does not
+    retry; ``hub:`` refuses in one line."""
+    from hf_streamlm.config import load_config
+    from hf_streamlm.train.hub_sync import resume_choice
+
+    start = time.monotonic()
+    assert resume_choice(load_config(["hub.repo_id=me/x"]), tmp_path / "checkpoints") == (None, None)
+    found, refusal = resume_choice(load_config(["runtime.resume=hub:me/x"]), tmp_path / "checkpoints")
+    assert found is None and "HF_HUB_OFFLINE is set" in refusal
+    assert time.monotonic() - start < 5

@@ -76,8 +76,10 @@ def retry_after(err: BaseException) -> float | None:
 def retryable(err: BaseException) -> bool:
     """429, 408 and 5xx answers, and network errors: dropped connections, timeouts (the HTTP client's
     ``TransportError``s, found by name: huggingface_hub 2.x uses ``httpx2``, 1.x ``httpx``)."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if isinstance(err, OfflineModeIsEnabled):  # a ConnectionError, which no retry cures
+        return False
     if isinstance(err, HfHubHTTPError):
         status = getattr(err.response, "status_code", None)
         return status in (408, 429) or (status is not None and status >= 500)
