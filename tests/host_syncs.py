@@ -5,7 +5,8 @@ for every kernel queued before. These are the operators that do so (PyTorch's ``
 flags the same family; the list is from ATen's CUDA kernels, where each calls ``cudaStreamSynchronize`` or a
 synchronous copy):
 
-- ``_local_scalar_dense``: ``.item()``, ``int()``, ``float()``, ``bool()``, ``.tolist()`` of a tensor;
+- ``_local_scalar_dense``: ``.item()``, ``int()``, ``float()``, ``bool()`` of a tensor; and ``Tensor.tolist``,
+  which copies to the host without dispatching an operator (counted by wrapping the method);
 - ``is_nonzero``, ``equal``, ``allclose``: a Python bool out of tensors;
 - ``nonzero`` (and ``argwhere``, one-argument ``where``, which call it), ``masked_select``: an output whose size
   is data-dependent is sized on the host;
@@ -88,6 +89,25 @@ class Syncs(TorchDispatchMode):
         self.count = 0
         self.by_op: Counter[str] = Counter()
         self.paused = False
+
+    def __enter__(self):
+        # `Tensor.tolist` reads a device tensor back without dispatching an operator (it copies to the host in
+        # C++): counted by wrapping the method while the mode is on. A host-side tensor is read with `.numpy()`,
+        # which a CUDA tensor refuses, so nothing that could be on the device escapes the count that way.
+        self.tolist, counter = torch.Tensor.tolist, self
+
+        def counted_tolist(tensor):
+            if not counter.paused:
+                counter.count += 1
+                counter.by_op["Tensor.tolist"] += 1
+            return counter.tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self.tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
