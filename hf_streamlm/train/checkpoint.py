@@ -30,6 +30,7 @@ from hf_streamlm.config import Config, ConfigError, load_config
 from hf_streamlm.durable import sync_dir, write_synced
 from hf_streamlm.data.trace import RECORD as TRACE_RECORD
 from hf_streamlm.data.trace import record_lengths, trace_folder
+from hf_streamlm.train import safe_load
 from hf_streamlm.train.fsdp import fsdp_checkpoint_weights, is_fsdp_checkpoint
 from hf_streamlm.train.zero import is_zero_checkpoint, without_zero3_init, zero_checkpoint_weights
 
@@ -276,9 +277,14 @@ def save_best(accelerator: Accelerator, config: Config, tokenizer, directory: Pa
 
 def resume_choice(config: Config, directory: Path) -> tuple[Path | None, str | None]:
     """``(checkpoint, None)`` to resume from (``None`` for a fresh start), or ``(None, why)`` when the
-    resume is refused: a value to share from the main process, which alone reads the folder."""
+    resume is refused: a value to share from the main process, which alone reads the folder. The chosen checkpoint's
+    pickles are read the restricted way first (:func:`hf_streamlm.train.safe_load.audit`): one that names anything
+    else refuses the resume in one line naming it, on every rank at once."""
     try:
-        return resolve_resume(config, directory), None
+        chosen = resolve_resume(config, directory)
+        if chosen is not None:
+            safe_load.audit(chosen)
+        return chosen, None
     except ConfigError as err:
         return None, str(err)
 
@@ -327,16 +333,20 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None, batch_siz
     once."""
     from hf_streamlm.train.elastic import load_elastic_data, saved_layout
 
+    # Audited when the resume chose it (resume_choice); a checkpoint that came another way (the Hub) is audited here,
+    # on the main process, the refusal shared: no rank reads a pickle before every rank knows they all may.
+    refused = main_decides(accelerator, safe_load.audit_refusal(path) if accelerator.is_main_process else None)
+    if refused:
+        raise ConfigError(refused)
     moved = None
     if loader is not None:
         layout = saved_layout(path)
         old_batch = (yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}).get("data", {}).get("batch_size")
         same = layout == (accelerator.num_processes, loader.num_workers)
         if same and batch_size in (None, old_batch):
-            # Our own file (lists, RNG tuples): not a tensor-only pickle, hence weights_only=False.
-            loader.load_state_dict(torch.load(data_state_file(path, accelerator.process_index), weights_only=False))
+            loader.load_state_dict(safe_load.load(data_state_file(path, accelerator.process_index)))
         else:
-            states = [torch.load(data_state_file(path, r), weights_only=False) for r in range(layout[0])]
+            states = [safe_load.load(data_state_file(path, r)) for r in range(layout[0])]
             resized = replays_other_batches(states, old_batch, batch_size)
             if same and not resized:
                 loader.load_state_dict(states[accelerator.process_index])
@@ -344,7 +354,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path, loader=None, batch_siz
                 moved = load_elastic_data(accelerator, path, loader, states, layout)
                 if resized:
                     moved = f"{resized}: the data state was handed over as on a layout change ({moved})"
-    accelerator.load_state(str(path))
+    # accelerate's scheduler state (custom_checkpoint_N.pkl) and DeepSpeed's shards are asked for with
+    # weights_only=False: forced to weights_only=True, with the allow-list of what they hold (hf_streamlm.train.safe_load).
+    with safe_load.weights_only_loads(safe_load.checkpoint_globals(path)):
+        accelerator.load_state(str(path))
     if moved:
         accelerator.print(moved)
     return json.loads((path / STATE_FILE).read_text())
@@ -398,11 +411,12 @@ def load_checkpoint_model(path: str | Path) -> tuple[PreTrainedModel, object, Co
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     model = build_model(config, tokenizer)
     # A run with runtime.compile=true saves the compiled wrapper's keys ("_orig_mod." prefix).
-    # DeepSpeed and FSDP checkpoints hold shards instead of model.safetensors (hf_streamlm.train.zero, .fsdp).
-    if is_zero_checkpoint(ckpt):
-        weights = zero_checkpoint_weights(ckpt)
-    elif is_fsdp_checkpoint(ckpt):
-        weights = fsdp_checkpoint_weights(ckpt)
+    # DeepSpeed and FSDP checkpoints hold shards instead of model.safetensors (hf_streamlm.train.zero, .fsdp), read by
+    # DeepSpeed's zero_to_fp32 and torch's DCP, which unpickle: the shards are audited, then read with weights_only.
+    if is_zero_checkpoint(ckpt) or is_fsdp_checkpoint(ckpt):
+        safe_load.audit(ckpt)
+        with safe_load.weights_only_loads(safe_load.checkpoint_globals(ckpt)):
+            weights = zero_checkpoint_weights(ckpt) if is_zero_checkpoint(ckpt) else fsdp_checkpoint_weights(ckpt)
     else:
         weights = load_file(ckpt / "model.safetensors")
     state = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}

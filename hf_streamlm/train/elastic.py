@@ -25,11 +25,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from accelerate import Accelerator
 
 from hf_streamlm.config import Config, ConfigError, SourceConfig
+from hf_streamlm.train import safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _value(tree: dict, key: str) -> Any:
 def saved_layout(path: Path) -> tuple[int, int]:
     """(processes, DataLoader workers per process) that wrote the checkpoint's data state."""
     processes = len(list(Path(path).glob("data_state_*.pt")))
-    state = torch.load(Path(path) / "data_state_0.pt", weights_only=False) if processes else {}
+    state = safe_load.load(Path(path) / "data_state_0.pt") if processes else {}
     return processes, state.get("num_workers", 0)
 
 
