@@ -128,7 +128,7 @@ def test_pushes_survive_a_faulty_hub_then_a_killed_run_resumes_from_the_hub_exac
     try:
         wait_until_held(proc, killed, 5)
         deadline = time.monotonic() + 60
-        while 4 not in commit_steps(slow_hub, "me/killed"):
+        while "step-4" not in slow_hub.branches("me/killed"):  # the commit of step 4, then its branch
             assert time.monotonic() < deadline, proc.read["stderr"][-3000:]
             time.sleep(0.1)
     finally:

@@ -1,9 +1,11 @@
 """Checkpoints on the Hub: pushed in the background while the run trains, resumed from on an empty machine.
 
-**Pushing** (``hub.push``, ``hub.strategy``). A thread of the main process uploads; no other rank takes part, and a
-training step never waits for the network: a save stays local, and queuing it hard-links its files into
-``<run>/.hub-pending/step-<N>/`` (checkpoint files are never modified in place, so rotation may delete the
-checkpoint meanwhile; a few milliseconds, whatever the checkpoint's size). Under ``every_save`` and the checkpoint
+**Pushing** (``hub.push``, ``hub.strategy``). A thread of the main process uploads, each try of a commit in a
+process of its own at the lowest priority (hashing and encoding a checkpoint would otherwise hold Python's lock
+against the training's thread); no other rank takes part, and a training step never waits for the network: a
+save stays local, and queuing it hard-links its files into ``<run>/.hub-pending/step-<N>/`` (checkpoint files are
+never modified in place, so rotation may delete the checkpoint meanwhile; a few milliseconds, whatever the
+checkpoint's size). Under ``every_save`` and the checkpoint
 strategies the export of each save is written there too, on the main process (the one part of a push that is not
 in the background: it reads the model as the step left it). Each save is one commit (``create_commit``): the
 export at the repository's root, the checkpoint under ``checkpoints/step-<N>/`` with its manifest, its step in
@@ -63,10 +65,26 @@ class Abandoned(Exception):
     """The push stopped waiting: superseded by a newer save, or the flush ran out of time."""
 
 
+class Failure(Exception):
+    """A try of a commit that failed in its process (:data:`COMMIT`), as that process reported it."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: str | None = None,
+                 names: list[str] | None = None):
+        super().__init__(message)
+        self.status, self.retry_after, self.names = status, retry_after, set(names or [])
+
+
+def _status(err: BaseException) -> int | None:
+    return err.status if isinstance(err, Failure) else getattr(getattr(err, "response", None), "status_code", None)
+
+
 def retry_after(err: BaseException) -> float | None:
     """Seconds the Hub asked to wait (``Retry-After``), or None."""
-    response = getattr(err, "response", None)
-    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    if isinstance(err, Failure):
+        value = err.retry_after
+    else:
+        response = getattr(err, "response", None)
+        value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
     try:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:  # an HTTP date: not sent by the Hub
@@ -76,18 +94,17 @@ def retry_after(err: BaseException) -> float | None:
 def retryable(err: BaseException) -> bool:
     """429, 408 and 5xx answers, and network errors: dropped connections, timeouts (the HTTP client's
     ``TransportError``s, found by name: huggingface_hub 2.x uses ``httpx2``, 1.x ``httpx``)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    if isinstance(err, OfflineModeIsEnabled):  # a ConnectionError, which no retry cures
+    names = err.names if isinstance(err, Failure) else {cls.__name__ for cls in type(err).__mro__}
+    if "OfflineModeIsEnabled" in names:  # a ConnectionError, which no retry cures
         return False
-    if isinstance(err, HfHubHTTPError):
-        status = getattr(err.response, "status_code", None)
+    if "HfHubHTTPError" in names:
+        status = _status(err)
         return status in (408, 429) or (status is not None and status >= 500)
-    names = {cls.__name__ for cls in type(err).__mro__}
-    return bool(names & NETWORK_ERRORS) or isinstance(err, (ConnectionError, TimeoutError))
+    return bool(names & NETWORK_ERRORS)
 
 
-NETWORK_ERRORS = {"TransportError", "NetworkError", "ProtocolError", "TimeoutException"}
+NETWORK_ERRORS = {"TransportError", "NetworkError", "ProtocolError", "TimeoutException", "ConnectionError",
+                  "TimeoutError"}
 
 
 def with_retries(call, what: str, tries: int, backoff: float, wait=time.sleep):
@@ -106,8 +123,10 @@ def with_retries(call, what: str, tries: int, backoff: float, wait=time.sleep):
 
 
 def describe(err: BaseException) -> str:
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    return f"HTTP {status}" if status else f"{type(err).__name__}: {str(err)[:200]}"
+    status = _status(err)
+    if status:
+        return f"HTTP {status}"
+    return str(err)[:300] if isinstance(err, Failure) else f"{type(err).__name__}: {str(err)[:200]}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,59 +317,99 @@ class HubPusher:
                     self.cond.notify_all()
 
     def _push(self, upload: Upload) -> None:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+        """Commit ``upload``, each try in a process of its own (:data:`COMMIT`): hashing and encoding a checkpoint
+        holds Python's lock for long stretches, which a thread would take from the training's own thread (a fifth of
+        the step time in benchmarks/bench_hub_push.py before this); a try still running when the flush runs out of
+        time is killed."""
+        from hf_streamlm.export import NEVER_PUSHED
 
-        hub, api = self.hub, HfApi()
-
-        def retried(call, what: str):
-            return with_retries(call, f"hub push of {upload.name}: {what}", hub.retries, hub.retry_backoff,
-                                lambda s: self._wait(s, upload))
-
-        if not self.ready:
-            retried(lambda: api.create_repo(hub.repo_id, private=hub.private, exist_ok=True), "create_repo")
-            if hub.revision and hub.revision != "main":  # create_commit needs the branch to exist
-                retried(lambda: api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True), "create_branch")
-            self.ready = True
-
-        def operations() -> list:  # made anew for each try: create_commit consumes them
-            from hf_streamlm.export import NEVER_PUSHED
-
-            ops = []
-            if upload.export is not None:
-                ops += [CommitOperationAdd(rel, str(file)) for rel, file in files_of(upload.export)
-                        if not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], p)
-                                   for p in NEVER_PUSHED)]
-            if upload.checkpoint is not None:
-                prefix = f"{REPO_CHECKPOINTS}/step-{upload.step}/"
-                ops += [CommitOperationAdd(prefix + rel, str(file)) for rel, file in files_of(upload.checkpoint)]
-                if hub.strategy == "checkpoint":  # the newest is kept (and the milestones)
-                    ops += [CommitOperationDelete(f"{REPO_CHECKPOINTS}/step-{step}/", is_folder=True)
-                            for step in self._hub_steps(api) if step != upload.step and not self._kept(step)]
-            return ops
-
-        message = hub.commit_message if upload.step is None else f"{hub.commit_message} (step {upload.step})"
-        info = retried(lambda: api.create_commit(hub.repo_id, operations(), commit_message=message,
-                                                 revision=hub.revision), "create_commit")
+        hub = self.hub
+        add = []
+        if upload.export is not None:
+            add += [[rel, str(file)] for rel, file in files_of(upload.export)
+                    if not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], p) for p in NEVER_PUSHED)]
+        if upload.checkpoint is not None:
+            add += [[f"{REPO_CHECKPOINTS}/step-{upload.step}/{rel}", str(file)] for rel, file in files_of(upload.checkpoint)]
+        spec = {
+            "repo_id": hub.repo_id, "private": hub.private, "revision": hub.revision, "create": not self.ready, "add": add,
+            "message": hub.commit_message if upload.step is None else f"{hub.commit_message} (step {upload.step})",
+            "step": upload.step, "branch": None if upload.step is None else step_branch(hub.revision, upload.step),
+            # hub.strategy=checkpoint: the other checkpoints go, but the multiples of keep_every_n_steps
+            "prune": (hub.keep_every_n_steps or 0) if hub.strategy == "checkpoint" and upload.checkpoint else None,
+        }
+        url = with_retries(lambda: self._commit_process(spec), f"hub push of {upload.name}", hub.retries,
+                           hub.retry_backoff, lambda seconds: self._wait(seconds, upload))
+        self.ready = True
         self.last_commit = time.monotonic()
-        if upload.step is not None:
-            branch = step_branch(hub.revision, upload.step)
-            retried(lambda: api.create_branch(hub.repo_id, branch=branch, revision=info.oid, exist_ok=True),
-                    f"branch {branch}")
-        logger.info("pushed %s to %s (%s)", upload.name, hub.repo_id, info.commit_url)
+        logger.info("pushed %s to %s (%s)", upload.name, hub.repo_id, url)
 
-    def _hub_steps(self, api) -> list[int]:
-        from huggingface_hub.errors import EntryNotFoundError
+    def _commit_process(self, spec: dict) -> str:
+        """One try of a commit, in a process of its own (the Hub's address and token are this one's environment):
+        its URL, or :class:`Failure`."""
+        import subprocess
+        import sys
 
+        proc = subprocess.Popen([sys.executable, "-c", COMMIT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        given = json.dumps(spec)
+        while True:
+            try:
+                out, err = proc.communicate(given, timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                given = None  # sent already
+                if self._expired():
+                    proc.kill()
+                    proc.communicate()
+                    raise Abandoned("hub.flush_timeout reached") from None
+        lines = out.strip().splitlines()
         try:
-            entries = list(api.list_repo_tree(self.hub.repo_id, REPO_CHECKPOINTS, revision=self.hub.revision))
-        except EntryNotFoundError:
-            return []
-        found = [ckpt.STEP_DIR.match(e.path.rsplit("/", 1)[-1]) for e in entries]
-        return [int(m.group(1)) for m in found if m]
+            answer = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            raise Failure(f"the commit process ended with status {proc.returncode}: {err.strip()[-300:]}") from None
+        if answer.get("ok"):
+            return answer["url"]
+        raise Failure(answer["error"], answer.get("status"), answer.get("retry_after"), answer.get("names"))
 
-    def _kept(self, step: int) -> bool:
-        every = self.hub.keep_every_n_steps
-        return bool(every and step % every == 0)
+
+COMMIT = """
+import json, os, sys
+os.nice(19)  # the training's processes first
+spec = json.load(sys.stdin)
+try:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import EntryNotFoundError
+
+    api, repo, revision = HfApi(), spec["repo_id"], spec["revision"]
+    if spec["create"]:
+        api.create_repo(repo, private=spec["private"], exist_ok=True)
+        if revision and revision != "main":  # create_commit needs the branch to exist
+            api.create_branch(repo, branch=revision, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo, path) for path_in_repo, path in spec["add"]]
+    if spec["prune"] is not None:
+        try:
+            listed = [entry.path for entry in api.list_repo_tree(repo, "checkpoints", revision=revision)]
+        except EntryNotFoundError:
+            listed = []
+        for path in listed:
+            name = path.rsplit("/", 1)[-1]
+            step = int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+            if step is not None and step != spec["step"] and not (spec["prune"] and step % spec["prune"] == 0):
+                operations.append(CommitOperationDelete(path + "/", is_folder=True))
+    info = api.create_commit(repo, operations, commit_message=spec["message"], revision=revision)
+    if spec["branch"]:
+        api.create_branch(repo, branch=spec["branch"], revision=info.oid, exist_ok=True)
+    print(json.dumps({"ok": True, "url": info.commit_url}))
+except Exception as err:
+    response = getattr(err, "response", None)
+    print(json.dumps({"ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}",
+                      "status": getattr(response, "status_code", None),
+                      "retry_after": response.headers.get("Retry-After") if response is not None else None,
+                      "names": [cls.__name__ for cls in type(err).__mro__]}))
+"""
+"""One try of a commit (``python -c``, the spec as JSON on stdin, one JSON line back): the repository and its branch
+when not made yet, the files, the deletions of ``hub.strategy=checkpoint``, the commit, the branch ``step-<N>``.
+It imports huggingface_hub only, not hf_streamlm; each step of it is safe to repeat."""
 
 
 def step_branch(revision: str | None, step: int) -> str:
