@@ -68,6 +68,8 @@ SLOW_FILES = (
     "tests/test_signals.py",
     "tests/test_fsdp.py",
     "tests/test_hub.py",
+    "tests/test_hub_checkpoints.py",
+    "tests/test_host_sync.py",
     "tests/test_multinode.py",
     "tests/test_run_decoder.py",
     "tests/test_run_launch.py",
