@@ -112,10 +112,10 @@ def set_read_timeout(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(hcst, "HF_HUB_ETAG_TIMEOUT", seconds)
 
 
-@pytest.fixture
-def hub_server(tmp_path, monkeypatch):
-    """A running :class:`HubServer` rooted at ``tmp_path/"hub"``; clients point at it."""
-    server = HubServer(tmp_path / "hub").start()
+def serve(server: HubServer, tmp_path, monkeypatch):
+    """Start ``server`` (a :class:`HubServer` or a subclass), point the clients at it, yield it, stop it: the body
+    of a fixture."""
+    server.start()
     point_clients_at(monkeypatch, server.url, tmp_path / "hf_home")
     try:
         yield server
@@ -127,4 +127,10 @@ def hub_server(tmp_path, monkeypatch):
         HfFileSystem.clear_instance_cache()
 
 
-__all__ = ["hub_server", "point_clients_at", "set_read_timeout"]
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A running :class:`HubServer` rooted at ``tmp_path/"hub"``; clients point at it."""
+    yield from serve(HubServer(tmp_path / "hub"), tmp_path, monkeypatch)
+
+
+__all__ = ["hub_server", "point_clients_at", "serve", "set_read_timeout"]

@@ -27,7 +27,7 @@ import pytest
 from hf_streamlm.data.trace import read_trace
 from tests.conftest import DECODER, REPO, run_in_process
 from tests.faults import Drained, wait_until_held
-from tests.hub_fixtures import point_clients_at
+from tests.hub_fixtures import serve
 from tests.hub_server import HubServer
 from tests.test_resume_run import free_port
 
@@ -59,15 +59,7 @@ class SlowHub(HubServer):
 
 @pytest.fixture
 def slow_hub(tmp_path, monkeypatch):
-    server = SlowHub(tmp_path / "hub", latency=0.05).start()
-    point_clients_at(monkeypatch, server.url, tmp_path / "hf_home")
-    try:
-        yield server
-    finally:
-        server.stop()
-        from huggingface_hub import HfFileSystem
-
-        HfFileSystem.clear_instance_cache()
+    yield from serve(SlowHub(tmp_path / "hub", latency=0.05), tmp_path, monkeypatch)
 
 
 def args(bpe_800: Path, out: Path, repo: str, *more: str) -> list[str]:
