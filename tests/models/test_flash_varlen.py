@@ -214,6 +214,8 @@ def test_flash_refuses_what_it_cannot_compute_exactly(kernels):
     flash(input_ids=batch["input_ids"][:, :4], cache=cache)
     with pytest.raises(ValueError, match="cache"):
         flash(input_ids=batch["input_ids"][:, 4:6], document_ids=batch["document_ids"][:, :6], cache=cache)
+    # One token without a cache is its own whole sequence: documents change nothing there.
+    flash(input_ids=batch["input_ids"][:, :1], document_ids=batch["document_ids"][:, :1], use_cache=False)
 
 
 def test_the_gpu_check_reports_the_entry_point_that_ran(kernels, monkeypatch):

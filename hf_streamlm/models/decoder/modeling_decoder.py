@@ -754,8 +754,8 @@ class DecoderModel(DecoderPreTrainedModel):
             return None, varlen
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("the flash kernels take a 2D padding `attention_mask`, not a 4D mask.")
-        if past_length or query_length == 1:
-            if document_ids is not None:
+        if past_length or query_length == 1:  # a cached step, or one token: nothing to split
+            if document_ids is not None and past_length:
                 raise ValueError("`document_ids` with the flash kernels need the whole sequence (no cache)")
             return attention_mask, {}
         keep = attention_mask
