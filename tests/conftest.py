@@ -109,7 +109,10 @@ def cli():
 def reset_accelerate():
     """For a test that makes an ``Accelerator`` or calls ``hf_streamlm.run``'s main in the test process (an
     interpreter start is ~6-10 s): afterwards, Accelerate's process-wide state is reset, so a later test in this
-    worker can make an ``Accelerator`` with other settings (accelerate refuses to change an initialized state)."""
+    worker can make an ``Accelerator`` with other settings (accelerate refuses to change an initialized state).
+    Reset before the test too: a test that made one in this worker without this fixture (directly or through a
+    library call) must not decide this test's settings."""
+    reset_accelerate_state()
     yield
     reset_accelerate_state()
 
