@@ -1,11 +1,12 @@
 """Saving checkpoints in the two formats the project publishes.
 
 - ``"native"``: a stock transformers checkpoint, loadable anywhere with plain ``AutoModelFor*.from_pretrained(path)``,
-  no custom code involved. MicroBERT becomes ``transformers.BertForMaskedLM`` (``model_type: "bert"``) and the
-  decoder ``transformers.LlamaForCausalLM`` (``model_type: "llama"``). Both families keep the module tree and
-  hyperparameter names of their stock counterpart, so the conversion is a config translation plus an unchanged state
-  dict.
-- ``"custom"``: the project checkpoint itself (``model_type: "microbert"`` / ``"streamlm_decoder"``) with ``auto_map``
+  no custom code involved. MicroBERT becomes ``transformers.BertForMaskedLM`` (``model_type: "bert"``), its modern
+  tier ``transformers.ModernBertForMaskedLM`` (``model_type: "modernbert"``) and the decoder
+  ``transformers.LlamaForCausalLM`` (``model_type: "llama"``). All keep the module tree and hyperparameter names of
+  their stock counterpart, so the conversion is a config translation plus an unchanged state dict.
+- ``"custom"``: the project checkpoint itself (``model_type: "microbert"`` / ``"modern_microbert"`` /
+  ``"streamlm_decoder"``) with ``auto_map``
   in config.json and the configuration/modeling files copied beside the weights, for
   ``from_pretrained(path, trust_remote_code=True)``.
 """
@@ -15,10 +16,19 @@ import json
 import os
 from pathlib import Path
 
-from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedModel,
+)
 
 from .decoder import DecoderConfig, DecoderForCausalLM, DecoderModel
 from .microbert import MicroBertConfig, MicroBertForMaskedLM, MicroBertModel
+from .modernbert import ModernMicroBertConfig, ModernMicroBertForMaskedLM, ModernMicroBertModel
 
 
 EXPORT_FORMATS = ("native", "custom")
@@ -70,6 +80,39 @@ _SHARED_DECODER_FIELDS = (
 )
 
 
+# ModernMicroBertConfig fields that ModernBertConfig has under the same name and meaning, in transformers 4.57 and 5.x.
+# The layer pattern and rotary bases are written in the 4.x form as well (`_MODERNBERT_LEGACY_FIELDS`): 5.x derives
+# `layer_types` and `rope_parameters` from them and writes those, which 4.x ignores.
+_SHARED_MODERNBERT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_activation",
+    "max_position_embeddings",
+    "initializer_range",
+    "initializer_cutoff_factor",
+    "norm_eps",
+    "norm_bias",
+    "attention_bias",
+    "attention_dropout",
+    "local_attention",
+    "embedding_dropout",
+    "mlp_bias",
+    "mlp_dropout",
+    "decoder_bias",
+    "classifier_activation",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "cls_token_id",
+    "sep_token_id",
+    "tie_word_embeddings",
+)
+_MODERNBERT_LEGACY_FIELDS = ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta")
+
+
 def to_bert_config(config: MicroBertConfig) -> BertConfig:
     """The `BertConfig` describing the same network as `config`."""
     return BertConfig(
@@ -91,6 +134,62 @@ def to_llama_config(config: DecoderConfig) -> LlamaConfig:
         rope_parameters=copy.deepcopy(config.rope_parameters),
         architectures=["LlamaForCausalLM"],
     )
+
+
+def to_modernbert_config(config: ModernMicroBertConfig) -> ModernBertConfig:
+    """The `ModernBertConfig` describing the same network as `config`.
+
+    transformers 5 takes the 4.x fields (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`) as
+    constructor arguments and turns them into `layer_types` / `rope_parameters`; 4.x takes them as they are. The
+    prediction head has no bias (`classifier_bias` False) and `sparse_prediction` stays off: a stock model returns
+    dense logits, as `pipeline("fill-mask")` needs.
+    """
+    return ModernBertConfig(
+        **{name: getattr(config, name) for name in _SHARED_MODERNBERT_FIELDS + _MODERNBERT_LEGACY_FIELDS},
+        classifier_bias=False,
+        architectures=["ModernBertForMaskedLM"],
+    )
+
+
+def modernbert_legacy_fields(config) -> dict:
+    """What transformers 4.x needs in a ModernBERT config.json besides the fields 5.x writes: the layer pattern and
+    the two rotary bases in their 4.x form, read from `config` (a ModernMicroBertConfig or a ModernBertConfig of
+    either version), and `reference_compile: false` (4.57 would otherwise compile parts of the model wherever
+    Triton is importable)."""
+    fields = {name: getattr(config, name, None) for name in _MODERNBERT_LEGACY_FIELDS}
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("full_attention"):  # a 5.x config: the rotary bases live in rope_parameters
+        fields["global_rope_theta"] = rope["full_attention"]["rope_theta"]
+        fields["local_rope_theta"] = rope["sliding_attention"]["rope_theta"]
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        fields["global_attn_every_n_layers"] = _every_n(layer_types)
+    return {**fields, "reference_compile": False}
+
+
+def _every_n(layer_types: list[str]) -> int:
+    """The `global_attn_every_n_layers` that yields `layer_types` (layer i global iff i % n == 0)."""
+    for n in range(1, len(layer_types) + 1):
+        if all((t == "full_attention") == (i % n == 0) for i, t in enumerate(layer_types)):
+            return n
+    raise ValueError(f"layer_types {layer_types} are not 'global every n layers from the first': no modern MicroBERT "
+                     "(nor transformers 4.x's ModernBERT) has that pattern")
+
+
+def from_modernbert_config(native: ModernBertConfig) -> ModernMicroBertConfig:
+    """The inverse of `to_modernbert_config`, for a stock config of transformers 4.57 or 5.x."""
+    if getattr(native, "classifier_bias", False):
+        raise ValueError("this ModernBERT's prediction head has a bias (classifier_bias), which the modern MicroBERT "
+                         "does not have")
+    shared = {name: getattr(native, name) for name in _SHARED_MODERNBERT_FIELDS}
+    legacy = {k: v for k, v in modernbert_legacy_fields(native).items() if k in _MODERNBERT_LEGACY_FIELDS}
+    return ModernMicroBertConfig(**shared, **legacy)
+
+
+def _write_modernbert_legacy_fields(config_file: Path, config: ModernBertConfig) -> None:
+    settings = json.loads(config_file.read_text())
+    settings.update(modernbert_legacy_fields(config))
+    config_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def legacy_rope_fields(rope_parameters: dict) -> dict:
@@ -121,6 +220,9 @@ def _write_legacy_rope_fields(config_file: Path, rope_parameters: dict) -> None:
 # Auto class of the head model).
 _FAMILIES = {
     MicroBertForMaskedLM: (BertForMaskedLM, to_bert_config, MicroBertModel, "AutoModelForMaskedLM"),
+    ModernMicroBertForMaskedLM: (
+        ModernBertForMaskedLM, to_modernbert_config, ModernMicroBertModel, "AutoModelForMaskedLM"
+    ),
     DecoderForCausalLM: (LlamaForCausalLM, to_llama_config, DecoderModel, "AutoModelForCausalLM"),
 }
 
@@ -133,8 +235,11 @@ def _family(model: PreTrainedModel, caller: str):
     raise TypeError(f"{caller} expects a {expected}, got {type(model).__name__}.")
 
 
-def to_native(model: MicroBertForMaskedLM | DecoderForCausalLM) -> BertForMaskedLM | LlamaForCausalLM:
-    """A stock `transformers.BertForMaskedLM` / `LlamaForCausalLM` computing the same function as `model`.
+def to_native(
+    model: MicroBertForMaskedLM | ModernMicroBertForMaskedLM | DecoderForCausalLM,
+) -> BertForMaskedLM | ModernBertForMaskedLM | LlamaForCausalLM:
+    """A stock `transformers.BertForMaskedLM` / `ModernBertForMaskedLM` / `LlamaForCausalLM` computing the same
+    function as `model`.
 
     The weights are copied (not shared) with a strict `load_state_dict`: any key or shape difference between the two
     architectures raises rather than silently leaving weights random. The result has the dtype, device and
@@ -150,10 +255,14 @@ def to_native(model: MicroBertForMaskedLM | DecoderForCausalLM) -> BertForMasked
     return native
 
 
-def from_native(native: BertForMaskedLM | LlamaForCausalLM) -> MicroBertForMaskedLM | DecoderForCausalLM:
-    """The inverse of `to_native`: a stock BERT/Llama model (e.g. a native export) as the project's class, with
-    the same weights (strict load), to continue pretraining it here."""
-    if isinstance(native, BertForMaskedLM):
+def from_native(
+    native: BertForMaskedLM | ModernBertForMaskedLM | LlamaForCausalLM,
+) -> MicroBertForMaskedLM | ModernMicroBertForMaskedLM | DecoderForCausalLM:
+    """The inverse of `to_native`: a stock BERT/ModernBERT/Llama model (e.g. a native export) as the project's class,
+    with the same weights (strict load), to continue pretraining it here."""
+    if isinstance(native, ModernBertForMaskedLM):
+        project = ModernMicroBertForMaskedLM(from_modernbert_config(native.config))
+    elif isinstance(native, BertForMaskedLM):
         project = MicroBertForMaskedLM(
             MicroBertConfig(**{name: getattr(native.config, name) for name in _SHARED_CONFIG_FIELDS})
         )
@@ -166,7 +275,8 @@ def from_native(native: BertForMaskedLM | LlamaForCausalLM) -> MicroBertForMaske
         )
         project.generation_config = copy.deepcopy(native.generation_config)
     else:
-        raise TypeError(f"from_native expects a BertForMaskedLM or LlamaForCausalLM, got {type(native).__name__}.")
+        expected = "a BertForMaskedLM, ModernBertForMaskedLM or LlamaForCausalLM"
+        raise TypeError(f"from_native expects {expected}, got {type(native).__name__}.")
     project.to(device=native.device, dtype=native.dtype)
     # BERT checkpoints may carry a pooler that MicroBERT does not have; everything else must match exactly.
     state = {k: v for k, v in native.state_dict().items() if not k.startswith("bert.pooler.")}
@@ -176,7 +286,9 @@ def from_native(native: BertForMaskedLM | LlamaForCausalLM) -> MicroBertForMaske
 
 
 def save_model(
-    model: MicroBertForMaskedLM | DecoderForCausalLM, output_dir: str | os.PathLike, format: str = "native"
+    model: MicroBertForMaskedLM | ModernMicroBertForMaskedLM | DecoderForCausalLM,
+    output_dir: str | os.PathLike,
+    format: str = "native",
 ) -> Path:
     """Save `model` to `output_dir` in `format` (``"native"`` or ``"custom"``) and return the directory."""
     if format not in EXPORT_FORMATS:
@@ -190,6 +302,8 @@ def save_model(
         native.save_pretrained(output_dir)
         if isinstance(native, LlamaForCausalLM):  # readable by transformers 4.x too
             _write_legacy_rope_fields(output_dir / "config.json", native.config.rope_parameters)
+        if isinstance(native, ModernBertForMaskedLM):  # readable by transformers 4.x too
+            _write_modernbert_legacy_fields(output_dir / "config.json", native.config)
         return output_dir
 
     # Importing hf_streamlm.models already registered these; repeated here so that saving does not depend on it.
@@ -204,4 +318,15 @@ def save_model(
     return output_dir
 
 
-__all__ = ["EXPORT_FORMATS", "from_native", "legacy_rope_fields", "save_model", "to_bert_config", "to_llama_config", "to_native"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "from_modernbert_config",
+    "from_native",
+    "legacy_rope_fields",
+    "modernbert_legacy_fields",
+    "save_model",
+    "to_bert_config",
+    "to_llama_config",
+    "to_modernbert_config",
+    "to_native",
+]
