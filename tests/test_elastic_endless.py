@@ -31,7 +31,7 @@ from hf_streamlm.config import load_config
 from hf_streamlm.data.collate import make_collator
 from hf_streamlm.data.documents import document_key
 from hf_streamlm.data.elastic import origins
-from hf_streamlm.data.pipeline import buffer_per_worker, build_train_loader
+from hf_streamlm.data.pipeline import build_train_loader, reader_settings
 from hf_streamlm.data.stream import ANCHOR_EVERY, WorkerPipeline
 from hf_streamlm.tokenizer import train_tokenizer
 from tests.conftest import two_source_corpus
@@ -84,8 +84,7 @@ def loaders(sources, tokenizer, processes, workers, extra=()):
 def hand_over(states, sources, tokenizer, before, after, extra=()):
     """The loaders of layout ``after`` started from the ``before`` layout's rank ``states``."""
     old = config_for(sources, before[1], extra)
-    settings = {"batch_size": 1, "with_documents": True,
-                "buffer": buffer_per_worker(old, before[0], max(1, before[1]), rank=-1)}
+    settings = reader_settings(old, *before)
     new = loaders(sources, tokenizer, *after, extra)
     for rank, ld in enumerate(new):
         ld.load_elastic(origins(states, after[0], ld.num_workers, rank, settings), min(s["epoch"] for s in states))
@@ -262,7 +261,8 @@ def test_a_same_layout_resume_anywhere_after_a_layout_change_is_exact(small, bef
     after every 24th of the first 240 batches since the change gives the uninterrupted run's next batches
     (the endless test resumes from anchors in the passes taken over without the origin)."""
     sources, _, tokenizer = small
-    extra = ("data.stopping_strategy=all_exhausted_without_replacement", "data.sequence_length=128")
+    extra = ("data.stopping_strategy=all_exhausted_without_replacement", "data.sequence_length=128",
+             "data.block_shuffle_size=4")
     old = loaders(sources, tokenizer, *before, extra)
     its = [iter(ld) for ld in old]
     take(old, its, 1, [])
@@ -304,7 +304,7 @@ def test_every_document_of_each_pass_once_over_three_layout_changes(small):
     at the one before (a reader handed out is itself reading through old readers); a same-layout resume there
     is exact too. Passes 0 and 1 list every document exactly once over the four layouts."""
     sources, docs, tokenizer = small
-    extra = ("data.stopping_strategy=all_exhausted_without_replacement",)
+    extra = ("data.stopping_strategy=all_exhausted_without_replacement", "data.block_shuffle_size=4")
     want = Counter((s, f"{document_key(t):016x}") for s in (0, 1) for t in docs[s])
     trace: list = []
     layouts = [((2, 0), 1), ((1, 0), 8), ((2, 0), 8), ((1, 2), 60)]

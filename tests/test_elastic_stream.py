@@ -19,7 +19,7 @@ from hf_streamlm.config import load_config
 from hf_streamlm.data.collate import make_collator
 from hf_streamlm.data.documents import document_key
 from hf_streamlm.data.elastic import origins
-from hf_streamlm.data.pipeline import buffer_per_worker, build_train_loader
+from hf_streamlm.data.pipeline import build_train_loader, reader_settings
 from hf_streamlm.tokenizer import train_tokenizer
 from tests.conftest import two_source_corpus
 
@@ -43,7 +43,8 @@ def config_for(root, family: str, workers: int):
               f"{{path: json, data_files: '{root}/b-*.jsonl', weight: 1}}]"
     return load_config([f"recipe={recipe}", f"data.sources={sources}", f"data.num_workers={workers}",
                         "data.stopping_strategy=all_exhausted_without_replacement", "data.batch_size=1",
-                        "data.sequence_length=32", "data.shuffle_buffer_size=8", "data.eval_holdout=0",
+                        "data.sequence_length=32", "data.shuffle_buffer_size=8", "data.block_shuffle_size=4",
+                        "data.eval_holdout=0",
                         "data.trace_documents=true"])
 
 
@@ -68,8 +69,7 @@ def step(lds, its, steps: int, trace: list, first: int, batches: list | None = N
 def hand_over(states, root, family, tokenizer, before, after):
     """The loaders of layout ``after`` started from the ``before`` layout's rank ``states``."""
     old = config_for(root, family, before[1])
-    settings = {"batch_size": old.data.batch_size, "with_documents": old.data.document_masking,
-                "buffer": buffer_per_worker(old, before[0], max(1, before[1]), rank=-1)}
+    settings = reader_settings(old, *before)
     new = loaders(root, tokenizer, family, *after)
     for rank, ld in enumerate(new):
         ld.load_elastic(origins(states, after[0], ld.num_workers, rank, settings), min(s["epoch"] for s in states))

@@ -1,6 +1,7 @@
 """Exact resume of the training stream: the resumed stream equals the uninterrupted one (same
 batches, same order: 0 duplicated, 0 missing), for 0 and 2 DataLoader workers, two ranks, resume
-points inside a tokenization batch / with a full shuffle buffer / mid-block, and resuming twice."""
+points inside a tokenization batch / with a full shuffle buffer / mid-block, and resuming twice; with the block
+shuffle after packing (``data.block_shuffle_size``) as the recipes run it."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def config_for(corpus, family: str, workers: int, **extra):
     recipe = "quickstart" if family == "microbert" else "quickstart_decoder"
     args = [f"recipe={recipe}", f"data.sources=[{{path: json, data_files: '{corpus}/part-*.jsonl'}}]",
             f"data.num_workers={workers}", "data.batch_size=4", "data.sequence_length=32",
-            "data.shuffle_buffer_size=50", "data.eval_holdout=0"]
+            "data.shuffle_buffer_size=50", "data.block_shuffle_size=6", "data.eval_holdout=0"]
     return load_config(args + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -114,7 +115,7 @@ def test_resume_twice_and_no_duplicates(corpus, tokenizers):
 
 
 def test_two_ranks_are_disjoint_and_each_resumes(corpus, tokenizers):
-    config = config_for(corpus, "decoder", 0, **{"data.shuffle_buffer_size": 0})
+    config = config_for(corpus, "decoder", 0, **{"data.shuffle_buffer_size": 0, "data.block_shuffle_size": 0})
     tok = tokenizers["decoder"]
     per_rank = {}
     for rank in (0, 1):

@@ -62,3 +62,32 @@ def test_buffer_never_mixes_passes_and_clamps_to_a_smaller_share(caplog):
     assert {e for _, e, _ in first} == {0} and {e for _, e, _ in second} == {1}
     assert all(e == batch_epoch for _, e, batch_epoch in out)
     assert [d for d, _, _ in first] != [d for d, _, _ in second]  # each pass reshuffled
+
+
+def block_pipeline(blocks: int, seed: int = 0) -> WorkerPipeline:
+    """Documents of 3 to 9 one-token blocks each (document d's tokens are all d), cut in blocks of 1."""
+    lengths = [3 + (d * 5) % 7 for d in range(60)]
+    texts = datasets.Dataset.from_dict({"text": [str(d) for d in range(60)]}).to_iterable_dataset()
+    return WorkerPipeline(texts, lambda batch: [[int(t)] * lengths[int(t)] for t in batch], ids_collate,
+                          batch_size=8, block_size=1, shuffle_buffer_size=0, seed=seed, tokenize_batch=7,
+                          trace=True, block_shuffle_size=blocks)
+
+
+def test_block_shuffle_spreads_a_batch_over_documents_and_never_mixes_passes():
+    """Packing puts a document's blocks next to each other: without the block shuffle a batch of 8 blocks
+    holds about 2 documents. With a buffer of 64 blocks it holds about 7 (run_clm's shuffled blocks: ~8),
+    every block of a pass comes out once before any block of the next pass, and the order is seeded."""
+    one_pass = [d for d in range(60) for _ in range(3 + (d * 5) % 7)]
+    total = len(one_pass)  # blocks per pass
+
+    def passes(p: WorkerPipeline, n: int) -> list[list[int]]:
+        return [p.next_batch()["input_ids"].flatten().tolist() for _ in range(n)]
+
+    n = -(-2 * total // 8)
+    plain, shuffled = passes(block_pipeline(0), n), passes(block_pipeline(64), n)
+    distinct = [sum(len(set(b)) for b in batches) / len(batches) for batches in (plain, shuffled)]
+    assert distinct[0] < 3 and distinct[1] > 6, distinct
+    flat = [t for b in shuffled for t in b]
+    assert sorted(flat[:total]) == sorted(flat[total:2 * total]) == one_pass
+    assert flat[:total] != flat[total:2 * total]  # each pass reshuffled
+    assert passes(block_pipeline(64), n) == shuffled != passes(block_pipeline(64, seed=1), n)

@@ -24,11 +24,15 @@ class ModelConfig:
     the recipe or on the command line win."""
     type: Literal["microbert", "decoder"] = "microbert"
     """Model family: ``microbert`` (BERT masked LM) or ``decoder`` (Llama-style causal LM)."""
+    architecture: Literal["classic", "modern"] = "classic"
+    """MicroBERT's design: ``classic`` (BERT: learned positions, post-LayerNorm, GELU MLP; native export
+    ``BertForMaskedLM``) or ``modern`` (ModernBERT: rotary positions, pre-LayerNorm, GeGLU MLP, no biases,
+    alternating local/global attention; native export ``ModernBertForMaskedLM``). See docs/models.md."""
     hidden_size: int = 64
     """Width of the residual stream (``hidden_size`` in transformers)."""
     intermediate_size: int | None = None
-    """Width of the MLP; ``null`` means 4 x hidden_size (MicroBERT) or the SwiGLU 8/3 x hidden_size,
-    rounded up (decoder)."""
+    """Width of the MLP; ``null`` means 4 x hidden_size (MicroBERT), 1.5 x hidden_size rounded up (modern
+    MicroBERT's GeGLU, ModernBERT-base's ratio) or the SwiGLU 8/3 x hidden_size, rounded up (decoder)."""
     num_layers: int = 2
     """Number of transformer blocks (``num_hidden_layers`` in transformers)."""
     num_attention_heads: int = 2
@@ -46,12 +50,22 @@ class ModelConfig:
     rope_mode: str | None = None
     """Rotary scaling type for the decoder (``linear``, ``dynamic``, ...); ``null`` for none."""
     rope_theta: float | None = None
-    """Rotary base frequency for the decoder; ``null`` means 10000."""
+    """Rotary base frequency for the decoder; ``null`` means 10000. For the modern MicroBERT, the base of its
+    global layers; ``null`` means ModernBERT's 160000."""
+    local_rope_theta: float | None = None
+    """Modern MicroBERT: rotary base of the local (sliding-window) layers; ``null`` means ModernBERT's 10000."""
+    local_attention: int | None = None
+    """Modern MicroBERT: width of the local layers' sliding window (a token sees ``local_attention // 2`` tokens
+    on each side); ``null`` means ModernBERT's 128."""
+    global_attn_every_n_layers: int | None = None
+    """Modern MicroBERT: layer ``i`` attends to the whole sequence when ``i % n == 0``, the others within the
+    window; ``null`` means ModernBERT's 3, ``1`` makes every layer global."""
     rope_factor: float | None = None
     """Scaling factor of ``rope_mode`` (e.g. 2.0 doubles the usable context); required with it."""
     attn_implementation: str = "sdpa"
     """Attention kernel: ``sdpa`` (PyTorch's fused attention), ``eager`` (explicit softmax; the reference), and
-    for the decoder also ``flex_attention`` (packed documents as a block mask that skips masked blocks) or
+    for the decoder and the modern MicroBERT also ``flex_attention`` (packed documents as a block mask that
+    skips masked blocks) or
     ``flash_attention_2``/``flash_attention_3`` (packed documents from restarting positions; needs the
     flash-attn package and a CUDA GPU), or any name registered with transformers' ``AttentionInterface``."""
     gradient_checkpointing: bool = False
@@ -150,6 +164,11 @@ class DataConfig:
     """Documents held in the shuffle buffer **per rank** (its DataLoader workers share it equally; a
     buffer larger than the share it shuffles is clamped to it, with a warning); 0 disables shuffling.
     The buffer never mixes passes of the data. The data state holds references, not the text."""
+    block_shuffle_size: int = 0
+    """Packed blocks held in a second shuffle buffer, after packing, **per rank** (its DataLoader workers share
+    it equally); 0 disables it. Packing a stream puts a document's blocks next to each other, so without it a batch
+    holds several blocks of the same documents, where run_clm draws its blocks from the whole corpus. Never mixes
+    passes. The data state holds these blocks' tokens: block_shuffle_size x sequence_length x 4 bytes per rank."""
     num_workers: int = 0
     """DataLoader worker processes."""
     worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None
@@ -177,8 +196,8 @@ class DataConfig:
     drop_last: bool = True
     """Drop the last partial block (``true``) or pad it (``false``)."""
     document_masking: bool = False
-    """Decoder: restart ``position_ids`` at each document inside a packed block and keep attention
-    from crossing documents."""
+    """Decoder and modern MicroBERT: restart ``position_ids`` at each document inside a packed block and keep
+    attention from crossing documents."""
     mlm_probability: float = 0.15
     """Share of tokens masked for MicroBERT (80% [MASK], 10% random, 10% kept)."""
     retries: int = 20

@@ -62,16 +62,31 @@ def validate(c: Config) -> None:
         raise ConfigError(f"'model.z_loss' must be >= 0 (0 = none), got {m.z_loss}")
     if m.z_loss and m.type != "decoder":
         raise ConfigError("'model.z_loss' is for model.type=decoder (MicroBERT's masked LM has none): remove it")
-    if m.type == "microbert" and m.attn_implementation not in ("sdpa", "eager"):
+    modern = m.type == "microbert" and m.architecture == "modern"
+    if m.architecture == "modern" and m.type != "microbert":
+        raise ConfigError("'model.architecture' modern is a MicroBERT tier: set model.type=microbert or remove it")
+    if m.type == "microbert" and not modern and m.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(
-            f"'model.attn_implementation' of a microbert must be sdpa or eager; got {m.attn_implementation!r}"
+            f"'model.attn_implementation' of a classic microbert must be sdpa or eager; got {m.attn_implementation!r} "
+            "(model.architecture=modern also runs flex_attention and flash_attention_2/3)"
+        )
+    modern_keys = ("local_rope_theta", "local_attention", "global_attn_every_n_layers")
+    if not modern and any(getattr(m, key) is not None for key in modern_keys):
+        raise ConfigError(f"'model.{'/'.join(modern_keys)}' apply to model.architecture=modern (model.type=microbert)")
+    for key in (*modern_keys, "rope_theta"):
+        _positive(f"model.{key}", getattr(m, key))
+    if modern and (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError(
+            f"'model.hidden_size' / 'model.num_attention_heads' ({m.hidden_size // m.num_attention_heads}) must be "
+            "even for the modern MicroBERT's rotary positions"
         )
     if m.attn_implementation == "flex_attention" and (m.attn_dropout or 0) > 0:
         raise ConfigError(
             "'model.attn_implementation' flex_attention has no attention dropout: set 'model.attn_dropout' to 0"
         )
-    if m.type == "microbert" and (m.rope_mode or m.rope_theta or m.rope_factor):
-        raise ConfigError("'model.rope_mode'/'model.rope_theta'/'model.rope_factor' apply to model.type=decoder")
+    if m.type == "microbert" and (m.rope_mode or m.rope_factor or (m.rope_theta and not modern)):
+        raise ConfigError("'model.rope_mode'/'model.rope_theta'/'model.rope_factor' apply to model.type=decoder "
+                          "(and 'model.rope_theta' to model.architecture=modern)")
     if m.rope_mode is not None and m.rope_mode not in ("linear", "dynamic"):
         raise ConfigError(f"'model.rope_mode' must be linear, dynamic or null; got {m.rope_mode!r}")
     if (m.rope_mode is None) != (m.rope_factor is None):
@@ -86,6 +101,7 @@ def validate(c: Config) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "sequence_length"):
         _positive(f"data.{key}", getattr(d, key), allow_none=False)
     _positive("data.shuffle_buffer_size", d.shuffle_buffer_size, allow_zero=True)
+    _positive("data.block_shuffle_size", d.block_shuffle_size, allow_zero=True)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     if not d.sources and not d.train_shards:
         raise ConfigError("'data.sources' is empty: give at least one source (or data.train_shards)")
@@ -96,8 +112,9 @@ def validate(c: Config) -> None:
         if s.weight <= 0:
             raise ConfigError(f"'data.sources[{i}].weight' must be > 0, got {s.weight}")
         _validate_source(s, f"data.sources[{i}]")
-    if d.document_masking and m.type != "decoder":
-        raise ConfigError("'data.document_masking' applies to model.type=decoder (MicroBERT blocks are [CLS]..[SEP])")
+    if d.document_masking and m.type != "decoder" and not modern:
+        raise ConfigError("'data.document_masking' applies to model.type=decoder and model.architecture=modern "
+                          "(the classic MicroBERT has learned positions and no document mask)")
     _positive("data.retries", d.retries, allow_zero=True)
     _positive("data.retry_backoff", d.retry_backoff, allow_zero=True)
     if not 0 < d.mlm_probability < 1:

@@ -18,15 +18,6 @@ def document_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
-def runs(values: list[int]) -> np.ndarray:
-    """``[[value, ...], [run length, ...]]`` of a list made of runs (a document serial per token)."""
-    arr = np.asarray(values, dtype=np.int64)
-    if not len(arr):
-        return np.zeros((2, 0), dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, arr[1:] != arr[:-1]])
-    return np.stack([arr[starts], np.diff(np.r_[starts, len(arr)])])
-
-
 class Doc(NamedTuple):
     """A document read from the source: its text and where it came from."""
 

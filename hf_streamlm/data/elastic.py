@@ -203,16 +203,18 @@ def needs_origin(source: Any) -> bool:
 
 def packed_ahead(reader) -> list[list[tuple]]:
     """The blocks a reader (a ``WorkerPipeline``) would make next from its packing content, as pieces ``(tokens,
-    source, key, epoch, ends)`` (a document's tokens in the block; ``ends``: its last token is there): its
-    handed-over blocks first, each completed by the tokens after it, then the rest cut at the block size. The
-    last may be short: the documents that would complete them are not tokenized yet."""
+    source, key, epoch, ends)`` (a document's tokens in the block; ``ends``: its last token is there): the blocks in
+    its block-shuffle buffer first, then its handed-over blocks, each completed by the tokens after it, then the
+    rest cut at the block size. The last may be short: the documents that would complete them are not tokenized yet."""
     rest: deque[tuple] = deque()
     start = reader.cut
     for end, source, key, epoch in reader.doc_ends:
         rest.append((reader.tokens[start - reader.cut:end - reader.cut], source, key, epoch, True))
         start = end
     room = reader.block_size
-    blocks = [block + _take_pieces(rest, room - sum(len(p[0]) for p in block)) for block in reader.handed]
+    # The block shuffle's buffer: whole blocks, already cut.
+    blocks = list(reader.blocks) + ([reader.block_wait] if reader.block_wait is not None else [])
+    blocks += [block + _take_pieces(rest, room - sum(len(p[0]) for p in block)) for block in reader.handed]
     while rest:
         blocks.append(_take_pieces(rest, room))
     return blocks

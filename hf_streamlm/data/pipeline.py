@@ -12,6 +12,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import datasets
 import torch
@@ -274,7 +275,7 @@ class PipelineFactory:
 
     def __init__(
         self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str,
-        buffer_per_worker: int | None = None,
+        buffer_per_worker: int | None = None, blocks_per_worker: int = 0,
     ):
         self.texts = texts
         self.skips_key = skips_key
@@ -283,6 +284,7 @@ class PipelineFactory:
         self.rank = rank
         self.collator_factory = collator_factory
         self.buffer_per_worker = config.data.shuffle_buffer_size if buffer_per_worker is None else buffer_per_worker
+        self.blocks_per_worker = blocks_per_worker
 
     def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None,
                  texts: datasets.IterableDataset | None = None, rank: int | None = None,
@@ -310,6 +312,7 @@ class PipelineFactory:
             trace=d.trace_documents,
             passes=passes,
             pad_id=pad_id,
+            block_shuffle_size=settings.get("blocks", self.blocks_per_worker),
         )
         pipeline.open_reader = self.old_reader
         return pipeline
@@ -370,7 +373,8 @@ def build_train_loader(
             "data.num_workers"
         )
     factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key,
-                              buffer_per_worker(config, world_size, max(1, workers), rank))
+                              buffer_per_worker(config, world_size, max(1, workers), rank),
+                              blocks_per_worker(config, max(1, workers)))
     return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank, pin_memory)
 
 
@@ -413,3 +417,17 @@ def buffer_per_worker(config: Config, world_size: int, workers: int, rank: int =
                 )
             per_worker = max(1, share)
     return per_worker
+
+
+def blocks_per_worker(config: Config, workers: int) -> int:
+    """``data.block_shuffle_size`` counts per rank: each of its ``workers`` shuffles in an equal part."""
+    size = config.data.block_shuffle_size
+    return max(1, size // workers) if size > 0 else 0
+
+
+def reader_settings(config: Config, processes: int, workers: int) -> dict[str, Any]:
+    """What the readers of a layout (``processes`` x ``workers`` DataLoader workers) were built with beyond the
+    config: rebuilt exactly at an elastic resume (:func:`hf_streamlm.data.elastic.origins`)."""
+    return {"batch_size": config.data.batch_size, "with_documents": config.data.document_masking,
+            "buffer": buffer_per_worker(config, processes, max(1, workers), rank=-1),
+            "blocks": blocks_per_worker(config, max(1, workers))}

@@ -42,12 +42,33 @@ import numpy as np
 import torch
 
 from hf_streamlm.config import ConfigError
-from hf_streamlm.data.documents import Doc, document_key, runs
+from hf_streamlm.data.documents import Doc, document_key
 from hf_streamlm.data.elastic import Prelude, needs_origin, packed_ahead
-from hf_streamlm.data.packing import document_positions
 from hf_streamlm.data.quality import skip_counter
 
 logger = logging.getLogger(__name__)
+
+
+def encode_blocks(blocks, name: str) -> dict[str, np.ndarray]:
+    """Blocks of pieces ``(tokens, source, key, epoch, ends)`` as two arrays: ``name`` (block, tokens, source, key,
+    epoch, ends) per piece and ``<name>_tokens``, all the pieces' tokens."""
+    return {
+        name: np.array([(b, len(p[0]), *p[1:]) for b, block in enumerate(blocks) for p in block],
+                       dtype=np.uint64).reshape(-1, 6),
+        f"{name}_tokens": np.array([t for block in blocks for p in block for t in p[0]], dtype=np.int32),
+    }
+
+
+def decode_blocks(state: dict[str, Any], name: str) -> list[list[tuple]]:
+    """The blocks :func:`encode_blocks` wrote under ``name`` (none when the state has no such key)."""
+    blocks: list[list[tuple]] = []
+    tokens, start = state.get(f"{name}_tokens", np.zeros(0, dtype=np.int32)).tolist(), 0
+    for block, length, source, key, epoch, ends in state.get(name, np.zeros((0, 6))).tolist():
+        if block == len(blocks):
+            blocks.append([])
+        blocks[-1].append((tokens[start:start + length], source, key, epoch, bool(ends)))
+        start += length
+    return blocks
 
 
 def private_copy(texts: datasets.IterableDataset) -> datasets.IterableDataset:
@@ -96,6 +117,7 @@ class WorkerPipeline:
         trace: bool = False,
         passes: int | None = None,
         pad_id: int | None = None,
+        block_shuffle_size: int = 0,
     ):
         # A private copy: `datasets` keeps the epoch in shared memory so that persistent workers follow
         # the main process; here each worker runs its own passes and must not move its peers' epoch.
@@ -105,6 +127,7 @@ class WorkerPipeline:
         self.batch_size = batch_size
         self.block_size = block_size
         self.shuffle_buffer_size = shuffle_buffer_size
+        self.block_shuffle_size = block_shuffle_size
         self.with_documents = with_documents
         self.tokenize_batch = tokenize_batch
         self.head, self.tail = separators  # wrapped around each document: [CLS] x [SEP] or x <eos>
@@ -120,6 +143,11 @@ class WorkerPipeline:
         self._skips_at_start = Counter(self._skips)
         self.skipped_before: dict[str, int] = {}
         self.rng = random.Random(seed)
+        # The block shuffle after packing: packed blocks (as pieces, see `_cut_block`), one pass at a time; a block
+        # of the next pass waits in `block_wait` while the buffer drains.
+        self.block_rng = random.Random(seed * 7919 + 1)
+        self.blocks: list[list[tuple]] = []
+        self.block_wait: list[tuple] | None = None
         # Reading: the pass being read, documents read so far (the next serial), rows of this pass.
         self.epoch = 0
         self.read = 0
@@ -130,7 +158,6 @@ class WorkerPipeline:
         self.source_docs: dict[int, int] = {}  # documents and tokens tokenized so far, per source
         self.source_tokens: dict[int, int] = {}
         self.tokens: list[int] = []
-        self.serials: list[int] = []  # document serial of each buffered token (with_documents)
         self.next_serial = 0
         # Documents whose tokens are in the packing buffer: (end offset in the token stream, source,
         # key, epoch); `cut` is the stream offset of tokens[0].
@@ -171,7 +198,7 @@ class WorkerPipeline:
         anchor = self._live_anchor()
         if self.origin is not None and not needs_origin(anchor[2]):
             self.origin = None  # every handed-over document in flight is taken before the anchor: not needed again
-        handed = [piece for block in self.handed for piece in block]
+        blocks = self.blocks + ([self.block_wait] if self.block_wait is not None else [])
         state = {
             "anchor": anchor,
             "epoch": self.epoch,
@@ -184,7 +211,6 @@ class WorkerPipeline:
             # Arrays rather than Python objects: torch.save pickles each object through a Python hook.
             "rng": np.array(self.rng.getstate()[1], dtype=np.int64),
             "tokens": np.array(self.tokens, dtype=np.int32),  # the packing remainder: < one tokenized chunk
-            "serials": runs(self.serials),
             "next_serial": self.next_serial,
             "doc_ends": np.array(self.doc_ends, dtype=np.uint64).reshape(-1, 4),
             "cut": self.cut,
@@ -194,9 +220,12 @@ class WorkerPipeline:
             "source_tokens": dict(self.source_tokens),
             "skipped": self.skipped(),
             # Blocks handed over at a layout change not made yet: (block, tokens, source, key, epoch, ends) per piece.
-            "handed": np.array([(b, len(p[0]), *p[1:]) for b, block in enumerate(self.handed) for p in block],
-                               dtype=np.uint64).reshape(-1, 6),
-            "handed_tokens": np.array([t for p in handed for t in p[0]], dtype=np.int32),
+            **encode_blocks(self.handed, "handed"),
+            # The block shuffle's buffer (a waiting block of the next pass last): tokens, not references; at most
+            # data.block_shuffle_size x sequence_length tokens per rank.
+            **encode_blocks(blocks, "blocks"),
+            "block_wait": self.block_wait is not None,
+            "block_rng": np.array(self.block_rng.getstate()[1], dtype=np.int64),
         }
         if self.origin is not None:
             state["origin"] = self.origin
@@ -237,7 +266,6 @@ class WorkerPipeline:
         version, _, gauss = self.rng.getstate()
         self.rng.setstate((version, tuple(state["rng"].tolist()), gauss))
         self.tokens = state["tokens"].tolist()
-        self.serials = np.repeat(*state["serials"]).tolist()
         self.next_serial = state["next_serial"]
         self.doc_ends = deque(tuple(d) for d in state["doc_ends"].tolist())
         self.cut = state["cut"]
@@ -246,13 +274,12 @@ class WorkerPipeline:
             self.collate.set_rng_state(state["collate_rng"])
         self.source_docs = dict(state["source_docs"])
         self.source_tokens = dict(state["source_tokens"])
-        self.handed = deque()  # (no "handed" in a state written before issue 25: none)
-        tokens, start = state.get("handed_tokens", np.zeros(0, dtype=np.int32)).tolist(), 0
-        for block, length, source, key, epoch, ends in state.get("handed", np.zeros((0, 6))).tolist():
-            if block == len(self.handed):
-                self.handed.append([])
-            self.handed[-1].append((tokens[start:start + length], source, key, epoch, bool(ends)))
-            start += length
+        self.handed = deque(decode_blocks(state, "handed"))  # (none in a state written before issue 25)
+        self.blocks = decode_blocks(state, "blocks")  # (none in a state written before the block shuffle)
+        self.block_wait = self.blocks.pop() if state.get("block_wait") else None
+        if "block_rng" in state:
+            version, _, gauss = self.block_rng.getstate()
+            self.block_rng.setstate((version, tuple(state["block_rng"].tolist()), gauss))
         if len(state["pending"]):
             self._submit([found[int(s)] for s, _ in state["pending"]])
         self.skipped_before = dict(state["skipped"])
@@ -512,15 +539,15 @@ class WorkerPipeline:
             tokens.extend(head)
             tokens.extend(ids)
             tokens.extend(tail)
-            if self.with_documents:
-                self.serials.extend([self.next_serial] * (len(ids) + extra))
             self.next_serial += 1
             if self.documents is not None:
                 self.documents.append((source, len(ids) + extra, len(doc.text.encode("utf-8"))))
             self.doc_ends.append((self.cut + len(tokens), source, doc.key, doc.epoch))
         return True
 
-    def next_block(self) -> dict[str, list[int]] | None:
+    def _cut_block(self) -> tuple[list[tuple], int] | None:
+        """The next block of the packing buffer, as pieces ``(tokens, source, key, epoch, ends)`` (a document's
+        tokens in the block; ``ends``: its last token is there), and the padding that ends a finite stream."""
         # A block handed over at a layout change starts the block, so that its tokens keep their places (and
         # positions) in it; this reader's own tokens complete it.
         handed = self.handed[0] if self.handed else []
@@ -535,38 +562,77 @@ class WorkerPipeline:
         if handed:
             self.handed.popleft()
         size = self.block_size - lead - pad
-        # Full blocks: the collator adds the all-ones mask.
-        block = {"input_ids": [t for p in handed for t in p[0]] + self.tokens[:size]}
-        del self.tokens[:size]
+        pieces = list(handed)
+        tokens, cut, ends = self.tokens, self.cut, self.doc_ends
+        start = cut
+        while ends and ends[0][0] <= cut + size:
+            end, source, key, epoch = ends.popleft()
+            pieces.append((tokens[start - cut:end - cut], source, key, epoch, True))
+            start = end
+        if start < cut + size:  # the document that goes on in the next block
+            _, source, key, epoch = ends[0]
+            pieces.append((tokens[start - cut:size], source, key, epoch, False))
+        del tokens[:size]
         self.cut += size
+        return pieces, pad
+
+    def _shuffled_block(self) -> tuple[list[tuple], int] | None:
+        """The block shuffle after packing: fill the buffer with blocks, then hand out a random one. Packing a
+        stream puts a document's blocks next to each other, so a batch of consecutive blocks holds several blocks
+        of the same documents (run_clm draws its blocks from the whole corpus: measured 1.5-2% lower held-out loss
+        at the quickstart's shape, docs/performance.md). Like the document buffer it never mixes passes: a block
+        whose first token is of another pass than the buffered blocks' waits until the buffer has drained (blocks
+        are cut in the order of their first tokens' passes, handed-over blocks included)."""
+        while True:
+            while self.block_wait is None and len(self.blocks) < self.block_shuffle_size:
+                cut = self._cut_block()
+                if cut is None:
+                    break
+                pieces = cut[0]
+                if self.blocks and pieces[0][3] != self.blocks[0][0][3]:
+                    self.block_wait = pieces
+                    break
+                self.blocks.append(pieces)
+            if self.blocks:
+                break
+            if self.block_wait is None:
+                return None
+            self.blocks.append(self.block_wait)
+            self.block_wait = None
+        i = self.block_rng.randrange(len(self.blocks))
+        self.blocks[i], self.blocks[-1] = self.blocks[-1], self.blocks[i]
+        return self.blocks.pop(), 0
+
+    def next_block(self) -> dict[str, list[int]] | None:
+        finite = self.passes is not None  # counting a pass's blocks: their order does not matter
+        cut = self._shuffled_block() if self.block_shuffle_size > 0 and not finite else self._cut_block()
+        if cut is None:
+            return None
+        pieces, pad = cut
+        # Full blocks: the collator adds the all-ones mask.
+        ids: list[int] = []
+        for piece in pieces:
+            ids += piece[0]
+        block = {"input_ids": ids}
         if self.with_documents:
-            # A segment per handed-over piece (serials below this reader's own), as in the block it came from.
-            serials = [-1 - i for i, p in enumerate(handed) for _ in p[0]] + self.serials[:size]
-            block["position_ids"], block["document_ids"] = document_positions(serials)
-            del self.serials[:size]
+            # A segment per piece: each is one document's tokens.
+            lengths = [len(p[0]) for p in pieces]
+            firsts = np.cumsum([0] + lengths[:-1])
+            segment = np.repeat(np.arange(len(pieces)), lengths)
+            block["position_ids"] = (np.arange(len(ids)) - firsts[segment]).tolist()
+            block["document_ids"] = segment.tolist()
         if pad:
             block["input_ids"] += [self.pad_id] * pad
-            block["attention_mask"] = [1] * (lead + size) + [0] * pad
+            block["attention_mask"] = [1] * len(ids) + [0] * pad
             if self.with_documents:  # padding continues the last segment; it is masked out anyway
                 last = block["position_ids"][-1]
                 block["position_ids"] += list(range(last + 1, last + 1 + pad))
                 block["document_ids"] += [block["document_ids"][-1]] * pad
-        # The documents whose last token is in this block end here; the block's epoch is the pass of
-        # the document that holds its last token.
-        last = None
-        for _, source, key, epoch, ends in handed:
-            if ends and self.trace:
-                self.batch_docs.append([source, f"{key:016x}", epoch])
-            last = epoch
-        if size:
-            ends, last = self.doc_ends, None
-            while ends and ends[0][0] <= self.cut:
-                end, source, key, epoch = ends.popleft()
-                if self.trace:
-                    self.batch_docs.append([source, f"{key:016x}", epoch])
-                last = epoch if end == self.cut else None
-            last = last if last is not None else ends[0][3] if ends else None
-        self.batch_epoch = last if last is not None else self.batch_epoch
+        # The documents whose last token is in this block end here; the block's epoch is the pass of the
+        # document that holds its last token.
+        if self.trace:
+            self.batch_docs += [[source, f"{key:016x}", epoch] for _, source, key, epoch, ends in pieces if ends]
+        self.batch_epoch = pieces[-1][3]
         return block
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:

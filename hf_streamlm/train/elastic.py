@@ -49,6 +49,7 @@ DATA_KEYS: dict[str, str] = {
     "gradient_accumulation_steps": "handled: recomputed by keep_global_batch to keep the checkpoint's sequences "
                                    "per optimizer step",
     "shuffle_buffer_size": STREAM,  # the order within a pass, and the references the data state holds
+    "block_shuffle_size": STREAM,  # the order of the blocks, and the blocks the data state holds
     "num_workers": "handled: another number of DataLoader workers is an elastic resume (load_elastic_data)",
     "worker_start_method": "not the stream: how DataLoader workers start",
     "trace_documents": "not the stream: the audit file (turned on at a resume, it starts at the resumed step)",
@@ -195,12 +196,11 @@ def load_elastic_data(accelerator: Accelerator, path: Path, loader, states: list
     processes x DataLoader workers) to this run's readers; returns the ``resumed AxB -> CxD`` line."""
     from hf_streamlm.config import load_config
     from hf_streamlm.data.elastic import origins
-    from hf_streamlm.data.pipeline import buffer_per_worker
+    from hf_streamlm.data.pipeline import reader_settings
 
     processes, workers = layout
     old = load_config([f"recipe={Path(path) / 'config.yaml'}", "runtime.resume=never"])
-    settings = {"batch_size": old.data.batch_size, "with_documents": old.data.document_masking,
-                "buffer": buffer_per_worker(old, processes, max(1, workers), rank=-1)}
-    handed = origins(states, accelerator.num_processes, loader.num_workers, accelerator.process_index, settings)
+    handed = origins(states, accelerator.num_processes, loader.num_workers, accelerator.process_index,
+                     reader_settings(old, processes, workers))
     loader.load_elastic(handed, min(s.get("epoch", 0) for s in states))
     return f"resumed {processes}x{workers} -> {accelerator.num_processes}x{loader.num_workers}"
