@@ -117,7 +117,7 @@ class Syncs(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-TOP_MODELS = ("DecoderForCausalLM", "MicroBertForMaskedLM")
+TOP_MODELS = ("DecoderForCausalLM", "MicroBertForMaskedLM", "ModernMicroBertForMaskedLM")
 
 
 def syncs_per_micro_step(args: list[str], micro_batches: int) -> tuple[list[int], dict[str, int]]:

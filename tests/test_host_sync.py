@@ -37,13 +37,19 @@ def check(per_interval: list[int]) -> None:
     assert step_ends == [1, 1], per_interval
 
 
+# The modern MicroBERT with packed documents and a window shorter than the blocks: the document and sliding-window
+# masks, the rotary tables of both layer kinds, and the sparse head on the collator's masked_positions.
+MODERN = [*MLM, "model.architecture=modern", "data.document_masking=true", "model.local_attention=16"]
+
+
 def family_args(family: str, tokenizer) -> list[str]:
     # The decoder recipe packs documents (position_ids, document_ids, the flash kernels' segments): the
     # document-causal mask path. MicroBERT's training head takes its labelled rows from the collator.
-    return [*(DECODER if family == "decoder" else MLM), f"tokenizer.path={tokenizer}", *SYNC_RUN]
+    recipe = {"decoder": DECODER, "microbert": MLM, "modern": MODERN}[family]
+    return [*recipe, f"tokenizer.path={tokenizer}", *SYNC_RUN]
 
 
-@pytest.mark.parametrize("family", ["decoder", "microbert"])
+@pytest.mark.parametrize("family", ["decoder", "microbert", "modern"])
 def test_micro_steps_that_do_not_log_sync_nothing(family, tmp_path, request, reset_accelerate):
     tokenizer = request.getfixturevalue("bpe_800" if family == "decoder" else "wordpiece_800")
     per_interval, by_op = syncs_per_micro_step(

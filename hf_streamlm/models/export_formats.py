@@ -163,14 +163,20 @@ def modernbert_legacy_fields(config) -> dict:
         fields["local_rope_theta"] = rope["sliding_attention"]["rope_theta"]
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
-        fields["global_attn_every_n_layers"] = _every_n(layer_types)
+        fields["global_attn_every_n_layers"] = _every_n(layer_types, fields["global_attn_every_n_layers"])
     return {**fields, "reference_compile": False}
 
 
-def _every_n(layer_types: list[str]) -> int:
-    """The `global_attn_every_n_layers` that yields `layer_types` (layer i global iff i % n == 0)."""
+def _every_n(layer_types: list[str], stated: int | None) -> int:
+    """The `global_attn_every_n_layers` that yields `layer_types` (layer i global iff i % n == 0): `stated` if it
+    does (several values fit a short stack), else the smallest that does."""
+    def fits(n: int) -> bool:
+        return all((t == "full_attention") == (i % n == 0) for i, t in enumerate(layer_types))
+
+    if stated and fits(stated):
+        return stated
     for n in range(1, len(layer_types) + 1):
-        if all((t == "full_attention") == (i % n == 0) for i, t in enumerate(layer_types)):
+        if fits(n):
             return n
     raise ValueError(f"layer_types {layer_types} are not 'global every n layers from the first': no modern MicroBERT "
                      "(nor transformers 4.x's ModernBERT) has that pattern")

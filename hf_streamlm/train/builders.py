@@ -26,8 +26,34 @@ def resolve_vocab_size(config: Config, tokenizer) -> int:
 
 
 def hf_model_config(m: ModelConfig, vocab_size: int, special_ids: dict[str, int | None] | None = None):
-    """The transformers config of the ``model`` section (MicroBertConfig or DecoderConfig)."""
+    """The transformers config of the ``model`` section (MicroBertConfig, ModernMicroBertConfig or DecoderConfig)."""
     ids = special_ids or {}
+    if m.type == "microbert" and m.architecture == "modern":
+        from hf_streamlm.models.modernbert import ModernMicroBertConfig
+
+        # ModernBERT's defaults where the section leaves a key null (its dropouts are 0, as in ModernBERT).
+        return ModernMicroBertConfig(
+            vocab_size=vocab_size,
+            hidden_size=m.hidden_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position_embeddings,
+            attention_dropout=m.attn_dropout or 0.0,
+            embedding_dropout=m.residual_dropout or 0.0,
+            mlp_dropout=m.residual_dropout or 0.0,
+            global_rope_theta=m.rope_theta or 160_000.0,
+            local_rope_theta=m.local_rope_theta or 10_000.0,
+            local_attention=m.local_attention or 128,
+            global_attn_every_n_layers=m.global_attn_every_n_layers or 3,
+            initializer_range=m.initializer_range,
+            tie_word_embeddings=m.tie_word_embeddings,
+            pad_token_id=ids.get("pad_token_id") or 0,
+            bos_token_id=ids.get("bos_token_id"),
+            eos_token_id=ids.get("eos_token_id"),
+            cls_token_id=ids.get("cls_token_id"),
+            sep_token_id=ids.get("sep_token_id"),
+        )
     if m.type == "microbert":
         from hf_streamlm.models.microbert import MicroBertConfig
 
@@ -70,6 +96,20 @@ def hf_model_config(m: ModelConfig, vocab_size: int, special_ids: dict[str, int 
     )
 
 
+NATIVE_MODEL_TYPES = ("bert", "modernbert", "llama")
+"""``model_type`` of the stock classes the native exports load as (``from_native`` converts them back)."""
+
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
+"""Tokenizer ids a fresh model's config records."""
+
+
+def project_model_type(m: ModelConfig) -> str:
+    """The ``model_type`` of the project class a ``model`` section builds."""
+    if m.type == "decoder":
+        return "streamlm_decoder"
+    return "modern_microbert" if m.architecture == "modern" else "microbert"
+
+
 def build_model(config: Config, tokenizer) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -82,12 +122,13 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
         # Whole, even under ZeRO-3: from_native copies full tensors; DeepSpeed partitions the model in prepare.
         with without_zero3_init():
             model = auto.from_pretrained(m.pretrained)
-            if model.config.model_type in ("bert", "llama"):  # a native export: continue in the project's classes
+            if model.config.model_type in NATIVE_MODEL_TYPES:  # a native export: continue in the project's classes
                 model = from_native(model)
-        expected = "microbert" if m.type == "microbert" else "streamlm_decoder"
+        expected = project_model_type(m)
         if model.config.model_type != expected:
+            wanted = f"model.type={m.type}" + (f" model.architecture={m.architecture}" if m.type == "microbert" else "")
             raise ConfigError(
-                f"'model.pretrained' {m.pretrained!r} holds a {model.config.model_type} model, not model.type={m.type}"
+                f"'model.pretrained' {m.pretrained!r} holds a {model.config.model_type} model, not {wanted}"
             )
         if model.config.vocab_size != len(tokenizer):
             raise ConfigError(
@@ -95,7 +136,7 @@ def build_model(config: Config, tokenizer) -> PreTrainedModel:
                 f"has {len(tokenizer)} tokens"
             )
     else:
-        ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        ids = {k: getattr(tokenizer, k, None) for k in SPECIAL_IDS}
         model = auto.from_config(hf_model_config(m, resolve_vocab_size(config, tokenizer), ids))
     if m.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         raise ConfigError(
@@ -251,7 +292,7 @@ def estimate(m: ModelConfig, vocab_size: int, sequence_length: int, batch_size: 
         positions = min(positions, m.loss_chunk_size)
     logits = 12 * positions * vocab_size
     return {
-        "type": m.type,
+        "type": "modernbert" if project_model_type(m) == "modern_microbert" else m.type,
         "layers": layers,
         "heads": heads,
         "kv_heads": m.num_key_value_heads or heads,
