@@ -2,7 +2,8 @@
 so that the Hub reads its metadata as it reads any model's: ``library_name``, ``pipeline_tag``, ``license``,
 ``tags``, ``datasets`` (Hub ids; the commits trained on under ``dataset_revisions``), and a
 ``model-index`` with the eval results -- the held-out stream's loss, perplexity and masked-token
-accuracy, and the lm-evaluation-harness tasks when the run or ``hf-streamlm eval --tasks`` scored any.
+accuracies (all chosen positions; at [MASK]), and the lm-evaluation-harness tasks when the run or
+``hf-streamlm eval --tasks`` scored any.
 
 The body says in prose what the metadata says in fields, plus the training command."""
 
@@ -23,8 +24,17 @@ the ones ``hf-streamlm eval --tasks`` replaces."""
 
 HELDOUT_METRICS = {"eval_loss": ("loss", "eval loss"), "eval_perplexity": ("perplexity", "perplexity"),
                    "eval_bits_per_byte": ("bits_per_byte", "bits per byte"),
-                   "eval_accuracy": ("accuracy", "masked-token accuracy")}
+                   "eval_accuracy": ("accuracy", "masked-token accuracy (all chosen positions)"),
+                   "eval_mask_accuracy": ("accuracy_at_mask", "accuracy at [MASK]"),
+                   "eval_mask_top5": ("top5_accuracy_at_mask", "top-5 accuracy at [MASK]")}
 """History's held-out figures -> (model-index ``metric.type``, ``metric.name``)."""
+
+MASK_NOTE = ("`accuracy` counts every position the masking chose ({share:.0%} of the tokens: 80% replaced by the "
+             "mask token, 10% by a random token, 10% left unchanged, which the model scores by copying its input); "
+             "`mask_accuracy` counts only the positions whose input was the mask token, as a fill-mask user "
+             "sees them, and `mask_top5` whether the true token is among the 5 highest-scored there.")
+"""Said under the card's table when it holds the accuracy at [MASK] (``share``: ``data.mlm_probability``): why
+``accuracy`` is the higher one."""
 
 
 def task_of(config: Config) -> str:
@@ -113,6 +123,8 @@ def model_card(model, config: Config, fmt: str, summary: dict | None = None) -> 
     figures = summary.get("eval") or {}
     results = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in figures.items())
     results = f"| metric | value |\n|---|---|\n{results}" if results else "No evaluation was recorded."
+    if "eval_mask_accuracy" in figures:
+        results += "\n\n" + MASK_NOTE.format(share=config.data.mlm_probability)
     command = summary.get("command") or f"accelerate launch -m hf_streamlm.run recipe={config.recipe}"
     harness = summary.get("lm_eval") or {}
     downstream = harness_section(harness.get("results", {}), harness.get("samples", {}), harness.get("step"))

@@ -3,8 +3,9 @@
 
 The held-out blocks, the collator (MicroBERT's masks seeded by ``runtime.seed``) and the batching are
 the training loop's own (``build_eval_blocks``, ``make_collator``), and the figures go through the
-``evaluate`` modules in :mod:`hf_streamlm.metrics`, so ``eval_loss``, ``eval_perplexity`` and
-``eval_accuracy`` equal the last eval row a run wrote to ``history.jsonl`` for the same weights.
+``evaluate`` modules in :mod:`hf_streamlm.metrics` (the accuracies at [MASK], ``eval_mask_accuracy`` and
+``eval_mask_top5``, are counted by :func:`mask_hits`), so they equal the last eval row a run wrote to
+``history.jsonl`` for the same weights.
 """
 
 from __future__ import annotations
@@ -50,11 +51,28 @@ def token_bytes(tokenizer) -> torch.Tensor | None:
     return lengths
 
 
+def mask_hits(logits: torch.Tensor, predictions: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+              mask_token_id: int, k: int = 5) -> torch.Tensor:
+    """``[positions, top-1 hits, top-k hits]`` at the labelled positions whose input is ``mask_token_id``, as a
+    tensor on the logits' device (summed over batches there: no read-back per batch). ``predictions``: the
+    argmax of ``logits``, as ``eval_accuracy`` takes it.
+
+    The MLM collator labels the 15% of tokens it chose and leaves a tenth of them unchanged in the input
+    (BERT's 80/10/10): a model scores those by copying its input, which lifts ``eval_accuracy``. At [MASK]
+    inputs it has only the context, the case a fill-mask user sees."""
+    at_mask = (input_ids == mask_token_id) & (labels != -100)
+    top1 = predictions == labels
+    topk = (logits.topk(min(k, logits.shape[-1]), dim=-1).indices == labels.unsqueeze(-1)).any(-1) | top1
+    return torch.stack([at_mask.sum(), (top1 & at_mask).sum(), (topk & at_mask).sum()])
+
+
 @torch.no_grad()
 def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
           device: torch.device | str = "cpu", autocast: torch.dtype | None = None,
           byte_lengths: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean loss per predicted token over ``blocks``, its perplexity, and (masked LM) accuracy.
+    """Mean loss per predicted token over ``blocks``, its perplexity, and (masked LM) accuracy: ``eval_accuracy``
+    over every position the collator chose (the [MASK], random and unchanged ones), ``eval_mask_accuracy`` and
+    ``eval_mask_top5`` over the positions whose input is the collator's ``mask_token_id`` (:func:`mask_hits`).
 
     Each batch adds its loss sum (the model's mean loss x its labelled tokens) to the perplexity
     metric, so the mean is token-weighted exactly as the training loop's eval computes it.
@@ -70,6 +88,8 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
     causal = isinstance(collator, CausalCollator)
     perplexity = metrics.load("perplexity", keep_in_memory=True)
     accuracy = None if causal else metrics.load("masked_accuracy", keep_in_memory=True)
+    mask_id = None if causal else getattr(collator, "mask_token_id", None)
+    at_mask = torch.zeros(3, dtype=torch.long, device=device)  # mask_hits, summed over the batches
     context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     model.eval()
     tokens = text_bytes = 0
@@ -87,7 +107,10 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
         if byte_lengths is not None:
             text_bytes += int(byte_lengths[labels[labels != -100]].sum())
         if accuracy is not None:
-            accuracy.add_batch(predictions=out.logits.argmax(-1).tolist(), references=labels.tolist())
+            predictions = out.logits.argmax(-1)
+            accuracy.add_batch(predictions=predictions.tolist(), references=labels.tolist())
+            if mask_id is not None:
+                at_mask += mask_hits(out.logits, predictions, batch["input_ids"], labels, mask_id)
     if tokens == 0:
         return {}
     ppl = perplexity.compute()
@@ -96,6 +119,10 @@ def score(model: PreTrainedModel, blocks: list[dict], collator, batch_size: int,
         result["eval_bits_per_byte"] = ppl["loss"] * ppl["tokens"] / (math.log(2) * text_bytes)  # summed loss, bits
     if accuracy is not None:
         result["eval_accuracy"] = accuracy.compute()["accuracy"]
+        masked, top1, topk = at_mask.tolist()
+        if masked:
+            result["eval_mask_accuracy"] = top1 / masked
+            result["eval_mask_top5"] = topk / masked
     return result
 
 
@@ -391,9 +418,10 @@ def check_loop_tasks(config: Config, accelerator) -> None:
 
 def loop_eval(model, eval_blocks: list[dict], collator, batch_size: int, accelerator,
               byte_lengths: torch.Tensor | None = None) -> dict[str, float]:
-    """The loop's held-out eval: mean loss per predicted token, perplexity, MLM accuracy, bits per byte, by the
-    same code and ``evaluate`` modules as ``hf-streamlm eval``. No autocast of its own: the prepared model runs
-    under Accelerate's (``runtime.precision``). Leaves the model in training mode."""
+    """The loop's held-out eval: mean loss per predicted token, perplexity, MLM accuracies (all chosen positions;
+    at [MASK], top 1 and top 5), bits per byte, by the same code and ``evaluate`` modules as ``hf-streamlm eval``.
+    No autocast of its own: the prepared model runs under Accelerate's (``runtime.precision``). Leaves the model
+    in training mode."""
     metrics = score(model, eval_blocks, collator, batch_size, accelerator.device, byte_lengths=byte_lengths)
     model.train()
     return metrics

@@ -162,10 +162,51 @@ def test_score_is_fp32_unless_asked_and_the_loop_eval_runs_under_accelerates_aut
     assert in_loop["eval_loss"] == pytest.approx(bf16["eval_loss"], rel=1e-6) and prepared.training
 
 
+def test_accuracy_at_mask_counts_the_mask_inputs_alone():
+    """``eval_accuracy`` counts every labelled position; ``eval_mask_accuracy`` and ``eval_mask_top5`` only those
+    whose input is the collator's ``mask_token_id``. A real MicroBERT scores two hand-built rows (one batch each:
+    the counts add up over batches), labelled from its own ranking of the vocabulary at each position: of the 4
+    [MASK] inputs, 2 labels are its first choice, 1 its fourth, 1 its sixth; of the 4 other labelled positions
+    (a random or an unchanged token in the input), 3 are its first choice and 1 its second."""
+    import torch
+
+    from hf_streamlm.evaluation import score
+    from hf_streamlm.models import MicroBertConfig, MicroBertForMaskedLM
+
+    mask = 3
+    torch.manual_seed(0)
+    model = MicroBertForMaskedLM(MicroBertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, max_position_embeddings=16)).eval()
+    input_ids = torch.randint(5, 64, (2, 8))
+    input_ids[0, [1, 4]] = input_ids[1, [2, 6]] = mask
+    with torch.no_grad():  # row by row with the attention mask, as score runs them: the same logits
+        ranked = torch.cat([model(input_ids=row[None], attention_mask=torch.ones_like(row[None])).logits
+                            .topk(6, dim=-1).indices for row in input_ids])
+    labels = torch.full_like(input_ids, -100)
+    at_mask = {(0, 1): 0, (0, 4): 0, (1, 2): 3, (1, 6): 5}
+    elsewhere = {(0, 0): 0, (0, 7): 0, (1, 3): 0, (1, 5): 1}
+    for (row, col), rank in {**at_mask, **elsewhere}.items():
+        labels[row, col] = ranked[row, col, rank]
+
+    class HandBuilt:  # the collator of the rows above; MLMCollator names its [MASK] id the same way
+        mask_token_id = mask
+
+        def __call__(self, blocks: list[dict]) -> dict:
+            rows = [b["row"] for b in blocks]
+            return {"input_ids": input_ids[rows], "attention_mask": torch.ones_like(input_ids[rows]),
+                    "labels": labels[rows]}
+
+    result = score(model, [{"row": 0}, {"row": 1}], HandBuilt(), batch_size=1)
+    assert result["eval_tokens"] == 8
+    assert result["eval_accuracy"] == 5 / 8  # 2 + 3 first choices
+    assert result["eval_mask_accuracy"] == 2 / 4 and result["eval_mask_top5"] == 3 / 4
+
+
 def test_eval_of_export_and_checkpoint_equals_the_logged_eval_masked_lm(mlm_run, tmp_path, capsys):
     logged = last_eval(mlm_run)
     assert logged["step"] == 4 and logged["eval_accuracy"] > 0
-    keys = ("eval_loss", "eval_perplexity", "eval_accuracy")
+    assert 0 <= logged["eval_mask_accuracy"] <= logged["eval_mask_top5"] <= 1  # the eval rows of history.jsonl
+    keys = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_mask_accuracy", "eval_mask_top5")
 
     rc, out, err = eval_cli(capsys, str(mlm_run / "export"), "--json", str(tmp_path / "export.json"))
     assert rc == 0, err
@@ -174,6 +215,7 @@ def test_eval_of_export_and_checkpoint_equals_the_logged_eval_masked_lm(mlm_run,
     assert result["kind"] == "export" and result["family"] == "microbert"
     assert result["blocks"] == 12 and result["batches"] == 3  # max_batches x batch_size, as the loop
     assert f"{'loss':<13} {result['eval_loss']:.6g}" in out and "accuracy" in out
+    assert f"{'mask_accuracy':<13} {result['eval_mask_accuracy']:.6g}" in out and "mask_top5" in out
     assert "eval_bits_per_byte" not in result  # WordPiece tokens do not map back to exact bytes
 
     rc, _, err = eval_cli(capsys, str(mlm_run / "checkpoints" / "step-4"), "--json", str(tmp_path / "ckpt.json"))
@@ -196,7 +238,8 @@ def test_eval_of_export_and_checkpoint_equals_the_logged_eval_masked_lm(mlm_run,
 
 def test_eval_equals_the_logged_eval_decoder_with_the_network_refused(decoder_run, tmp_path, capsys):
     logged = last_eval(decoder_run)
-    assert "eval_accuracy" not in logged and 0 < logged["eval_bits_per_byte"] < logged["eval_loss"]
+    assert not {"eval_accuracy", "eval_mask_accuracy", "eval_mask_top5"} & logged.keys()
+    assert 0 < logged["eval_bits_per_byte"] < logged["eval_loss"]
     keys = ("eval_loss", "eval_perplexity", "eval_bits_per_byte")
 
     rc, _, err = eval_cli(capsys, str(decoder_run / "export"), "--json", str(tmp_path / "export.json"))

@@ -64,18 +64,26 @@ def test_card_metadata_and_model_index_parse_back(tmp_path):
     assert eval_results_to_model_index(name, results) == index
     # The prose says it too.
     assert f"org/web/sample (commit {SHA})" in card.text and "| loss | 3.2500 |" in card.text
+    assert "mask_accuracy" not in card.text  # no accuracy at [MASK], no note about it
 
 
 def test_a_local_mixture_names_no_hub_dataset_and_microbert_is_fill_mask(tmp_path):
-    summary = {**SUMMARY, "lm_eval": None}
+    figures = {**SUMMARY["eval"], "eval_mask_accuracy": 0.22, "eval_mask_top5": 0.41}
+    summary = {**SUMMARY, "eval": figures, "lm_eval": None}
     card, _ = card_for(tmp_path, "microbert", "[{path: builtin, name: pydocs}, {path: json, data_files: a.jsonl}]",
                        summary)
     data = card.data
     assert data.pipeline_tag == "fill-mask" and data.tags[:3] == ["hf_streamlm", "bert", "microbert"]
     assert data.datasets is None and not hasattr(data, "dataset_revisions")
     accuracy = next(r for r in data.eval_results if r.metric_type == "accuracy")
-    assert accuracy.metric_name == "masked-token accuracy" and accuracy.dataset_type == "hf_streamlm/held-out-stream"
-    assert accuracy.dataset_revision is None
+    assert accuracy.metric_name == "masked-token accuracy (all chosen positions)"
+    assert accuracy.dataset_type == "hf_streamlm/held-out-stream" and accuracy.dataset_revision is None
+    # The accuracy at [MASK] apart from it, in the model-index and in the table with what each one counts.
+    at_mask = {r.metric_type: (r.metric_name, r.metric_value) for r in data.eval_results}
+    assert at_mask["accuracy_at_mask"] == ("accuracy at [MASK]", 0.22)
+    assert at_mask["top5_accuracy_at_mask"] == ("top-5 accuracy at [MASK]", 0.41)
+    assert "| mask_accuracy | 0.2200 |" in card.text and "| mask_top5 | 0.4100 |" in card.text
+    assert "15% of the tokens" in card.text and "left unchanged" in card.text
 
 
 def test_harness_results_replace_the_earlier_ones_in_metadata_and_table(tmp_path):

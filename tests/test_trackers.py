@@ -107,3 +107,32 @@ def test_none_all_and_tensorboard_false(monkeypatch):
     assert names("runtime.logging.report_to=none") == []
     assert names("runtime.logging.report_to=all") == [str(t.value) for t in get_available_trackers()]
     assert names("runtime.logging.report_to=[tensorboard, mlflow]", "runtime.logging.tensorboard=false") == ["mlflow"]
+
+
+def test_an_eval_row_reaches_history_stdout_and_tensorboard_with_the_accuracy_at_mask(tmp_path, reset_accelerate):
+    """The loop's eval row (``score``'s figures) through ``log_row``: ``history.jsonl``, the console line and
+    TensorBoard (the run's own tracker set-up) all carry MicroBERT's accuracy at [MASK] beside ``eval_accuracy``."""
+    from accelerate import Accelerator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hf_streamlm.train.history import History
+    from hf_streamlm.train.logs import log_row
+    from hf_streamlm.train.trackers import log_with, start_trackers
+
+    config = load_config(["recipe=quickstart", "runtime.logging.tensorboard=true"])
+    accelerator = Accelerator(cpu=True, log_with=log_with(config, tmp_path), project_dir=str(tmp_path))
+    start_trackers(accelerator, config, tmp_path)
+    row = {"step": 6, "eval_loss": 5.5, "eval_perplexity": 244.7, "eval_tokens": 1200, "eval_accuracy": 0.31,
+           "eval_mask_accuracy": 0.22, "eval_mask_top5": 0.41}
+    lines: list[str] = []
+
+    class Bar:  # tqdm's write, which log_row prints through
+        write = staticmethod(lines.append)
+
+    log_row(row, accelerator, History(tmp_path / "history.jsonl"), Bar(), stdout=True)
+    accelerator.end_training()
+    assert history(tmp_path) == [row]
+    assert "eval_accuracy=0.31 eval_mask_accuracy=0.22 eval_mask_top5=0.41" in lines[0]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    for key in ("eval_accuracy", "eval_mask_accuracy", "eval_mask_top5"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(6, pytest.approx(row[key]))], key
