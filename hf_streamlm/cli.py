@@ -363,11 +363,12 @@ def models_command(ns: argparse.Namespace, overrides: list[str]) -> int:
         m = build(ModelConfig, values)
         rows.append((f"preset={name}", estimate(m, PRESET_VOCAB[m.type], m.max_position_embeddings, 1),
                      SEED_PARAMETER_COUNTS.get(name, "")))
-    header = (f"{'model':<34}{'family':<10}{'layers':>7}{'heads':>6}{'kv':>4}{'hidden':>7}{'inter':>7}{'vocab':>7}"
+    width = max(34, *(len(label) + 1 for label, _, _ in rows))  # the longest name, at least the old width
+    header = (f"{'model':<{width}}{'family':<11}{'layers':>7}{'heads':>6}{'kv':>4}{'hidden':>7}{'inter':>7}{'vocab':>7}"
               f"{'params':>15}{'FLOPs/token':>13}{'train mem':>11}  seed")
     print(header)
     for label, e, seed in rows:
-        print(f"{label:<34}{e['type']:<10}{e['layers']:>7}{e['heads']:>6}{e['kv_heads']:>4}{e['hidden']:>7}"
+        print(f"{label:<{width}}{e['type']:<11}{e['layers']:>7}{e['heads']:>6}{e['kv_heads']:>4}{e['hidden']:>7}"
               f"{e['intermediate']:>7}{e['vocab']:>7}{e['params']:>15,}{e['flops_per_token']:>13.3g}"
               f"{e['train_memory_gib']:>9.2f}Gi  {seed}")
     print("\nFLOPs/token = 6N + 12·L·d·T (Kaplan et al. 2020 + attention; T = sequence length). train mem = bf16"

@@ -1,4 +1,5 @@
-"""Named model shapes: the MicroBERT tiers of seed 003 and the 1B decoder of seed 004.
+"""Named model shapes: the MicroBERT tiers of seed 003 (classic, and their modern counterparts) and the 1B
+decoder of seed 004.
 
 ``model.preset=NAME`` fills the ``model`` section; keys set in the recipe or on the command line win
 (command line > recipe > preset > defaults). ``hf-streamlm models`` lists them with parameter counts.
@@ -18,6 +19,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                            "max_position_embeddings": 128},
     "microbert-hf-extra-large": {"type": "microbert", "num_layers": 8, "num_attention_heads": 12, "hidden_size": 24,
                                  "max_position_embeddings": 128},
+    # The modern tier (model.architecture=modern: ModernBERT's design, docs/models.md) at the same width, depth
+    # and heads; its GeGLU MLP is 1.5 x hidden wide (ModernBERT-base's ratio) and its window ModernBERT's 128.
+    "modern-microbert-imdb-small": {"type": "microbert", "architecture": "modern", "num_layers": 2,
+                                    "num_attention_heads": 2, "hidden_size": 4, "max_position_embeddings": 128},
+    "modern-microbert-hf-medium": {"type": "microbert", "architecture": "modern", "num_layers": 4,
+                                   "num_attention_heads": 4, "hidden_size": 8, "max_position_embeddings": 128},
+    "modern-microbert-hf-large": {"type": "microbert", "architecture": "modern", "num_layers": 6,
+                                  "num_attention_heads": 8, "hidden_size": 16, "max_position_embeddings": 128},
+    "modern-microbert-hf-extra-large": {"type": "microbert", "architecture": "modern", "num_layers": 8,
+                                        "num_attention_heads": 12, "hidden_size": 24, "max_position_embeddings": 128},
     # Seed 004 training.yaml: hidden 2048, 20 layers, 32 heads, 32 KV heads, 2048 positions. The seed's
     # intermediate 8192 assumes a 2-matrix MLP (2*2048*8192 = 33.6M weights per layer); a gated MLP has
     # 3 matrices, so the same budget is 8192 * 2/3 = 5461, rounded up to a multiple of 128: 5504
