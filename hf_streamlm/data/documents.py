@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
-import numpy as np
-
 
 def document_key(text: str) -> int:
     """The document's 8-byte content key (``hashlib.blake2b(text, digest_size=8)`` as an integer; its

@@ -213,7 +213,7 @@ def packed_ahead(reader) -> list[list[tuple]]:
         start = end
     room = reader.block_size
     # The block shuffle's buffer: whole blocks, already cut.
-    blocks = list(reader.blocks) + ([reader.block_wait] if reader.block_wait is not None else [])
+    blocks = [b.unpack() for b in reader.blocks + ([reader.block_wait] if reader.block_wait is not None else [])]
     blocks += [block + _take_pieces(rest, room - sum(len(p[0]) for p in block)) for block in reader.handed]
     while rest:
         blocks.append(_take_pieces(rest, room))

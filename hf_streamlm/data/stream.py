@@ -35,7 +35,7 @@ import weakref
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
@@ -69,6 +69,60 @@ def decode_blocks(state: dict[str, Any], name: str) -> list[list[tuple]]:
         blocks[-1].append((tokens[start:start + length], source, key, epoch, bool(ends)))
         start += length
     return blocks
+
+
+class Packed(NamedTuple):
+    """A block in the block-shuffle buffer, in arrays (a state is written at every step without DataLoader
+    workers: concatenating arrays costs far less than converting lists)."""
+
+    tokens: np.ndarray  # int32
+    pieces: np.ndarray  # (pieces, 5) uint64: tokens, source, key, epoch, ends
+
+    @classmethod
+    def of(cls, pieces: list[tuple]) -> Packed:
+        ids: list[int] = []
+        for piece in pieces:
+            ids += piece[0]
+        meta = np.array([(len(p[0]), *p[1:]) for p in pieces], dtype=np.uint64).reshape(-1, 5)
+        return cls(np.array(ids, dtype=np.int32), meta)
+
+    def unpack(self) -> list[tuple]:
+        """The block as pieces ``(tokens, source, key, epoch, ends)``."""
+        tokens, start, out = self.tokens.tolist(), 0, []
+        for length, source, key, epoch, ends in self.pieces.tolist():
+            out.append((tokens[start:start + length], source, key, epoch, bool(ends)))
+            start += length
+        return out
+
+    @property
+    def epoch(self) -> int:
+        """The pass of the block's first token."""
+        return int(self.pieces[0, 3])
+
+
+def encode_packed(blocks: list[Packed]) -> dict[str, np.ndarray]:
+    """The block-shuffle buffer in a state: ``blocks`` (block, tokens, source, key, epoch, ends) per piece and
+    ``blocks_tokens``, as :func:`encode_blocks` writes them."""
+    if not blocks:
+        return {"blocks": np.zeros((0, 6), dtype=np.uint64), "blocks_tokens": np.zeros(0, dtype=np.int32)}
+    counts = [len(b.pieces) for b in blocks]
+    index = np.repeat(np.arange(len(blocks), dtype=np.uint64), counts)
+    return {"blocks": np.column_stack([index, np.concatenate([b.pieces for b in blocks])]),
+            "blocks_tokens": np.concatenate([b.tokens for b in blocks])}
+
+
+def decode_packed(state: dict[str, Any]) -> list[Packed]:
+    """The blocks :func:`encode_packed` wrote (none in a state written before the block shuffle)."""
+    meta = state.get("blocks", np.zeros((0, 6), dtype=np.uint64))
+    tokens = state.get("blocks_tokens", np.zeros(0, dtype=np.int32))
+    out, start = [], 0
+    firsts = np.flatnonzero(np.r_[True, meta[1:, 0] != meta[:-1, 0]]) if len(meta) else []
+    for first, end in zip(firsts, list(firsts[1:]) + [len(meta)]):
+        pieces = meta[first:end, 1:].copy()
+        length = int(pieces[:, 0].sum())
+        out.append(Packed(tokens[start:start + length].astype(np.int32), pieces))
+        start += length
+    return out
 
 
 def private_copy(texts: datasets.IterableDataset) -> datasets.IterableDataset:
@@ -146,8 +200,8 @@ class WorkerPipeline:
         # The block shuffle after packing: packed blocks (as pieces, see `_cut_block`), one pass at a time; a block
         # of the next pass waits in `block_wait` while the buffer drains.
         self.block_rng = random.Random(seed * 7919 + 1)
-        self.blocks: list[list[tuple]] = []
-        self.block_wait: list[tuple] | None = None
+        self.blocks: list[Packed] = []
+        self.block_wait: Packed | None = None
         # Reading: the pass being read, documents read so far (the next serial), rows of this pass.
         self.epoch = 0
         self.read = 0
@@ -223,7 +277,7 @@ class WorkerPipeline:
             **encode_blocks(self.handed, "handed"),
             # The block shuffle's buffer (a waiting block of the next pass last): tokens, not references; at most
             # data.block_shuffle_size x sequence_length tokens per rank.
-            **encode_blocks(blocks, "blocks"),
+            **encode_packed(blocks),
             "block_wait": self.block_wait is not None,
             "block_rng": np.array(self.block_rng.getstate()[1], dtype=np.int64),
         }
@@ -275,7 +329,7 @@ class WorkerPipeline:
         self.source_docs = dict(state["source_docs"])
         self.source_tokens = dict(state["source_tokens"])
         self.handed = deque(decode_blocks(state, "handed"))  # (none in a state written before issue 25)
-        self.blocks = decode_blocks(state, "blocks")  # (none in a state written before the block shuffle)
+        self.blocks = decode_packed(state)
         self.block_wait = self.blocks.pop() if state.get("block_wait") else None
         if "block_rng" in state:
             version, _, gauss = self.block_rng.getstate()
@@ -588,11 +642,11 @@ class WorkerPipeline:
                 cut = self._cut_block()
                 if cut is None:
                     break
-                pieces = cut[0]
-                if self.blocks and pieces[0][3] != self.blocks[0][0][3]:
-                    self.block_wait = pieces
+                block = Packed.of(cut[0])
+                if self.blocks and block.epoch != self.blocks[0].epoch:
+                    self.block_wait = block
                     break
-                self.blocks.append(pieces)
+                self.blocks.append(block)
             if self.blocks:
                 break
             if self.block_wait is None:
@@ -601,7 +655,7 @@ class WorkerPipeline:
             self.block_wait = None
         i = self.block_rng.randrange(len(self.blocks))
         self.blocks[i], self.blocks[-1] = self.blocks[-1], self.blocks[i]
-        return self.blocks.pop(), 0
+        return self.blocks.pop().unpack(), 0
 
     def next_block(self) -> dict[str, list[int]] | None:
         finite = self.passes is not None  # counting a pass's blocks: their order does not matter
