@@ -31,7 +31,8 @@ COMMANDS = {
     "cache": "the processed-data cache: cache info|clear|usage [--cache-dir DIR | recipe=NAME] [--key KEY] [--json]",
 }
 
-EVAL_HELP = """Score a model on the held-out stream: eval loss, perplexity, MicroBERT's masked-token accuracy.
+EVAL_HELP = """Score a model on the held-out stream: eval loss, perplexity, MicroBERT's masked-token accuracy
+(accuracy: all positions the masking chose; mask_accuracy, mask_top5: at [MASK] inputs only).
 PATH: an export folder (Hub format), a checkpoint (checkpoints/step-N) or a run directory (its
 newest checkpoint). Without recipe=NAME the training config saved with the model is used;
 key=value overrides apply on top (e.g. runtime.evaluation.max_batches=20).
@@ -105,7 +106,8 @@ def eval_command(ns: argparse.Namespace, overrides: list[str]) -> int:
     print(f"{result['kind']} {result['model']} ({result['family']}), recipe {result['recipe']}: "
           f"{result['blocks']} held-out blocks in {result['batches']} batches, {result['eval_tokens']:,} tokens scored")
     print(f"  held out   {result['held_out']}")
-    for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_accuracy"):
+    for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_accuracy", "eval_mask_accuracy",
+                "eval_mask_top5"):
         if key in result:
             print(f"  {key.removeprefix('eval_'):<13} {result[key]:.6g}")
     if json_file:
