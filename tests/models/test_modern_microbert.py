@@ -21,6 +21,7 @@ from hf_streamlm.models import ModernMicroBertConfig, ModernMicroBertForMaskedLM
 from hf_streamlm.models.export_formats import from_native, save_model
 from tests.conftest import MLM, trained
 from tests.models.isolated import run_isolated
+from tests.models.test_flash_varlen import StandInKernels, packed_blocks
 
 ATOL = 1e-5
 VOCAB = 64
@@ -231,6 +232,82 @@ def test_local_layers_see_only_their_window_as_stock_modernbert_does(tmp_path):
     far[0, 4], near[0, 3] = torch.randn(16), torch.randn(16)  # not a constant shift: the LayerNorm removes it
     assert torch.equal(layer(far, cos_sin, attention_mask=masks["local"])[0][0, 0], base)
     assert (layer(near, cos_sin, attention_mask=masks["local"])[0][0, 0] - base).abs().max() > ATOL
+
+
+class WindowedStandIns(StandInKernels):
+    """tests/models/test_flash_varlen.py's exact stand-in kernels, honouring `window_size` (flash-attn's
+    (left, right): a query at i sees keys i - left .. i + right) and recording the windows they were given."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows: list[tuple[int, int]] = []
+        self.window = (-1, -1)
+
+    def attend(self, q, k, v, allowed, softmax_scale):
+        left, right = self.window
+        if left >= 0:  # in a flattened batch the index distance within a segment is the position distance
+            index = torch.arange(allowed.shape[-1])
+            offset = index[None, :] - index[:, None]
+            allowed = allowed & (offset >= -left) & (offset <= right)
+        return super().attend(q, k, v, allowed, softmax_scale)
+
+    def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, deterministic=False):
+        self.window = tuple(window_size)
+        self.windows.append(self.window)
+        return super().flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                                       deterministic)
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               deterministic=False):
+        self.window = tuple(window_size)
+        self.windows.append(self.window)
+        return super().flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              dropout_p, softmax_scale, causal, window_size, softcap, deterministic)
+
+
+@pytest.mark.parametrize("from_collator", [True, False])
+def test_flash_kernels_attend_within_documents_and_the_window(monkeypatch, from_collator):
+    """transformers' real flash path with exact stand-in kernels: packed documents (and padding) reach the varlen
+    entry point as the collator's segments (or ones the model derives), the local layers with their window, and
+    the logits and gradients are SDPA's with the document and window masks."""
+    import sys
+    import types
+
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    from hf_streamlm.data.collate import MLMCollator
+
+    stand_ins = WindowedStandIns()
+    module = types.ModuleType("flash_attn_interface")
+    module.flash_attn_func, module.flash_attn_varlen_func = stand_ins.flash_attn_func, stand_ins.flash_attn_varlen_func
+    module.flash_attn_with_kvcache = None
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+    monkeypatch.setattr(flash_utils, "_loaded_implementation", None)
+
+    reference = tiny_model(vocab_size=97)
+    flash = tiny_model(vocab_size=97)
+    flash.config._attn_implementation = "flash_attention_3"  # no availability check: the stand-ins are the kernels
+    collator = MLMCollator(mask_token_id=1, vocab_size=97, special_ids=[0, 1], mlm_probability=0.3)
+    batch = collator(packed_blocks(2))
+    assert {"position_ids", "document_ids", "cu_seq_lens_q", "masked_positions"} <= set(batch)
+    if not from_collator:
+        batch = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+
+    def logits_and_gradients(model):
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected_logits, expected_grads = logits_and_gradients(reference)
+    logits, grads = logits_and_gradients(flash)
+    assert stand_ins.calls == ["varlen"] * 4 and stand_ins.windows == [(-1, -1), (3, 3)] * 2
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], expected_logits[real], atol=ATOL, rtol=ATOL)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=ATOL, rtol=ATOL, msg=name)
 
 
 # A tiny modern run through the entry point: packed documents with a window shorter than the blocks, the
