@@ -341,3 +341,31 @@ def test_training_run_exports_a_stock_modernbert_that_scores_and_fills_masks(tmp
     assert scored["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-6)
     scored_export = evaluate_model(export, [])
     assert scored_export["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-2)
+
+
+def test_config_section_presets_and_refusals():
+    """model.architecture=modern: the presets' sizes, ModernBERT's defaults for null keys, and what is refused."""
+    from hf_streamlm.config import ConfigError, ModelConfig, build, load_config
+    from hf_streamlm.models.presets import MODEL_PRESETS
+    from hf_streamlm.train.builders import count_parameters, hf_model_config
+
+    large = build(ModelConfig, MODEL_PRESETS["modern-microbert-hf-large"])
+    config = hf_model_config(large, 10_000)
+    assert isinstance(config, ModernMicroBertConfig) and config.intermediate_size == 24  # 1.5 x 16
+    assert (config.local_attention, config.global_attn_every_n_layers) == (128, 3)
+    assert (config.global_rope_theta, config.local_rope_theta) == (160_000.0, 10_000.0)
+    assert count_parameters(large, 10_000) == 183_536  # docs/models.md's presets table
+    modern = load_config(["recipe=quickstart", "model.architecture=modern", "data.document_masking=true",
+                          "model.attn_implementation=flex_attention", "model.rope_theta=1000",
+                          "model.local_attention=64"])
+    assert hf_model_config(modern.model, 100).global_rope_theta == 1000.0
+    for args, message in (
+        (["model.type=decoder", "model.architecture=modern"], "MicroBERT tier"),
+        (["model.local_attention=64"], "model.architecture=modern"),
+        (["data.document_masking=true"], "classic MicroBERT"),
+        (["model.attn_implementation=flex_attention"], "classic microbert must be sdpa or eager"),
+        (["model.architecture=modern", "model.rope_mode=linear", "model.rope_factor=2"], "no scaling"),
+        (["model.architecture=modern", "model.hidden_size=6", "model.num_attention_heads=2"], "even"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(["recipe=quickstart", *args])
