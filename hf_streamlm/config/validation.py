@@ -71,8 +71,9 @@ def validate(c: Config) -> None:
             "(model.architecture=modern also runs flex_attention and flash_attention_2/3)"
         )
     modern_keys = ("local_rope_theta", "local_attention", "global_attn_every_n_layers")
-    if not modern and any(getattr(m, key) is not None for key in modern_keys):
-        raise ConfigError(f"'model.{'/'.join(modern_keys)}' apply to model.architecture=modern (model.type=microbert)")
+    misplaced = [f"'model.{key}'" for key in modern_keys if getattr(m, key) is not None]
+    if not modern and misplaced:
+        raise ConfigError(f"{', '.join(misplaced)}: for model.architecture=modern (model.type=microbert) only")
     for key in (*modern_keys, "rope_theta"):
         _positive(f"model.{key}", getattr(m, key))
     if modern and (m.hidden_size // m.num_attention_heads) % 2:
@@ -85,6 +86,9 @@ def validate(c: Config) -> None:
             "'model.attn_implementation' flex_attention has no attention dropout: set 'model.attn_dropout' to 0"
         )
     if m.type == "microbert" and (m.rope_mode or m.rope_factor or (m.rope_theta and not modern)):
+        if modern:
+            raise ConfigError("'model.rope_mode'/'model.rope_factor' apply to model.type=decoder (the modern "
+                              "MicroBERT takes 'model.rope_theta' and 'model.local_rope_theta', no scaling)")
         raise ConfigError("'model.rope_mode'/'model.rope_theta'/'model.rope_factor' apply to model.type=decoder "
                           "(and 'model.rope_theta' to model.architecture=modern)")
     if m.rope_mode is not None and m.rope_mode not in ("linear", "dynamic"):

@@ -85,7 +85,9 @@ class MLMCollator:
     """BERT's masking scheme (Devlin et al. 2019, sec. 3.1), seeded so runs are repeatable.
 
     ``mlm_probability`` of the non-special, non-padding tokens are chosen; of those 80% become
-    ``[MASK]``, 10% a random token, 10% stay. Labels are -100 everywhere else.
+    ``[MASK]``, 10% a random token, 10% stay. Labels are -100 everywhere else. Packed documents
+    (``data.document_masking``, modern MicroBERT) keep their ``position_ids``/``document_ids`` and get the
+    flattened batch's boundaries for the flash kernels (:func:`varlen_kwargs`), as in :class:`CausalCollator`.
     """
 
     def __init__(
@@ -131,7 +133,12 @@ class MLMCollator:
         # model's training head gathers them with an integer index. Derived on the GPU (``hidden[labels !=
         # -100]``, a boolean index), they cost a device read-back per micro-step.
         positions = torch.from_numpy(np.flatnonzero(chosen.numpy()))
-        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels, "masked_positions": positions}
+        batch = {"input_ids": masked, "attention_mask": attention_mask, "labels": labels, "masked_positions": positions}
+        if "document_ids" in examples[0]:  # packed documents (data.document_masking, the modern MicroBERT)
+            for key in ("position_ids", "document_ids"):
+                batch[key] = stack(examples, key)
+            batch.update(varlen_kwargs(attention_mask.numpy(), batch["document_ids"].numpy()))
+        return batch
 
 
 def make_collator(config: Config, tokenizer, seed: int) -> CausalCollator | MLMCollator:
