@@ -86,7 +86,8 @@ def card_data(model, config: Config, summary: dict) -> ModelCardData:
     hub = hub_datasets(config)
     harness = (summary.get("lm_eval") or {}).get("results") or {}
     results = heldout_results(config, summary.get("eval") or {}) + harness_results(task_of(config), harness)
-    family = "bert" if config.model.type == "microbert" else "llama"
+    family = "llama" if config.model.type == "decoder" else "modernbert" if config.model.architecture == "modern" \
+        else "bert"
     extra = {}
     if hub:  # the commit of each Hub dataset trained on (model cards have no field for it; the Hub keeps others)
         extra["dataset_revisions"] = {d["id"]: d["revision"] for d in hub if d["revision"]}

@@ -146,7 +146,7 @@ def load_export(path: Path) -> tuple[PreTrainedModel, Any, str]:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the model and tokenizer of '{path}': {str(err).splitlines()[0]}") from None
-    if model.config.model_type in ("bert", "llama"):
+    if model.config.model_type in ("bert", "modernbert", "llama"):
         # A native export: score it as the class that trained it. It computes the same function
         # (to_native/from_native copy weights strictly), and it honours the packed-document
         # inputs (data.document_masking) that a stock Llama would ignore.

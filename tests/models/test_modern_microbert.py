@@ -335,12 +335,12 @@ def test_training_run_exports_a_stock_modernbert_that_scores_and_fills_masks(tmp
     fill = pipeline("fill-mask", model=str(export), top_k=3)
     assert type(fill.model) is ModernBertForMaskedLM
     assert len(fill(f"return a copy of the {fill.tokenizer.mask_token}.")) == 3
-    # The held-out score of the export: the stock model does not take document_ids, the run's model did, so the
-    # two agree up to what the document mask changes in a 4-step model.
+    # The held-out score of the export: scored as the class that trained it (the stock model would ignore the
+    # document_ids of the packed held-out blocks).
     scored = evaluate_model(checkpoint, [])
     assert scored["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-6)
     scored_export = evaluate_model(export, [])
-    assert scored_export["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-2)
+    assert scored_export["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-6)  # scored as the project class
 
 
 def test_config_section_presets_and_refusals():
