@@ -93,7 +93,7 @@ import sys, torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 path = sys.argv[1]
 model = AutoModelForMaskedLM.from_pretrained(path)
-assert type(model).__name__ == "BertForMaskedLM", type(model)
+assert type(model).__name__ == "ModernBertForMaskedLM", type(model)  # the quickstart recipe's modern encoder
 tok = AutoTokenizer.from_pretrained(path)
 fill = pipeline("fill-mask", model=path)
 preds = fill("the function returns a new " + fill.tokenizer.mask_token + " object.", top_k=5)
@@ -164,7 +164,8 @@ def test_export_command_native_and_custom_from_run_and_checkpoint(quickstart_run
     native_final = AutoModelForMaskedLM.from_pretrained(out / "export")
     custom_final = AutoModelForMaskedLM.from_pretrained(tmp_path / "custom", trust_remote_code=True)
     native_15 = AutoModelForMaskedLM.from_pretrained(tmp_path / "native")
-    assert type(custom_final).__name__ == "MicroBertForMaskedLM" and type(native_15).__name__ == "BertForMaskedLM"
+    assert type(custom_final).__name__ == "ModernMicroBertForMaskedLM"
+    assert type(native_15).__name__ == "ModernBertForMaskedLM"
     ids = torch.randint(5, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (native_final(ids).logits - custom_final(ids).logits).abs().max() <= 1e-5  # the run dir's newest = final
