@@ -110,7 +110,8 @@ def write_shards(server: HubServer) -> dict[str, int]:
 def run_args(out: Path, *extra: str) -> list[str]:
     return ["recipe=quickstart_decoder", f"data.sources=[{{path: {REPO_ID}}}]", "data.num_workers=2",
             "data.gradient_accumulation_steps=4", "data.batch_size=2", "data.sequence_length=256",
-            "data.document_masking=true", "data.shuffle_buffer_size=256", "data.eval_holdout=0", "data.retries=2",
+            "data.document_masking=true", "data.shuffle_buffer_size=256", "data.block_shuffle_size=16",
+            "data.eval_holdout=0", "data.retries=2",
             "data.retry_backoff=0", "data.trace_documents=true", "tokenizer.vocab_size=1000",
             "tokenizer.train_samples=400", "model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128",
             "model.num_attention_heads=2", "model.num_key_value_heads=1", "scheduler.strategy=constant",
