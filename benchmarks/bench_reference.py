@@ -14,7 +14,8 @@ optimizer settings, schedule and number of tokens, and one scorer grades both ex
   stock Llama / BERT (``model.architecture=modern``: ModernBERT) checkpoint.
 - **Trainer**: the way ``run_clm.py`` / ``run_mlm.py`` train. The tokenizer of that hf_streamlm run's export; a
   fresh stock ``LlamaForCausalLM`` / ``BertForMaskedLM`` (``--modern``: ``ModernBertForMaskedLM``) built from the
-  export's own config (seeded before it is built, as run_clm does); the training documents tokenized, each wrapped as the hf_streamlm stream wraps it (``x <eos>`` /
+  export's own config (seeded before it is built, as run_clm does); the training documents tokenized, each
+  wrapped as the hf_streamlm stream wraps it (``x <eos>`` /
   ``[CLS] x [SEP]``), concatenated and cut into blocks of ``data.sequence_length`` (the remainder dropped), the
   blocks shuffled by the Trainer's sampler; ``DataCollatorForLanguageModeling`` (``mlm_probability`` of the
   recipe, 80/10/10); ``TrainingArguments`` from the run's resolved ``config.yaml``: AdamW with its learning rate,
@@ -79,7 +80,8 @@ HELD_OUT_PER_10000 = 500  # 5% of the documents, by a hash of their text
 MIN_WORDS = 10  # sections shorter than this are headings' boilerplate ("This feature has no tracking issue.")
 MASK_SEED = 1234  # the scorer's masked positions; fixed so that every model is graded on the same ones
 SCORER_VERSION = 2  # part of the Trainer cache key: bump when the scorer changes
-LR_CHECK_STEPS = (10, 20, 40, 100, 300, 500)  # after these steps both sides' rates are printed (hf_streamlm logs every 10)
+# After these steps both sides' rates are printed (hf_streamlm logs every 10).
+LR_CHECK_STEPS = (10, 20, 40, 100, 300, 500)
 
 
 @dataclass(frozen=True)
@@ -572,7 +574,8 @@ def decay_groups_check(trainer) -> dict:
     decayed = set(trainer.get_decay_parameter_names(trainer.model)) & set(params)
     by_dimension = {n for n, p in params.items() if p.ndim >= 2}
     return {"decayed": len(decayed), "not_decayed": len(params) - len(decayed),
-            "only_trainer_decays": sorted(decayed - by_dimension), "only_hf_streamlm_decays": sorted(by_dimension - decayed)}
+            "only_trainer_decays": sorted(decayed - by_dimension),
+            "only_hf_streamlm_decays": sorted(by_dimension - decayed)}
 
 
 # --------------------------------------------------------------------------------------------------- reporting
@@ -663,7 +666,8 @@ def equal_tokens(hf: dict, tr: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", default="decoder,mlm", help="comma-separated: decoder, mlm, mlm-modern (default decoder,mlm)")
+    parser.add_argument("--families", default="decoder,mlm",
+                        help="comma-separated: decoder, mlm, mlm-modern (default decoder,mlm)")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps on both sides (default: the recipe's total_steps), for smoke runs; the "
@@ -728,7 +732,8 @@ def main() -> None:
             tr = trainer_run(pairing, seed, hf, corpus, args, args.work)
             for r in (hf, tr):  # passes over the training tokens (the same count on both sides)
                 r["passes"] = r["tokens"] / tokens.train.numel()
-            print(f" seed {seed} ({len(tokens.heldout)} held-out blocks of {block}, tokenizer {tokens.tokenizer_hash}):")
+            print(f" seed {seed} ({len(tokens.heldout)} held-out blocks of {block}, "
+                  f"tokenizer {tokens.tokenizer_hash}):")
             print_run(hf, tr)
             problems = equal_tokens(hf, tr)
             if problems:
