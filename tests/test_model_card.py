@@ -73,7 +73,7 @@ def test_a_local_mixture_names_no_hub_dataset_and_microbert_is_fill_mask(tmp_pat
     card, _ = card_for(tmp_path, "microbert", "[{path: builtin, name: pydocs}, {path: json, data_files: a.jsonl}]",
                        summary)
     data = card.data
-    assert data.pipeline_tag == "fill-mask" and data.tags[:3] == ["hf_streamlm", "bert", "microbert"]
+    assert data.pipeline_tag == "fill-mask" and data.tags[:3] == ["hf_streamlm", "modernbert", "microbert"]  # the recipe's tier
     assert data.datasets is None and not hasattr(data, "dataset_revisions")
     accuracy = next(r for r in data.eval_results if r.metric_type == "accuracy")
     assert accuracy.metric_name == "masked-token accuracy (all chosen positions)"

@@ -59,7 +59,8 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest_microbert():
     optimizer = build_optimizer(model, config, torch.device("cpu"))
     muon = names(model, optimizer.muon.param_groups[0]["params"])
     linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert muon == names(model, [p for p in model.parameters() if id(p) in linears - {id(model.cls.predictions.decoder.weight)}])
+    head = id(model.get_output_embeddings().weight)  # the recipe's tier: modern (decoder); classic: cls.predictions
+    assert muon == names(model, [p for p in model.parameters() if id(p) in linears - {head}])
     assert muon and not any("embeddings" in n for n in muon)  # the head's weight is the word embeddings
     adamw = set().union(*(names(model, g["params"]) for g in optimizer.adamw.param_groups))
     assert muon | adamw == {n for n, _ in model.named_parameters()} and not muon & adamw
