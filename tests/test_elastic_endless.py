@@ -72,6 +72,7 @@ def small(tmp_path_factory):
 def config_for(sources: str, workers: int, extra: tuple[str, ...] = ()):
     return load_config(["recipe=quickstart_decoder", f"data.sources={sources}", f"data.num_workers={workers}",
                         "data.batch_size=1", "data.sequence_length=32", "data.shuffle_buffer_size=8",
+                        "data.block_shuffle_size=0",  # the order-based checks; two tests set it in `extra`
                         "data.eval_holdout=0", "data.trace_documents=true", "data.document_masking=true", *extra])
 
 

@@ -111,7 +111,7 @@ def test_attn_implementation_is_configuration(tmp_path):
         with pytest.raises(ConfigError, match="flex_attention trains on a GPU"):
             build_model(load_config([*decoder, "model.attn_implementation=flex_attention"]), tokenizer)
     with pytest.raises(ConfigError, match="microbert must be sdpa or eager"):
-        load_config(["recipe=quickstart", "model.attn_implementation=flex_attention"])
+        load_config(["recipe=quickstart", "model.architecture=classic", "model.attn_implementation=flex_attention"])
     with pytest.raises(ConfigError, match="no attention dropout"):
         load_config([*decoder, "model.attn_implementation=flex_attention", "model.attn_dropout=0.1"])
 
