@@ -677,7 +677,7 @@ class WorkerPipeline:
             block["document_ids"] = segment.tolist()
         if pad:
             block["input_ids"] += [self.pad_id] * pad
-            block["attention_mask"] = [1] * len(ids) + [0] * pad
+            block["attention_mask"] = [1] * (self.block_size - pad) + [0] * pad
             if self.with_documents:  # padding continues the last segment; it is masked out anyway
                 last = block["position_ids"][-1]
                 block["position_ids"] += list(range(last + 1, last + 1 + pad))

@@ -361,9 +361,9 @@ def test_config_section_presets_and_refusals():
     assert hf_model_config(modern.model, 100).global_rope_theta == 1000.0
     for args, message in (
         (["model.type=decoder", "model.architecture=modern"], "MicroBERT tier"),
-        (["model.local_attention=64"], "model.architecture=modern"),
-        (["data.document_masking=true"], "classic MicroBERT"),
-        (["model.attn_implementation=flex_attention"], "classic microbert must be sdpa or eager"),
+        (["model.architecture=classic", "model.local_attention=64"], "model.architecture=modern"),
+        (["model.architecture=classic", "data.document_masking=true"], "classic MicroBERT"),
+        (["model.architecture=classic", "model.attn_implementation=flex_attention"], "classic microbert must be sdpa or eager"),
         (["model.architecture=modern", "model.rope_mode=linear", "model.rope_factor=2"], "no scaling"),
         (["model.architecture=modern", "model.hidden_size=6", "model.num_attention_heads=2"], "even"),
     ):
