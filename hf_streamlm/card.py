@@ -108,6 +108,7 @@ def model_card(model, config: Config, fmt: str, summary: dict | None = None) -> 
     seen, the final eval figures, the command that trained it (``summary``: the loop's
     step/tokens/eval/lm_eval/command)."""
     from hf_streamlm.data.pipeline import training_sources
+    from hf_streamlm.data.schedule import first_rate
     from hf_streamlm.data.sources import describe_source
 
     summary = summary or {}
@@ -125,7 +126,7 @@ def model_card(model, config: Config, fmt: str, summary: dict | None = None) -> 
     results = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in figures.items())
     results = f"| metric | value |\n|---|---|\n{results}" if results else "No evaluation was recorded."
     if "eval_mask_accuracy" in figures:
-        results += "\n\n" + MASK_NOTE.format(share=config.data.mlm_probability)
+        results += "\n\n" + MASK_NOTE.format(share=first_rate(config))
     command = summary.get("command") or f"accelerate launch -m hf_streamlm.run recipe={config.recipe}"
     harness = summary.get("lm_eval") or {}
     downstream = harness_section(harness.get("results", {}), harness.get("samples", {}), harness.get("step"))

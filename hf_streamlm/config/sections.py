@@ -132,7 +132,10 @@ class SourceConfig:
     text_column: str = "text"
     """Column holding the document text."""
     weight: float = 1.0
-    """Relative sampling weight in a mixture."""
+    """Relative sampling weight in a mixture (``data.schedule``, when set, gives the weights instead)."""
+    label: str | None = None
+    """The source's name in ``data.schedule``, logs (``source_tokens/<label>``) and the model card; ``null``: its
+    short name (``pydocs``, ``HuggingFaceFW/fineweb``, ``json:a.jsonl``)."""
     streaming: bool = True
     """Stream (``true``) or download and cache first (``false``)."""
     max_samples: int | None = None
@@ -198,8 +201,19 @@ class DataConfig:
     document_masking: bool = False
     """Decoder and modern MicroBERT: restart ``position_ids`` at each document inside a packed block and keep
     attention from crossing documents."""
-    mlm_probability: float = 0.15
-    """Share of tokens masked for MicroBERT (80% [MASK], 10% random, 10% kept)."""
+    mix_by: Literal["documents", "tokens"] = "documents"
+    """How sources are mixed: ``documents`` (a source's share of documents follows its weight; without a
+    ``schedule``, ``datasets.interleave_datasets`` draws them) or ``tokens`` (its share of trained tokens does,
+    whatever its documents' lengths). With ``tokens`` or a ``schedule`` each source is read, shuffled and
+    tokenized on its own and the pipeline mixes whole documents (docs/data.md, "Data schedules")."""
+    schedule: list[dict[str, Any]] = field(default_factory=list)
+    """Stages of the mixture by tokens trained: ``{until, weights: {label: weight}, interpolate: none|linear}``;
+    ``until`` up to 1 is a fraction of the run's tokens, above 1 a number of tokens. Sources a stage does not
+    name are not read in it; the last stage holds to the end of the run (docs/data.md, "Data schedules")."""
+    mlm_probability: float | list[dict[str, Any]] = 0.15
+    """Share of tokens masked for MicroBERT (80% [MASK], 10% random, 10% kept); or stages
+    ``{until, value, interpolate}`` keyed as ``schedule`` is (mmBERT's 0.3 -> 0.15 -> 0.05). Evaluations mask at
+    the first rate."""
     retries: int = 20
     """Tries of a remote read (``datasets``: dropped connection, 429, 504) and of opening a source
     (hf_streamlm: 429, 5xx, timeouts) before the run stops with an error. Each try already includes

@@ -36,14 +36,15 @@ class Packed(NamedTuple):
 
     tokens: np.ndarray  # int32
     pieces: np.ndarray  # (pieces, 5) uint64: tokens, source, key, epoch, ends
+    phase: int = -1  # what the buffer never mixes: the pass of the first token (-1), or a mixture's stage
 
     @classmethod
-    def of(cls, pieces: list[tuple]) -> Packed:
+    def of(cls, pieces: list[tuple], phase: int = -1) -> Packed:
         ids: list[int] = []
         for piece in pieces:
             ids += piece[0]
         meta = np.array([(len(p[0]), *p[1:]) for p in pieces], dtype=np.uint64).reshape(-1, 5)
-        return cls(np.array(ids, dtype=np.int32), meta)
+        return cls(np.array(ids, dtype=np.int32), meta, phase)
 
     def unpack(self) -> list[tuple]:
         """The block as pieces ``(tokens, source, key, epoch, ends)``."""
@@ -58,6 +59,11 @@ class Packed(NamedTuple):
         """The pass of the block's first token."""
         return int(self.pieces[0, 3])
 
+    @property
+    def key(self) -> int:
+        """What the block shuffle keeps apart: the pass of the first token, or the mixture's stage."""
+        return self.epoch if self.phase < 0 else self.phase
+
 
 def encode_packed(blocks: list[Packed]) -> dict[str, np.ndarray]:
     """The block-shuffle buffer in a state: ``blocks`` (block, tokens, source, key, epoch, ends) per piece and
@@ -67,7 +73,8 @@ def encode_packed(blocks: list[Packed]) -> dict[str, np.ndarray]:
     counts = [len(b.pieces) for b in blocks]
     index = np.repeat(np.arange(len(blocks), dtype=np.uint64), counts)
     return {"blocks": np.column_stack([index, np.concatenate([b.pieces for b in blocks])]),
-            "blocks_tokens": np.concatenate([b.tokens for b in blocks])}
+            "blocks_tokens": np.concatenate([b.tokens for b in blocks]),
+            "blocks_phase": np.array([b.phase for b in blocks], dtype=np.int64)}
 
 
 def decode_packed(state: dict[str, Any]) -> list[Packed]:
@@ -79,7 +86,8 @@ def decode_packed(state: dict[str, Any]) -> list[Packed]:
     for first, end in zip(firsts, list(firsts[1:]) + [len(meta)]):
         pieces = meta[first:end, 1:].copy()
         length = int(pieces[:, 0].sum())
-        out.append(Packed(tokens[start:start + length].astype(np.int32), pieces))
+        phase = int(state["blocks_phase"][len(out)]) if "blocks_phase" in state else -1
+        out.append(Packed(tokens[start:start + length].astype(np.int32), pieces, phase))
         start += length
     return out
 
@@ -93,11 +101,12 @@ def shuffled_block(self: Any) -> tuple[list[tuple], int] | None:
     are cut in the order of their first tokens' passes, handed-over blocks included)."""
     while True:
         while self.block_wait is None and len(self.blocks) < self.block_shuffle_size:
+            phase = self._block_phase()
             cut = cut_block(self)
             if cut is None:
                 break
-            block = Packed.of(cut[0])
-            if self.blocks and block.epoch != self.blocks[0].epoch:
+            block = Packed.of(cut[0], phase)
+            if self.blocks and block.key != self.blocks[0].key:
                 self.block_wait = block
                 break
             self.blocks.append(block)
@@ -110,6 +119,36 @@ def shuffled_block(self: Any) -> tuple[list[tuple], int] | None:
     i = self.block_rng.randrange(len(self.blocks))
     self.blocks[i], self.blocks[-1] = self.blocks[-1], self.blocks[i]
     return self.blocks.pop().unpack(), 0
+
+
+def block_of(self: Any, pieces: list[tuple], pad: int) -> dict[str, list[int]]:
+    """The training block of ``pieces`` (:func:`cut_block`) and ``pad`` padding tokens: ``input_ids``, and with
+    document masking ``position_ids``/``document_ids``; the trace's documents and the batch's pass noted."""
+    # Full blocks: the collator adds the all-ones mask.
+    ids: list[int] = []
+    for piece in pieces:
+        ids += piece[0]
+    block = {"input_ids": ids}
+    if self.with_documents:
+        # A segment per piece: each is one document's tokens.
+        lengths = [len(p[0]) for p in pieces]
+        firsts = np.cumsum([0] + lengths[:-1])
+        segment = np.repeat(np.arange(len(pieces)), lengths)
+        block["position_ids"] = (np.arange(len(ids)) - firsts[segment]).tolist()
+        block["document_ids"] = segment.tolist()
+    if pad:
+        block["input_ids"] += [self.pad_id] * pad
+        block["attention_mask"] = [1] * (self.block_size - pad) + [0] * pad
+        if self.with_documents:  # padding continues the last segment; it is masked out anyway
+            last = block["position_ids"][-1]
+            block["position_ids"] += list(range(last + 1, last + 1 + pad))
+            block["document_ids"] += [block["document_ids"][-1]] * pad
+    # The documents whose last token is in this block end here; the block's epoch is the pass of the
+    # document that holds its last token.
+    if self.trace:
+        self.batch_docs += [[source, f"{key:016x}", epoch] for _, source, key, epoch, ends in pieces if ends]
+    self.batch_epoch = pieces[-1][3]
+    return block
 
 
 def cut_block(self: Any) -> tuple[list[tuple], int] | None:

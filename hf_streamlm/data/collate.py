@@ -145,12 +145,14 @@ def make_collator(config: Config, tokenizer, seed: int) -> CausalCollator | MLMC
     """The collator of ``config.model.type``: MLM masking seeded by ``seed`` for MicroBERT, causal labels
     for the decoder. Training, eval, ``stats`` and ``hf-streamlm eval`` all take it from here, so the
     figures they report come from the same batches."""
+    from hf_streamlm.data.schedule import first_rate
+
     if config.model.type == "microbert":
         return MLMCollator(
             mask_token_id=tokenizer.mask_token_id,
             vocab_size=len(tokenizer),
             special_ids=tokenizer.all_special_ids,
-            mlm_probability=config.data.mlm_probability,
+            mlm_probability=first_rate(config),  # the stages, where given, are applied by the training stream
             seed=seed,
         )
     return CausalCollator()

@@ -84,7 +84,10 @@ def origins(states: list[dict[str, Any]], processes: int, workers: int, rank: in
         entries.append({"rank": r, "worker": w, "snapshot": saved["snapshot"] if saved else None,
                         "skip": saved["skip"] if saved else 0, "processes": len(states), "workers": old_workers,
                         **settings})
-    last_epoch = max(max(s.get("read_epochs", {}).values(), default=s.get("epoch", 0)) for s in states)
+    # The newest pass any old reader had started: per source where sources are read on their own
+    # (hf_streamlm.data.mixture: a list per reader).
+    epochs = [e for s in states for e in s.get("read_epochs", {}).values()] or [s.get("epoch", 0) for s in states]
+    last_epoch = [max(column) for column in zip(*epochs)] if isinstance(epochs[0], list) else max(epochs)
     new = readers(processes, workers)
     plan = assign(len(old), len(new))
     out = {}
@@ -92,8 +95,20 @@ def origins(states: list[dict[str, Any]], processes: int, workers: int, rank: in
         if r != rank:
             continue
         parts = [{**copy.deepcopy(entries[i]), "k": k, "part": part} for i, k, part in plan[j]]
-        out[w] = {"parts": parts, "last_epoch": last_epoch}
+        out[w] = {"parts": parts, "last_epoch": last_epoch, "tokens": trained_tokens(entries)}
     return out
+
+
+def trained_tokens(entries: list[dict[str, Any]]) -> int:
+    """Global tokens trained at the checkpoint: the old readers' tokens handed out (each snapshot's, and the batches
+    consumed after it) on top of their common start (the data schedules' clock, ``WorkerPipeline.trained``)."""
+    base, total = 0, 0
+    for entry in entries:
+        snapshot = entry["snapshot"] or {}
+        start, emitted = snapshot.get("clock") or ((snapshot.get("origin") or {}).get("tokens", 0), 0)
+        base = max(base, start)
+        total += emitted + entry["skip"] * entry["batch_size"] * entry.get("sequence_length", 0)
+    return int(base + total)
 
 
 class ShareStream:
@@ -189,6 +204,31 @@ class Prelude:
         return {"parts": self.parts, "cursors": [[c[0].position(), c[3]] for c in self.cursors],
                 "current": self.current, "taken": dict(self.taken), "held_left": self.held_left(),
                 "last_epoch": self.last_epoch}
+
+
+def open_prelude(reader, position: dict[str, Any]) -> None:
+    """The passes a reader (a ``WorkerPipeline``) took over at a layout change, as they stood at a prelude anchor: the
+    old readers re-opened at its positions (rebuilt from the origin first while a handed-over document in flight is
+    left)."""
+    if reader.origin is not None:
+        held, cursors, _ = reader._take_over(reader.origin)
+    else:
+        held, cursors = {}, [[reader.open_reader(part), part["k"], part["part"], 0] for part in position["parts"]]
+    for cursor, (where, t) in zip(cursors, position["cursors"]):
+        cursor[0]._seek(where)
+        cursor[3] = t
+    reader.prelude = Prelude(position["parts"], held, cursors, position["last_epoch"], position["taken"],
+                             position["current"])
+
+
+def take_counts(reader, old) -> None:
+    """Add ``old``'s documents and tokens per source and its skips to ``reader``'s counts."""
+    for source, n in old.source_docs.items():
+        reader.source_docs[source] = reader.source_docs.get(source, 0) + n
+    for source, n in old.source_tokens.items():
+        reader.source_tokens[source] = reader.source_tokens.get(source, 0) + n
+    for kind, n in old.skipped().items():
+        reader.skipped_before[kind] = reader.skipped_before.get(kind, 0) + n
 
 
 def needs_origin(source: Any) -> bool:

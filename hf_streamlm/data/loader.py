@@ -174,7 +174,7 @@ class ResumableLoader:
         """Documents and tokens tokenized so far, per source index, summed over this rank's workers."""
         docs: dict[int, int] = {}
         tokens: dict[int, int] = {}
-        for worker_docs, worker_tokens, _ in self.sources.values():
+        for worker_docs, worker_tokens, *_ in self.sources.values():
             for source, n in worker_docs.items():
                 docs[source] = docs.get(source, 0) + n
             for source, n in worker_tokens.items():
@@ -184,9 +184,23 @@ class ResumableLoader:
     def skip_counts(self) -> dict[str, int]:
         """Documents skipped so far by kind, summed over this rank's workers."""
         total: Counter = Counter()
-        for _, _, skipped in self.sources.values():
-            total.update(skipped)
+        for counts in self.sources.values():
+            total.update(counts[2])
         return dict(total)
+
+    def mixture(self) -> tuple[int, dict[int, dict[int, int]]] | None:
+        """With sources mixed along a schedule (:mod:`hf_streamlm.data.mixture`): the stage trained now and the
+        tokens handed out per stage and source, summed over this rank's workers; None otherwise."""
+        mixes = [counts[3] for counts in self.sources.values() if len(counts) > 3]
+        if not mixes:
+            return None
+        total: dict[int, dict[int, int]] = {}
+        for mix in mixes:
+            for stage, counts in mix["stage_tokens"].items():
+                mine = total.setdefault(stage, {})
+                for source, n in counts.items():
+                    mine[source] = mine.get(source, 0) + n
+        return max(mix["stage"] for mix in mixes), total
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.stream.resume = copy.deepcopy(self.workers)

@@ -133,7 +133,7 @@ def source_names(config: Config) -> list[str]:
     from hf_streamlm.data.sources import describe_source
 
     sources = training_sources(config)
-    names = [describe_source(s) for s in sources]
+    names = [s.label or describe_source(s) for s in sources]
     return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
@@ -271,11 +271,12 @@ def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[s
 
 
 class PipelineFactory:
-    """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers)."""
+    """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers). ``readers``:
+    ``layout``: processes x DataLoader workers, for the data schedules' clock."""
 
     def __init__(
         self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str,
-        buffer_per_worker: int | None = None, blocks_per_worker: int = 0,
+        buffer_per_worker: int | None = None, blocks_per_worker: int = 0, layout: tuple[int, int] = (1, 0),
     ):
         self.texts = texts
         self.skips_key = skips_key
@@ -285,26 +286,24 @@ class PipelineFactory:
         self.collator_factory = collator_factory
         self.buffer_per_worker = config.data.shuffle_buffer_size if buffer_per_worker is None else buffer_per_worker
         self.blocks_per_worker = blocks_per_worker
+        self.layout = layout
 
-    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None,
-                 texts: datasets.IterableDataset | None = None, rank: int | None = None,
-                 settings: dict | None = None) -> WorkerPipeline:
+    def settings(self, worker: int, rank: int | None, settings: dict | None, passes: int | None = None,
+                 pad_id: int | None = None) -> dict[str, Any]:
+        """The :class:`WorkerPipeline` arguments of ``worker`` of ``rank`` (another layout's: ``settings``)."""
         d, seed = self.config.data, self.config.runtime.seed
         apply_network_settings(d.retries, d.retry_backoff)  # module settings: a spawned worker starts without them
         # Distinct, reproducible streams per (rank, worker) for the shuffle buffer and the masking.
         rank = self.rank if rank is None else rank
-        stream_seed = seed * 1_000_003 + rank * 1009 + worker
         settings = settings or {}
-        pipeline = WorkerPipeline(
-            self.texts if texts is None else texts,
+        return dict(
             # Separators are added while packing, in the reading thread: the tokenizing thread is the
             # busier one.
-            functools.partial(self.encode, wrap=False),
-            self.collator_factory(stream_seed),
+            encode=functools.partial(self.encode, wrap=False),
             batch_size=settings.get("batch_size", d.batch_size),
             block_size=d.sequence_length,
             shuffle_buffer_size=settings.get("buffer", self.buffer_per_worker),
-            seed=stream_seed,
+            seed=seed * 1_000_003 + rank * 1009 + worker,
             with_documents=settings.get("with_documents", d.document_masking),
             separators=(self.encode.head, self.encode.tail),
             skips_key=self.skips_key,
@@ -314,6 +313,14 @@ class PipelineFactory:
             pad_id=pad_id,
             block_shuffle_size=settings.get("blocks", self.blocks_per_worker),
         )
+
+    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None,
+                 texts: datasets.IterableDataset | None = None, rank: int | None = None,
+                 settings: dict | None = None) -> WorkerPipeline:
+        kwargs = self.settings(worker, rank, settings, passes, pad_id)
+        pipeline = WorkerPipeline(self.texts if texts is None else texts, collate=self.collator_factory(kwargs["seed"]),
+                                  **kwargs)
+        clock(pipeline, self.config, self.layout if settings is None else (settings["processes"], settings["workers"]))
         pipeline.open_reader = self.old_reader
         return pipeline
 
@@ -323,6 +330,17 @@ class PipelineFactory:
         ds, _ = _rank_texts(self.config, part["rank"], part["processes"], f"{self.skips_key}-elastic")
         share = ShareStream(ds, part["workers"], part["worker"])
         return self(part["worker"], texts=share, rank=part["rank"], settings=part)
+
+
+def clock(pipeline: WorkerPipeline, config: Config, layout: tuple[int, int]) -> None:
+    """Set ``pipeline``'s data-schedule clock: the readers of its ``layout`` (processes x DataLoader workers), and
+    the masking rate's stages."""
+    from hf_streamlm.data.schedule import mlm_schedule
+
+    processes, workers = layout
+    pipeline.readers = processes * max(1, workers)
+    if config.model.type == "microbert":
+        pipeline.mlm_schedule = mlm_schedule(config, processes)
 
 
 def describe_read_failure(config: Config, err: Exception) -> str:
@@ -361,8 +379,12 @@ def build_train_loader(
 ) -> ResumableLoader:
     """The endless, exactly resumable training batches of one rank (in pinned memory with ``pin_memory``,
     for non-blocking copies to a GPU)."""
+    from hf_streamlm.data.schedule import mixture_schedule
+
     data = config.data
     skips_key = f"train-{uuid.uuid4().hex}"
+    if mixture_schedule(config, world_size) is not None:  # sources read on their own, mixed at packing
+        return _mixture_loader(config, tokenizer, collator_factory, rank, world_size, pin_memory, skips_key)
     ds, names = _rank_texts(config, rank, world_size, skips_key)
     workers = usable_workers(ds.num_shards, data.num_workers, rank)
     readers = world_size * max(1, workers)
@@ -374,7 +396,22 @@ def build_train_loader(
         )
     factory = PipelineFactory(ds, tokenizer, config, rank, collator_factory, skips_key,
                               buffer_per_worker(config, world_size, max(1, workers), rank),
-                              blocks_per_worker(config, max(1, workers)))
+                              blocks_per_worker(config, max(1, workers)), (world_size, workers))
+    return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank, pin_memory)
+
+
+def _mixture_loader(config: Config, tokenizer, collator_factory, rank: int, world_size: int, pin_memory: bool,
+                    skips_key: str) -> ResumableLoader:
+    """:func:`build_train_loader` for sources mixed along ``data.schedule`` or by tokens (:mod:`.mixture`)."""
+    from hf_streamlm.data.mixture import MixtureFactory, rank_source_texts
+
+    data = config.data
+    texts = rank_source_texts(config, rank, world_size, skips_key)
+    names = ", ".join(f"'{n}'" for n in source_names(config))
+    workers = usable_workers(min(ds.num_shards for ds in texts), data.num_workers, rank)
+    factory = MixtureFactory(texts, tokenizer, config, rank, collator_factory, skips_key,
+                             buffer_per_worker(config, world_size, max(1, workers), rank),
+                             blocks_per_worker(config, max(1, workers)), (world_size, workers))
     return ResumableLoader(BlockStream(factory), workers, data.worker_start_method, names, rank, pin_memory)
 
 
@@ -428,6 +465,7 @@ def blocks_per_worker(config: Config, workers: int) -> int:
 def reader_settings(config: Config, processes: int, workers: int) -> dict[str, Any]:
     """What the readers of a layout (``processes`` x ``workers`` DataLoader workers) were built with beyond the
     config: rebuilt exactly at an elastic resume (:func:`hf_streamlm.data.elastic.origins`)."""
-    return {"batch_size": config.data.batch_size, "with_documents": config.data.document_masking,
+    return {"batch_size": config.data.batch_size, "sequence_length": config.data.sequence_length,
+            "with_documents": config.data.document_masking,
             "buffer": buffer_per_worker(config, processes, max(1, workers), rank=-1),
             "blocks": blocks_per_worker(config, max(1, workers))}

@@ -43,9 +43,9 @@ import torch
 
 from hf_streamlm.config import ConfigError
 from hf_streamlm.data.documents import Doc, document_key
-from hf_streamlm.data.elastic import Prelude, needs_origin, packed_ahead
-from hf_streamlm.data.blocks import (Packed, cut_block, decode_blocks, decode_packed, encode_blocks, encode_packed,
-                                     shuffled_block)
+from hf_streamlm.data.elastic import Prelude, needs_origin, open_prelude, packed_ahead, take_counts
+from hf_streamlm.data.blocks import (Packed, block_of, cut_block, decode_blocks, decode_packed, encode_blocks,
+                                     encode_packed, shuffled_block)
 from hf_streamlm.data.quality import skip_counter
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ def private_copy(texts: datasets.IterableDataset) -> datasets.IterableDataset:
     during iteration")."""
     from huggingface_hub import HfFileSystem
 
+    if texts is None:  # a pipeline that mixes sources reads none itself (hf_streamlm.data.mixture)
+        return None
     return copy.deepcopy(texts, {id(HfFileSystem._cache): HfFileSystem._cache})
 
 SNAPSHOT_EVERY = 16
@@ -153,6 +155,12 @@ class WorkerPipeline:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: tuple[list[Doc], Future] | None = None
         self.produced = 0  # batches made
+        # Where the run stands, in global tokens trained (data schedules): this reader's tokens emitted since
+        # `base_tokens`, times the readers of its layout (hf_streamlm.data.schedule).
+        self.readers = 1
+        self.base_tokens = 0
+        self.emitted = 0
+        self.mlm_schedule = None  # data.mlm_probability as stages (hf_streamlm.data.schedule.Schedule)
         # Elastic resume (hf_streamlm.data.elastic): what this reader took over from another layout (kept while
         # a state needs it) and the documents of those passes still to read.
         self.open_reader: Callable[[dict], WorkerPipeline] | None = None  # set by the factory
@@ -206,6 +214,7 @@ class WorkerPipeline:
             **encode_packed(blocks),
             "block_wait": self.block_wait is not None,
             "block_rng": np.array(self.block_rng.getstate()[1], dtype=np.int64),
+            "clock": (self.base_tokens, self.emitted),
         }
         if self.origin is not None:
             state["origin"] = self.origin
@@ -260,6 +269,7 @@ class WorkerPipeline:
         if "block_rng" in state:
             version, _, gauss = self.block_rng.getstate()
             self.block_rng.setstate((version, tuple(state["block_rng"].tolist()), gauss))
+        self.base_tokens, self.emitted = state.get("clock", (0, 0))
         if len(state["pending"]):
             self._submit([found[int(s)] for s, _ in state["pending"]])
         self.skipped_before = dict(state["skipped"])
@@ -274,7 +284,7 @@ class WorkerPipeline:
         self.anchors.clear()
         self._rows, self._resumed_pass, self.prelude = None, False, None
         if isinstance(source, dict) and "prelude" in source:
-            self._open_prelude(source["prelude"])
+            open_prelude(self, source["prelude"])
             self.anchors.append((serial, epoch, source))
         elif source is not None:
             self.texts.load_state_dict(source)  # applied when the pass's iteration starts
@@ -308,10 +318,11 @@ class WorkerPipeline:
         :mod:`hf_streamlm.data.elastic`): their documents in flight and not yet read, up to the end of
         the newest pass they had started; their blocks of packing content, merged by pass."""
         self.origin = origin
+        self.base_tokens = origin.get("tokens", 0)
         held, cursors, blocks = self._take_over(origin)
         for old, _, part, _ in cursors:
             if part == 0:
-                self._take_counts(old)
+                take_counts(self, old)
         # A packing remainder is a whole tokenized chunk, which can span several passes of a small share; appended
         # one old reader after the other, a later reader's first pass would wait behind the earlier readers' later
         # passes. Stable: each old reader's order kept within a pass.
@@ -328,42 +339,49 @@ class WorkerPipeline:
         held: dict[int, list[Doc]] = {}
         cursors, blocks = [], []
         for part in origin["parts"]:
-            old = self.open_reader(part)
-            if part["snapshot"] is not None:
-                old.load_state_dict(part["snapshot"])
-                for _ in range(part["skip"]):
-                    old.next_batch()
+            old = self._rebuild(part)
             pending = old._inflight[0] if old._inflight is not None else []
             old._inflight = None
             for h, doc in enumerate(old.buffer + pending):
                 if h % part["k"] == part["part"]:
                     held.setdefault(doc.epoch, []).append(doc)
             old.buffer = []
-            blocks += packed_ahead(old)[part["part"]::part["k"]]
+            blocks += self._ahead(old, part)
             cursors.append([old, part["k"], part["part"], 0])
         return held, cursors, blocks
 
-    def _open_prelude(self, position: dict[str, Any]) -> None:
-        """The passes taken over at a layout change, as they stood at a prelude anchor: the old readers re-opened
-        at its positions (rebuilt from the origin first while a handed-over document in flight is left)."""
-        if self.origin is not None:
-            held, cursors, _ = self._take_over(self.origin)
-        else:
-            held, cursors = {}, [[self.open_reader(part), part["k"], part["part"], 0] for part in position["parts"]]
-        for cursor, (where, t) in zip(cursors, position["cursors"]):
-            cursor[0]._seek(where)
-            cursor[3] = t
-        self.prelude = Prelude(position["parts"], held, cursors, position["last_epoch"], position["taken"],
-                               position["current"])
+    def _rebuild(self, part: dict[str, Any]) -> WorkerPipeline:
+        """The old reader ``part`` names, where it stood: its snapshot loaded, the batches consumed since replayed."""
+        old = self.open_reader(part)
+        if part["snapshot"] is not None:
+            old.load_state_dict(part["snapshot"])
+            for _ in range(part["skip"]):
+                old.next_batch()
+        return old
 
-    def _take_counts(self, old: WorkerPipeline) -> None:
-        """Add ``old``'s documents and tokens per source and its skips to this reader's counts."""
-        for source, n in old.source_docs.items():
-            self.source_docs[source] = self.source_docs.get(source, 0) + n
-        for source, n in old.source_tokens.items():
-            self.source_tokens[source] = self.source_tokens.get(source, 0) + n
-        for kind, n in old.skipped().items():
-            self.skipped_before[kind] = self.skipped_before.get(kind, 0) + n
+    def _ahead(self, old: WorkerPipeline, part: dict[str, Any]) -> list[list[tuple]]:
+        """This reader's part of ``old``'s packing content: the blocks it would make next, block ``u`` to part
+        ``u mod k``."""
+        return packed_ahead(old)[part["part"]::part["k"]]
+
+    def take_document(self) -> tuple[list[int], int, int, int] | None:
+        """The next whole document, tokenized and wrapped in its separators, as ``(ids, source, key, epoch)`` (a
+        pipeline that mixes sources takes them one by one: :mod:`hf_streamlm.data.mixture`); None: none left."""
+        if self.handed:  # handed over at a layout change, one document each
+            ((ids, source, key, epoch, _),) = self.handed.popleft()
+            return ids, source, key, epoch
+        while not self.doc_ends:
+            if not self._fill():
+                return None
+        end, source, key, epoch = self.doc_ends.popleft()
+        ids = self.tokens[:end - self.cut]
+        del self.tokens[:end - self.cut]
+        self.cut = end
+        return ids, source, key, epoch
+
+    def trained(self, ahead: int = 0) -> int:
+        """Global tokens trained when this reader's next token, or the one ``ahead`` tokens after it, is."""
+        return self.base_tokens + (self.emitted + ahead) * self.readers
 
     def skipped(self) -> dict[str, int]:
         """Documents skipped so far by kind (none, not_text, empty, short)."""
@@ -530,32 +548,16 @@ class WorkerPipeline:
         cut = shuffled_block(self) if self.block_shuffle_size > 0 and not finite else cut_block(self)
         if cut is None:
             return None
-        pieces, pad = cut
-        # Full blocks: the collator adds the all-ones mask.
-        ids: list[int] = []
-        for piece in pieces:
-            ids += piece[0]
-        block = {"input_ids": ids}
-        if self.with_documents:
-            # A segment per piece: each is one document's tokens.
-            lengths = [len(p[0]) for p in pieces]
-            firsts = np.cumsum([0] + lengths[:-1])
-            segment = np.repeat(np.arange(len(pieces)), lengths)
-            block["position_ids"] = (np.arange(len(ids)) - firsts[segment]).tolist()
-            block["document_ids"] = segment.tolist()
-        if pad:
-            block["input_ids"] += [self.pad_id] * pad
-            block["attention_mask"] = [1] * (self.block_size - pad) + [0] * pad
-            if self.with_documents:  # padding continues the last segment; it is masked out anyway
-                last = block["position_ids"][-1]
-                block["position_ids"] += list(range(last + 1, last + 1 + pad))
-                block["document_ids"] += [block["document_ids"][-1]] * pad
-        # The documents whose last token is in this block end here; the block's epoch is the pass of the
-        # document that holds its last token.
-        if self.trace:
-            self.batch_docs += [[source, f"{key:016x}", epoch] for _, source, key, epoch, ends in pieces if ends]
-        self.batch_epoch = pieces[-1][3]
-        return block
+        self._emitted(*cut)
+        return block_of(self, *cut)
+
+    def _emitted(self, pieces: list[tuple], pad: int) -> None:
+        """A block handed out (``pieces``: see :func:`hf_streamlm.data.blocks.cut_block`)."""
+        self.emitted += self.block_size
+
+    def _block_phase(self) -> int:
+        """What the block shuffle never mixes, for the block cut next: -1, its first token's pass."""
+        return -1
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
         blocks = []
@@ -570,6 +572,8 @@ class WorkerPipeline:
         if any("attention_mask" in b for b in blocks):  # one padded block: every block gets a mask
             for b in blocks:
                 b.setdefault("attention_mask", [1] * self.block_size)
+        if self.mlm_schedule is not None:  # the masking rate where the batch's first token is trained
+            self.collate.mlm_probability = self.mlm_schedule.value_at(self.trained(-len(blocks) * self.block_size))
         batch = self.collate(blocks)
         batch["_epoch"] = self.batch_epoch
         batch["_read_epoch"] = self.epoch  # the pass being read: how far an elastic resume must finish old shares

@@ -61,8 +61,10 @@ DATA_KEYS: dict[str, str] = {
     "drop_last": "not the training stream: the padded last block of a pass counted for scheduler.total_epochs "
                  "(the training stream is endless)",
     "document_masking": STREAM,  # the blocks' position_ids/document_ids, and the packing state's serials
-    "mlm_probability": "not the stream: the masked-LM objective (the share of tokens the collator masks), a "
-                       "training setting as the learning rate is",
+    "mix_by": STREAM,  # which source each document comes from
+    "schedule": STREAM,  # the same, along the run
+    "mlm_probability": "not the stream: the masked-LM objective (the share of tokens the collator masks, or its "
+                       "stages), a training setting as the learning rate is",
     "retries": "not the stream: tries of a failing read",
     "retry_backoff": "not the stream: the wait between those tries",
     "eval_holdout": STREAM,  # which documents are held out of the training stream
@@ -72,6 +74,7 @@ SOURCE_KEYS: dict[str, str] = {  # every field of a data.sources entry (and of i
     "pinned_revision": STREAM,  # left unset, it is the checkpoint's (filled before the comparison: data.revisions)
     "text_column": STREAM, "weight": STREAM, "streaming": STREAM, "max_samples": STREAM, "min_words": STREAM,
     "cache": STREAM,  # another reader of the source: positions in its shards mean other rows
+    "label": "not the stream: a name (the schedule that uses it is compared)",
     "fallbacks": STREAM,
 }
 TOKENIZER_KEYS: dict[str, str] = {
