@@ -120,8 +120,12 @@ def model_card(model, config: Config, fmt: str, summary: dict | None = None) -> 
     total = sum(s.weight for s in sources)
     mixture = "\n".join(f"  - {describe_source(s)}" + (f" (commit {s.pinned_revision})" if s.pinned_revision else "")
                         + (f": weight {s.weight / total:.3g}" if len(sources) > 1 else "") for s in sources)
+    mixture += realized_mixture(config, summary.get("stage_tokens"))
     steps = summary.get("step", config.scheduler.total_steps)
     tokens = f"{summary['tokens']:,} tokens seen" if summary.get("tokens") else "tokens seen: not recorded"
+    spikes = (f"\n- Loss spikes (`runtime.spikes`, {config.runtime.spikes.sigma:g} sigma over {config.runtime.spikes.window} "
+              f"steps): {summary.get('spike_skips', 0)} step(s) skipped, listed in the run's `spikes.jsonl`"
+              if config.runtime.spikes.enabled else "")
     figures = summary.get("eval") or {}
     results = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in figures.items())
     results = f"| metric | value |\n|---|---|\n{results}" if results else "No evaluation was recorded."
@@ -140,7 +144,7 @@ hf_streamlm from the recipe `{config.recipe}`.
 {mixture}
 - Training: {steps} optimizer steps, {tokens}, batch {config.data.batch_size} x
   accumulation {config.data.gradient_accumulation_steps}, peak learning rate {config.optimizer.learning_rate},
-  precision {config.runtime.precision}
+  precision {config.runtime.precision}{spikes}
 - Format: `{fmt}` ({"stock transformers classes" if fmt == "native" else "hf_streamlm classes with remote code"})
 
 ```python
@@ -164,6 +168,27 @@ pipe = pipeline("{task}", model="path/or/repo"{remote})
 The full training configuration is in `{TRAINING_CONFIG}`.
 """
     return ModelCard(f"---\n{card_data(model, config, summary).to_yaml()}\n---\n{body}")
+
+
+def realized_mixture(config: Config, stage_tokens: dict[str, dict[str, int]] | None) -> str:
+    """The mixture a run trained on (``data.schedule`` or ``mix_by: tokens``): per stage, each source's share of the
+    tokens against its scheduled weight; empty without one."""
+    from hf_streamlm.data.pipeline import source_names
+
+    if not stage_tokens:
+        return ""
+    names = source_names(config)
+    stages = config.data.schedule or [{"until": 1.0, "weights": {}}]
+    lines = ["", "  - Mixture as trained (share of tokens per stage; scheduled weight in brackets):"]
+    for k, counts in sorted(stage_tokens.items(), key=lambda item: int(item[0])):
+        total = sum(counts.values())
+        stage = stages[min(int(k), len(stages) - 1)]
+        weights = stage.get("weights") or {n: s.weight for n, s in zip(names, config.data.sources)}
+        planned = sum(weights.values()) or 1
+        shares = ", ".join(f"{n} {counts.get(n, 0) / max(total, 1):.3f} ({weights.get(n, 0) / planned:.3f})"
+                           for n in names)
+        lines.append(f"    - stage {k} (until {stage['until']}, {total:,} tokens): {shares}")
+    return "\n".join(lines)
 
 
 HARNESS_BEGIN, HARNESS_END = "<!-- lm_eval results -->", "<!-- /lm_eval results -->"

@@ -105,7 +105,7 @@ def test_each_source_gets_its_share_of_tokens_or_documents(corpus, mix_by):
     ended: dict[int, Counter] = {0: Counter(), 1: Counter()}  # stage -> documents that ended in it, by source
     for i, _ in enumerate(itertools.islice(iter(ld), 100)):  # 64 tokens a batch: the boundary (3,200) is batch 50
         ended[int(i >= 50)].update(source for source, _, _ in ld.take_documents())
-    stage, stage_tokens = ld.mixture()
+    stage, stage_tokens, _ = ld.mixture()
     assert stage == 1 and set(stage_tokens) == {0, 1}
     assert sum(stage_tokens[0].values()) == BOUNDARY and sum(stage_tokens[1].values()) == 6400 - BOUNDARY
     global_batch = 2 * 32
@@ -167,7 +167,7 @@ def test_an_elastic_resume_across_the_boundary_keeps_each_source_pass_once(corpu
         for epoch in (0, 1):
             got = by_pass[(source, epoch)]
             assert got == want[source], (source, epoch, len(want[source] - got), sum(n > 1 for n in got.values()))
-    stage, stage_tokens = new.mixture()
+    stage, stage_tokens, _ = new.mixture()
     assert stage == 1
     web = shares(stage_tokens)
     global_batch = 2 * 2 * 32

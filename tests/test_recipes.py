@@ -115,6 +115,31 @@ def test_gpt2_wikitext_has_seed_002_values():
         "openai-community/gpt2", 256, 8, "decoder")
 
 
+def test_runpod_1b_anneal_switches_to_the_high_quality_mix_where_the_wsd_decay_starts():
+    """OLMo 2 / Llama 3: the mixture's last stage begins with the learning rate's decay (within one optimizer step,
+    on 1 and 8 GPUs); otherwise the run is runpod_1b_unlimited's."""
+    import math
+
+    from hf_streamlm.config import wsd_steps
+    from hf_streamlm.data.schedule import mixture_schedule
+
+    anneal = load_config(["recipe=runpod_1b_anneal"])
+    assert (anneal.scheduler.strategy, anneal.data.mix_by) == ("wsd", "tokens")
+    for gpus in (1, 8):
+        d = anneal.data
+        per_step = d.batch_size * d.sequence_length * d.gradient_accumulation_steps * gpus
+        steps = math.ceil(anneal.scheduler.total_tokens / per_step)
+        stable, _ = wsd_steps(anneal.scheduler, steps)
+        decay_starts = (anneal.scheduler.warmup_steps + stable) * per_step
+        schedule = mixture_schedule(anneal, gpus)
+        assert abs(schedule.ends[0] - decay_starts) <= per_step
+        web, edu = schedule.values[-1]
+        assert edu > web and schedule.values[0][1] < schedule.values[0][0]
+    base = load_config(["recipe=runpod_1b_unlimited"]).to_dict()
+    other = anneal.to_dict()
+    assert other["model"] == base["model"] and other["optimizer"] == base["optimizer"]
+
+
 def test_mixture_example_mixes_weighted_offline_sources():
     sources = load_config(["recipe=mixture_example"]).data.sources
     assert len(sources) >= 2 and len({s.weight for s in sources}) > 1
@@ -126,7 +151,8 @@ def test_mixture_example_mixes_weighted_offline_sources():
 EXPERIMENTS = {"quickstart": "quickstart", "quickstart_decoder": "quickstart_decoder",
                "microbert_v1": "microbert-v1-imdb", "microbert_v2": "microbert-v2", "microbert_v3": "microbert-v3-h200",
                "gpt2_wikitext": "gpt2-wikitext", "runpod_1b": "runpod-1b-streaming",
-               "runpod_1b_unlimited": "runpod-1b-unlimited", "mixture_example": "mixture-example"}
+               "runpod_1b_unlimited": "runpod-1b-unlimited", "mixture_example": "mixture-example",
+               "runpod_1b_anneal": "runpod-1b-anneal"}
 
 
 def test_every_recipe_names_its_experiment_and_outputs_land_in_runs_experiment():

@@ -188,9 +188,9 @@ class ResumableLoader:
             total.update(counts[2])
         return dict(total)
 
-    def mixture(self) -> tuple[int, dict[int, dict[int, int]]] | None:
-        """With sources mixed along a schedule (:mod:`hf_streamlm.data.mixture`): the stage trained now and the
-        tokens handed out per stage and source, summed over this rank's workers; None otherwise."""
+    def mixture(self) -> tuple[int, dict[int, dict[int, int]], int] | None:
+        """With sources mixed along a schedule (:mod:`hf_streamlm.data.mixture`): the stage trained now, the tokens
+        handed out per stage and source summed over this rank's workers, and the schedule's stages; None otherwise."""
         mixes = [counts[3] for counts in self.sources.values() if len(counts) > 3]
         if not mixes:
             return None
@@ -200,7 +200,7 @@ class ResumableLoader:
                 mine = total.setdefault(stage, {})
                 for source, n in counts.items():
                     mine[source] = mine.get(source, 0) + n
-        return max(mix["stage"] for mix in mixes), total
+        return max(mix["stage"] for mix in mixes), total, mixes[0]["stages"]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.stream.resume = copy.deepcopy(self.workers)

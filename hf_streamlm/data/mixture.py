@@ -138,7 +138,8 @@ class MixedPipeline(WorkerPipeline):
         if batch is not None:
             epochs = [sub.epoch for sub in self.subs]
             batch["_epoch"], batch["_read_epoch"] = min(epochs), epochs  # (per source: elastic.origins)
-            mix = {"stage": self.schedule.stage_at(self.trained()),
+            # The stage of the batch's last token.
+            mix = {"stage": self.schedule.stage_at(self.trained(-1)), "stages": len(self.schedule.ends),
                    "stage_tokens": {k: dict(v) for k, v in self.stage_tokens.items()}}
             batch["_sources"] = (*batch["_sources"], mix)
         return batch

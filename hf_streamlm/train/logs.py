@@ -76,13 +76,24 @@ def source_counts(loader, names: list[str], accelerator: Accelerator) -> dict[st
                          dtype=torch.long, device=accelerator.device)
     skipped = loader.skip_counts()
     local = torch.cat([local, torch.tensor([skipped.get(k, 0) for k in SKIP_KINDS], device=accelerator.device)])
+    mixture = loader.mixture()  # sources mixed along data.schedule: the stage, and tokens per stage and source
+    if mixture is not None:
+        stage, counts, stages = mixture
+        local = torch.cat([local, torch.tensor([counts.get(k, {}).get(i, 0) for k in range(stages)
+                                                for i in range(len(names))] + [stage], device=accelerator.device)])
     total = accelerator.reduce(local, reduction="sum").tolist()
     n = len(names)
-    return {
+    row = {
         "source_docs": dict(zip(names, total[:n])),
         "source_tokens": dict(zip(names, total[n : 2 * n])),
-        "skipped": {k: v for k, v in zip(SKIP_KINDS, total[2 * n :]) if v},
+        "skipped": {k: v for k, v in zip(SKIP_KINDS, total[2 * n : 2 * n + len(SKIP_KINDS)]) if v},
     }
+    if mixture is not None:
+        flat = total[2 * n + len(SKIP_KINDS):]
+        # The realized mixture: tokens trained per stage and source (the model card's table), and the stage now.
+        row["stage_tokens"] = {str(k): dict(zip(names, flat[k * n:(k + 1) * n])) for k in range(stages)}
+        row["data_stage"] = flat[-1] // accelerator.num_processes
+    return row
 
 
 def log_row(row: dict[str, Any], accelerator: Accelerator, history: History | None, bar, stdout: bool) -> None:

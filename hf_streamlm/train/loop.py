@@ -173,6 +173,8 @@ def train(config: Config, command: str | None = None) -> Path:
                 if peak:  # model FLOPs utilisation per device (Kaplan 6N + attention, PaLM's definition)
                     row["mfu"] = flops_per_token * row["tokens_per_s"] / accelerator.num_processes / peak
                 row.update(source_counts(loader, names, accelerator))
+                if "stage_tokens" in row:  # the realized mixture, for the model card
+                    state["stage_tokens"] = row["stage_tokens"]
                 log_row(row, accelerator, history, bar, r.logging.enable_stdout)
 
             every, best = r.evaluation.every_n_steps, False
