@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = parser.split_overrides(ns.overrides, extras)
     try:
         config = load_config(argv)
+        from hf_streamlm.data.schedule import check_schedules
+
+        check_schedules(config)  # before a tokenizer is trained: the run's length is known by the config
     except ConfigError as err:
         fail(str(err))
     setup_logging()

@@ -123,7 +123,6 @@ def validate(c: Config) -> None:
     _positive("data.retry_backoff", d.retry_backoff, allow_zero=True)
     if not isinstance(d.mlm_probability, list) and not 0 < d.mlm_probability < 1:
         raise ConfigError(f"'data.mlm_probability' must be in (0, 1), got {d.mlm_probability}")
-    _validate_schedules(c)
     if not 0 <= d.eval_holdout < 1:
         raise ConfigError(f"'data.eval_holdout' must be in [0, 1), got {d.eval_holdout}")
 
@@ -190,21 +189,6 @@ def validate(c: Config) -> None:
     _positive("hub.retries", h.retries, allow_none=False, allow_zero=True)
     _positive("hub.retry_backoff", h.retry_backoff, allow_none=False, allow_zero=True)
     _positive("hub.flush_timeout", h.flush_timeout, allow_none=False, allow_zero=True)
-
-
-def _validate_schedules(c: Config) -> None:
-    from hf_streamlm.data.schedule import mixture_schedule, mlm_schedule
-
-    d = c.data
-    mlm_schedule(c)
-    if mixture_schedule(c) is None:
-        return
-    if d.max_samples is not None:
-        raise ConfigError("'data.max_samples' caps the datasets mixture; with data.schedule or data.mix_by=tokens "
-                          "each source is read on its own: cap each with data.sources[].max_samples")
-    if d.stopping_strategy != "all_exhausted":
-        raise ConfigError("'data.stopping_strategy' applies to the datasets mixture; with data.schedule or "
-                          "data.mix_by=tokens every source is read pass after pass on its own (leave it unset)")
 
 
 def known_trackers() -> list[str]:

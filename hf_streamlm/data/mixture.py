@@ -26,16 +26,10 @@ import logging
 from collections import deque
 from typing import Any
 
-import datasets
 import numpy as np
-from datasets.distributed import split_dataset_by_node
 
-from hf_streamlm.config import Config
-from hf_streamlm.data.elastic import ShareStream, packed_ahead, take_counts
-from hf_streamlm.data.pipeline import PipelineFactory, _split, clock, training_sources
-from hf_streamlm.data.quality import TextFilter
-from hf_streamlm.data.schedule import Schedule, mixture_schedule
-from hf_streamlm.data.sources import ROW_BATCH, apply_network_settings, load_source
+from hf_streamlm.data.elastic import packed_ahead, take_counts
+from hf_streamlm.data.schedule import Schedule
 from hf_streamlm.data.stream import WorkerPipeline
 
 logger = logging.getLogger(__name__)
@@ -181,72 +175,3 @@ class MixedPipeline(WorkerPipeline):
             sub.prebuilt = deque(old.subs[s] for old in olds)
             sub.start_elastic({"parts": origin["parts"], "last_epoch": last[s] if isinstance(last, list) else last,
                                "tokens": self.base_tokens})
-
-
-def rank_source_texts(config: Config, rank: int, world_size: int, skips_key: str) -> list[datasets.IterableDataset]:
-    """Each training source's part for ``rank`` (no shuffle yet), opened on its own; skips counted per source
-    (``<skips_key>-<index>``)."""
-    data = config.data
-    apply_network_settings(data.retries, data.retry_backoff)
-    out = []
-    for i, source in enumerate(training_sources(config)):
-        ds = load_source(source, data.cache_dir, index=i, skips_key=f"{skips_key}-{i}")
-        if data.min_words:
-            ds = ds.filter(TextFilter(f"{skips_key}-{i}", data.min_words), batched=True, batch_size=ROW_BATCH)
-        ds = _split(config, ds, heldout=False)
-        if world_size > 1:
-            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        out.append(ds)
-    return out
-
-
-class MixtureFactory(PipelineFactory):
-    """Builds the :class:`MixedPipeline` of one DataLoader worker: a :class:`SourceReader` per source, each over
-    that source's part of the rank (``texts``: a list, by source index)."""
-
-    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None,
-                 texts: list | None = None, rank: int | None = None, settings: dict | None = None) -> MixedPipeline:
-        from hf_streamlm.data.pipeline import source_names
-
-        texts = self.texts if texts is None else texts
-        kwargs = self.settings(worker, rank, settings)
-        layout = self.layout if settings is None else (settings["processes"], settings["workers"])
-        subs = [self._source_reader(s, worker, part, rank, settings, layout) for s, part in enumerate(texts)]
-        processes = layout[0]
-        mixer = MixedPipeline(subs, mixture_schedule(self.config, processes), self.config.data.mix_by == "tokens",
-                              source_names(self.config), collate=self.collator_factory(kwargs["seed"]),
-                              **{k: v for k, v in kwargs.items() if k not in ("encode", "skips_key")})
-        clock(mixer, self.config, layout)
-        mixer.open_reader = self.old_reader
-        return mixer
-
-    def _source_reader(self, s: int, worker: int, texts, rank: int | None, settings: dict | None,
-                       layout: tuple[int, int]) -> SourceReader:
-        kwargs = self.settings(worker, rank, settings)
-        kwargs.update(seed=kwargs["seed"] * 31 + 7 * (s + 1), skips_key=f"{self.skips_key}-{s}", trace=False,
-                      block_shuffle_size=0)
-        sub = SourceReader(s, self._rebuilt_mixer, texts, collate=None, **kwargs)
-        clock(sub, self.config, layout)
-        sub.mlm_schedule = None
-        sub.open_reader = lambda part, s=s: self.old_source_reader(part, s)
-        return sub
-
-    def _old_texts(self, part: dict) -> list[ShareStream]:
-        texts = rank_source_texts(self.config, part["rank"], part["processes"], f"{self.skips_key}-elastic")
-        return [ShareStream(ds, part["workers"], part["worker"]) for ds in texts]
-
-    def old_reader(self, part: dict) -> MixedPipeline:
-        return self(part["worker"], texts=self._old_texts(part), rank=part["rank"], settings=part)
-
-    def old_source_reader(self, part: dict, s: int) -> SourceReader:
-        """Source ``s``'s reader of the old reader ``part`` names, not rebuilt (a prelude re-opens it at a position)."""
-        layout = (part["processes"], part["workers"])
-        return self._source_reader(s, part["worker"], self._old_texts(part)[s], part["rank"], part, layout)
-
-    def _rebuilt_mixer(self, part: dict) -> MixedPipeline:
-        old = self.old_reader(part)
-        if part["snapshot"] is not None:
-            old.load_state_dict(part["snapshot"])
-            for _ in range(part["skip"]):
-                old.next_batch()
-        return old

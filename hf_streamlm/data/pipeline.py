@@ -23,8 +23,11 @@ from hf_streamlm.data.cap import cap_per_shard
 from hf_streamlm.data.packing import pack
 from hf_streamlm.data.quality import TextFilter
 from hf_streamlm.data.elastic import ShareStream
-from hf_streamlm.data.sources import ROW_BATCH, apply_network_settings, load_source
+from hf_streamlm.data.sources import (ROW_BATCH, _shard_source, apply_network_settings, load_source, source_names,
+                                      training_sources)
 from hf_streamlm.data.loader import BlockStream, ResumableLoader
+from hf_streamlm.data.mixture import MixedPipeline, SourceReader
+from hf_streamlm.data.schedule import check_schedules, mixture_schedule
 from hf_streamlm.data.stream import WorkerPipeline
 
 logger = logging.getLogger(__name__)
@@ -62,17 +65,6 @@ def open_mixture(
     if data.min_words:
         ds = ds.filter(TextFilter(skips_key, data.min_words), batched=True, batch_size=ROW_BATCH)
     return ds
-
-
-def training_sources(config: Config) -> list[SourceConfig]:
-    """``data.sources``, plus seed 004's ``data.train_shards`` as one more source (index order)."""
-    data = config.data
-    return list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
-
-
-def _shard_source(files: list[str]) -> SourceConfig:
-    builder = "json" if all(f.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) for f in files) else "text"
-    return SourceConfig(path=builder, data_files=list(files))
 
 
 class HeldoutFilter:
@@ -126,15 +118,6 @@ def guarded(rows, config: Config) -> Iterator:
 def iter_texts(config: Config, limit: int | None = None) -> Iterator[str]:
     """The training documents as :func:`iter_rows` gives them: what tokenizers are trained on."""
     return (text for text, _ in iter_rows(config, limit))
-
-
-def source_names(config: Config) -> list[str]:
-    """Report names of ``data.sources`` (plus ``train_shards``), by source index."""
-    from hf_streamlm.data.sources import describe_source
-
-    sources = training_sources(config)
-    names = [s.label or describe_source(s) for s in sources]
-    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 class Encoder:
@@ -343,6 +326,73 @@ def clock(pipeline: WorkerPipeline, config: Config, layout: tuple[int, int]) -> 
         pipeline.mlm_schedule = mlm_schedule(config, processes)
 
 
+def rank_source_texts(config: Config, rank: int, world_size: int, skips_key: str) -> list[datasets.IterableDataset]:
+    """Each training source's part for ``rank`` (no shuffle yet), opened on its own; skips counted per source
+    (``<skips_key>-<index>``)."""
+    data = config.data
+    apply_network_settings(data.retries, data.retry_backoff)
+    out = []
+    for i, source in enumerate(training_sources(config)):
+        ds = load_source(source, data.cache_dir, index=i, skips_key=f"{skips_key}-{i}")
+        if data.min_words:
+            ds = ds.filter(TextFilter(f"{skips_key}-{i}", data.min_words), batched=True, batch_size=ROW_BATCH)
+        ds = _split(config, ds, heldout=False)
+        if world_size > 1:
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        out.append(ds)
+    return out
+
+
+class MixtureFactory(PipelineFactory):
+    """Builds the :class:`MixedPipeline` of one DataLoader worker: a :class:`SourceReader` per source, each over
+    that source's part of the rank (``texts``: a list, by source index)."""
+
+    def __call__(self, worker: int, passes: int | None = None, pad_id: int | None = None,
+                 texts: list | None = None, rank: int | None = None, settings: dict | None = None) -> MixedPipeline:
+        texts = self.texts if texts is None else texts
+        kwargs = self.settings(worker, rank, settings)
+        layout = self.layout if settings is None else (settings["processes"], settings["workers"])
+        subs = [self._source_reader(s, worker, part, rank, settings, layout) for s, part in enumerate(texts)]
+        processes = layout[0]
+        mixer = MixedPipeline(subs, mixture_schedule(self.config, processes), self.config.data.mix_by == "tokens",
+                              source_names(self.config), collate=self.collator_factory(kwargs["seed"]),
+                              **{k: v for k, v in kwargs.items() if k not in ("encode", "skips_key")})
+        clock(mixer, self.config, layout)
+        mixer.open_reader = self.old_reader
+        return mixer
+
+    def _source_reader(self, s: int, worker: int, texts, rank: int | None, settings: dict | None,
+                       layout: tuple[int, int]) -> SourceReader:
+        kwargs = self.settings(worker, rank, settings)
+        kwargs.update(seed=kwargs["seed"] * 31 + 7 * (s + 1), skips_key=f"{self.skips_key}-{s}", trace=False,
+                      block_shuffle_size=0)
+        sub = SourceReader(s, self._rebuilt_mixer, texts, collate=None, **kwargs)
+        clock(sub, self.config, layout)
+        sub.mlm_schedule = None
+        sub.open_reader = lambda part, s=s: self.old_source_reader(part, s)
+        return sub
+
+    def _old_texts(self, part: dict) -> list[ShareStream]:
+        texts = rank_source_texts(self.config, part["rank"], part["processes"], f"{self.skips_key}-elastic")
+        return [ShareStream(ds, part["workers"], part["worker"]) for ds in texts]
+
+    def old_reader(self, part: dict) -> MixedPipeline:
+        return self(part["worker"], texts=self._old_texts(part), rank=part["rank"], settings=part)
+
+    def old_source_reader(self, part: dict, s: int) -> SourceReader:
+        """Source ``s``'s reader of the old reader ``part`` names, not rebuilt (a prelude re-opens it at a position)."""
+        layout = (part["processes"], part["workers"])
+        return self._source_reader(s, part["worker"], self._old_texts(part)[s], part["rank"], part, layout)
+
+    def _rebuilt_mixer(self, part: dict) -> MixedPipeline:
+        old = self.old_reader(part)
+        if part["snapshot"] is not None:
+            old.load_state_dict(part["snapshot"])
+            for _ in range(part["skip"]):
+                old.next_batch()
+        return old
+
+
 def describe_read_failure(config: Config, err: Exception) -> str:
     """One line for a file that could not be read: the file and line when it is local."""
     from hf_streamlm.data.quality import locate_bad_file
@@ -379,10 +429,9 @@ def build_train_loader(
 ) -> ResumableLoader:
     """The endless, exactly resumable training batches of one rank (in pinned memory with ``pin_memory``,
     for non-blocking copies to a GPU)."""
-    from hf_streamlm.data.schedule import mixture_schedule
-
     data = config.data
     skips_key = f"train-{uuid.uuid4().hex}"
+    check_schedules(config)
     if mixture_schedule(config, world_size) is not None:  # sources read on their own, mixed at packing
         return _mixture_loader(config, tokenizer, collator_factory, rank, world_size, pin_memory, skips_key)
     ds, names = _rank_texts(config, rank, world_size, skips_key)
@@ -403,8 +452,6 @@ def build_train_loader(
 def _mixture_loader(config: Config, tokenizer, collator_factory, rank: int, world_size: int, pin_memory: bool,
                     skips_key: str) -> ResumableLoader:
     """:func:`build_train_loader` for sources mixed along ``data.schedule`` or by tokens (:mod:`.mixture`)."""
-    from hf_streamlm.data.mixture import MixtureFactory, rank_source_texts
-
     data = config.data
     texts = rank_source_texts(config, rank, world_size, skips_key)
     names = ", ".join(f"'{n}'" for n in source_names(config))

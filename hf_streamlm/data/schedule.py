@@ -98,7 +98,7 @@ def _check_keys(stage: Any, key: str, allowed: set[str]) -> None:
 def mixture_schedule(config: Config, processes: int | None = None) -> Schedule | None:
     """The mixture's stages as per-source weights (normalized), or None when the sources are mixed by
     ``datasets.interleave_datasets`` (``mix_by: documents`` and no schedule). ``processes`` None: check only."""
-    from hf_streamlm.data.pipeline import source_names, training_sources
+    from hf_streamlm.data.sources import source_names, training_sources
 
     d = config.data
     sources = training_sources(config)
@@ -152,3 +152,18 @@ def first_rate(config: Config) -> float:
     """The masking rate the run starts with: evaluations mask at it all along, so their figures compare."""
     rate = config.data.mlm_probability
     return float(rate[0]["value"]) if isinstance(rate, list) else float(rate)
+
+
+def check_schedules(config: Config) -> None:
+    """The data schedules' one-line errors, before anything runs (:func:`mixture_schedule`, :func:`mlm_schedule`),
+    and the settings that belong to the ``datasets`` mixture, refused with a schedule."""
+    d = config.data
+    mlm_schedule(config)
+    if mixture_schedule(config) is None:
+        return
+    if d.max_samples is not None:
+        raise ConfigError("'data.max_samples' caps the datasets mixture; with data.schedule or data.mix_by=tokens "
+                          "each source is read on its own: cap each with data.sources[].max_samples")
+    if d.stopping_strategy != "all_exhausted":
+        raise ConfigError("'data.stopping_strategy' applies to the datasets mixture; with data.schedule or "
+                          "data.mix_by=tokens every source is read pass after pass on its own (leave it unset)")

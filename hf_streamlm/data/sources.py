@@ -175,3 +175,21 @@ def load_source(
     if len(chain) == 1:
         raise ConfigError(f"data source {failures[0]}")
     raise ConfigError(f"no source of data.sources[{index}] could be opened: " + "; ".join(failures))
+
+
+def training_sources(config: Config) -> list[SourceConfig]:
+    """``data.sources``, plus seed 004's ``data.train_shards`` as one more source (index order)."""
+    data = config.data
+    return list(data.sources) + ([_shard_source(data.train_shards)] if data.train_shards else [])
+
+
+def _shard_source(files: list[str]) -> SourceConfig:
+    builder = "json" if all(f.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) for f in files) else "text"
+    return SourceConfig(path=builder, data_files=list(files))
+
+
+def source_names(config: Config) -> list[str]:
+    """Report names of ``data.sources`` (plus ``train_shards``), by source index."""
+    sources = training_sources(config)
+    names = [s.label or describe_source(s) for s in sources]
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
