@@ -5,7 +5,9 @@
 The recipe's shape, scaled down to a 2-core CPU: 2 processes x 2 DataLoader workers (``accelerate launch``,
 gloo), gradient accumulation 4, micro-batch 2, 256-token blocks, document masking, the document trace, an
 endless stream (pass 0 never ends here: 64 FineWeb-shaped parquet shards, far more than the run reads) served by
-a loopback Hub (tests/hub_server.py: the real ``datasets``/``huggingface_hub`` clients over HTTP), and
+a loopback Hub (tests/hub_server.py: the real ``datasets``/``huggingface_hub`` clients over HTTP) and read as
+two sources mixed by tokens along a data schedule (``runpod_1b_anneal``'s way; its stage boundary is crossed
+between leg A's stop and leg B's failure), and
 ``log_every_n_steps=50`` as the recipe logs (so stops go through the step's read-back, not a logging step).
 One uninterrupted reference on 2 x 2 is trained first, with a checkpoint at every step, to compare against.
 
@@ -66,7 +68,7 @@ PER_SHARD = 100
 STATE_BOUND = 2 << 20
 LEG_TIMEOUT = 240  # seconds; a rank left waiting in a collective would sit until gloo's 30-minute timeout
 A_STOP, B_HOLD, B2_STEPS, C_STEPS, D_STEPS = 6, 8, 3, 10, 6
-REFERENCE_STEPS = 24
+REFERENCE_STEPS = 40
 
 
 def shard_name(i: int) -> str:
@@ -107,8 +109,19 @@ def write_shards(server: HubServer) -> dict[str, int]:
     return where
 
 
+# The anneal (recipes/runpod_1b_anneal.yaml) in miniature: two sources of the repository (shards 000-029 and
+# 030-063), mixed by tokens along a schedule whose stage boundary falls inside step BOUNDARY_STEP (4,096 tokens a
+# step), after leg A's stop: the preempted, failed and elastic legs all cross it or train past it.
+BOUNDARY_STEP = 9
+SOURCES = (f"[{{path: {REPO_ID}, data_files: 'data/CC-MAIN-2024-10/0[0-2]*.parquet', label: web}}, "
+           f"{{path: {REPO_ID}, data_files: 'data/CC-MAIN-2024-10/0[3-6]*.parquet', label: edu}}]")
+SCHEDULE = (f"[{{until: {BOUNDARY_STEP * 4096 - 2048}, weights: {{web: 0.8, edu: 0.2}}}}, "
+            "{until: 1.0, weights: {web: 0.3, edu: 0.7}}]")
+
+
 def run_args(out: Path, *extra: str) -> list[str]:
-    return ["recipe=quickstart_decoder", f"data.sources=[{{path: {REPO_ID}}}]", "data.num_workers=2",
+    return ["recipe=quickstart_decoder", f"data.sources={SOURCES}", "data.mix_by=tokens", f"data.schedule={SCHEDULE}",
+            "data.num_workers=2",
             "data.gradient_accumulation_steps=4", "data.batch_size=2", "data.sequence_length=256",
             "data.document_masking=true", "data.shuffle_buffer_size=256", "data.block_shuffle_size=16",
             "data.eval_holdout=0", "data.retries=2",
@@ -194,6 +207,7 @@ class Rehearsal:
         for docs in rows.values():
             for source, key, epoch in docs:
                 assert key in self.where, f"leg {name}: traced document {key} is in no shard"
+                assert (self.where[key] >= 30) == source, f"leg {name}: document {key} traced as source {source}"
                 per_pass.setdefault(epoch, Counter())[key] += 1
         repeated = {e: [k for k, n in c.items() if n > 1] for e, c in per_pass.items()}
         assert not any(repeated.values()), f"leg {name}: documents trained twice in a pass: {repeated}"
@@ -263,6 +277,7 @@ class Rehearsal:
         figures = self.audit("B: resume 2x2, read failure on rank 0", 2, 2, time.monotonic() - t0, result)
         figures["out_after_failure_s"] = round(out_after, 1)
         failed_at = figures["last_step"]
+        print(f"[rehearsal] leg B failed at step {failed_at}", flush=True)
         assert failed_at > B_HOLD and f"training stopped after step {failed_at}" in next(iter(lines))
         assert failed_at + B2_STEPS <= REFERENCE_STEPS, f"leg B: failed at step {failed_at}, past the reference"
         self.same_weights(failed_at)

@@ -1,5 +1,6 @@
 """The rehearsal of ``runpod_1b`` in miniature (benchmarks/rehearse.py), in CI: 2 processes x 2 workers,
-accumulation 4, micro-batch 2, 256-token blocks, document masking, an endless stream on the loopback Hub, and
+accumulation 4, micro-batch 2, 256-token blocks, document masking, an endless stream on the loopback Hub read as two
+sources mixed by tokens along a data schedule whose stage boundary the legs cross, and
 in one run a burst of 429/500 on one rank's shard, a group SIGTERM mid-accumulation, a 429 for good on one
 rank, a same-layout resume, a resume on 1 x 1 and one back on 2 x 2. Every leg's checks are the script's;
 this asserts it passed and that its figures hold what the docs quote (docs/resume.md)."""
