@@ -20,7 +20,7 @@ def test_a_scheduled_run_logs_and_cards_its_realized_mixture(tmp_path, shards):
     schedule = "[{until: 0.5, weights: {first: 0.75, second: 0.25}}, {until: 1.0, weights: {second: 1}}]"
     run_in_process(*DECODER, f"data.sources={sources}", f"data.schedule={schedule}", "data.mix_by=tokens",
                    f"scheduler.total_steps={STEPS}", "runtime.log_every_n_steps=1", "runtime.evaluation.every_n_steps=null",
-                   f"runtime.output_dir={out}")
+                   "runtime.logging.tensorboard=true", f"runtime.output_dir={out}")
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "data_stage" in r]
     assert [r["data_stage"] for r in rows] == [0] * (STEPS // 2) + [1] * (STEPS // 2)
@@ -29,6 +29,11 @@ def test_a_scheduled_run_logs_and_cards_its_realized_mixture(tmp_path, shards):
     assert abs(last["0"]["first"] / sum(last["0"].values()) - 0.75) * STEPS // 2 * PER_STEP <= PER_STEP
     assert last["1"]["first"] == 0  # the source left at the stage
     assert sum(rows[-1]["source_tokens"].values()) >= STEPS * PER_STEP  # (read ahead: tokenized, not all trained)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("data_stage")] == [r["data_stage"] for r in rows]
+    assert events.Scalars("stage_tokens/1/second")[-1].value == last["1"]["second"]
     card = (out / "export" / "README.md").read_text()
     assert "Mixture as trained" in card
     assert "stage 1 (until 1.0, 1,536 tokens): first 0.000 (0.000), second 1.000 (1.000)" in card
@@ -68,5 +73,19 @@ def test_a_two_process_run_resumed_at_and_after_the_boundary_trains_as_the_unint
     assert len(want) == 9 and got == want
     for rank in (0, 1):
         assert read_trace(resumed / "trace" / f"rank-{rank}.jsonl") == read_trace(reference / "trace" / f"rank-{rank}.jsonl")
-    stages = [json.loads(line).get("data_stage") for line in (resumed / "history.jsonl").read_text().splitlines()]
-    assert [s for s in stages if s is not None] == [0] * 4 + [1] * 5
+    rows = [json.loads(line) for line in (resumed / "history.jsonl").read_text().splitlines()]
+    assert [r["data_stage"] for r in rows if "data_stage" in r] == [0] * 4 + [1] * 5
+    # The realized mixture against the schedule (stage 1 moves linearly from 80/20 to 20/80: 50/50 on average):
+    # within one document per reader (4 readers), and within one global batch.
+    realized = [r for r in rows if "stage_tokens" in r][-1]["stage_tokens"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bpe_800))
+    texts = [json.loads(line)["text"] for i in range(4) for line in (shards / f"part-{i}.jsonl").read_text().splitlines()]
+    longest = max(len(ids) for ids in tokenizer(texts)["input_ids"]) + 1
+    print("realized tokens per stage and source:", realized)
+    for stage, planned in (("0", 0.8), ("1", 0.5)):
+        counts = realized[stage]
+        assert sum(counts.values()) == (4 if stage == "0" else 5) * per_step
+        off = abs(counts["first"] - planned * sum(counts.values()))
+        assert off <= 4 * longest and off <= per_step, (stage, counts, longest)  # (here: 279 and 206 of 512)

@@ -98,7 +98,8 @@ def source_counts(loader, names: list[str], accelerator: Accelerator) -> dict[st
 
 def log_row(row: dict[str, Any], accelerator: Accelerator, history: History | None, bar, stdout: bool) -> None:
     """``row`` into the history (main process), onto stdout as ``key=value`` pairs if ``stdout``, and to
-    the trackers as scalars (per-source tokens as ``source_tokens/<name>``)."""
+    the trackers as scalars (per-source tokens as ``source_tokens/<name>``, a data schedule's as
+    ``stage_tokens/<stage>/<name>``)."""
     if accelerator.is_main_process:
         history.write(row)
         if stdout:
@@ -109,4 +110,7 @@ def log_row(row: dict[str, Any], accelerator: Accelerator, history: History | No
     scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
     for name, n in row.get("source_tokens", {}).items():
         scalars[f"source_tokens/{name}"] = n
+    for stage, counts in row.get("stage_tokens", {}).items():  # a data schedule's realized mixture
+        for name, n in counts.items():
+            scalars[f"stage_tokens/{stage}/{name}"] = n
     accelerator.log(scalars, step=row["step"])
