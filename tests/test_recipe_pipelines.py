@@ -98,6 +98,20 @@ def serve_fineweb(server, docs: list[str]) -> None:
                                             "sample-10BT": {"train": "sample/10BT/*"}}))
 
 
+def serve_fineweb_edu(server, docs: list[str]) -> None:
+    """HuggingFaceFW/fineweb-edu: data/<dump>/train-<n>-of-<m>.parquet, FineWeb's columns plus the classifier's
+    score and int_score."""
+    repo = server.repo_dir("HuggingFaceFW/fineweb-edu")
+    for k, dump in enumerate(("CC-MAIN-2024-10", "CC-MAIN-2024-18")):
+        part = docs[1 - k::2]
+        write_parquet(repo / "data" / dump / "train-00000-of-00001.parquet", [
+            {"text": doc, "id": f"<urn:uuid:edu-{dump}-{i}>", "dump": dump, "url": f"https://example.org/edu/{i}",
+             "language": "en", "language_score": 0.9, "token_count": len(doc.split()), "score": 3.1, "int_score": 3}
+            for i, doc in enumerate(part)])
+    (repo / "README.md").write_text(readme({"default": {"train": "data/*/*"},
+                                            "sample-10BT": {"train": "sample/10BT/*"}}))
+
+
 def serve_gpt2_tokenizer(server, docs: list[str]) -> None:
     """openai-community/gpt2 (model repo): a GPT-2-style byte-level BPE (small vocabulary) saved in the
     real repo's files: tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, config.json."""
@@ -124,6 +138,7 @@ SERVED: dict[str, Callable] = {
     "Salesforce/wikitext": serve_wikitext,
     "stanfordnlp/imdb": serve_imdb,
     "HuggingFaceFW/fineweb": serve_fineweb,
+    "HuggingFaceFW/fineweb-edu": serve_fineweb_edu,
     "openai-community/gpt2": serve_gpt2_tokenizer,
 }
 
