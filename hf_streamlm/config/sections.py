@@ -337,6 +337,23 @@ class LoggingConfig:
 
 
 @dataclass
+class SpikesConfig:
+    """Loss spikes (docs/stability.md): a step whose loss or gradient norm is more than ``sigma`` standard
+    deviations above the mean of the last ``window`` applied steps is not applied. Defaults are OLMo-core's
+    ``SkipStepAdamW`` (``sigma_factor=6``, ``rolling_interval_length=128``, active from half the window)."""
+
+    enabled: bool = False
+    """Skip spiking steps: the update is not applied (weights and optimizer state untouched), the step is counted
+    in history as ``spike_skips`` and described in ``<output_dir>/spikes.jsonl``."""
+    sigma: float = 6.0
+    """How many standard deviations above the window's mean a step's loss or gradient norm must be to be skipped."""
+    window: int = 128
+    """Steps in the rolling window the mean and standard deviation are computed over (part of every checkpoint)."""
+    min_steps: int = 64
+    """Steps the window must hold before any step is judged (OLMo-core: half the window)."""
+
+
+@dataclass
 class RuntimeConfig:
     seed: int = 42
     """Seed for model init, data order and masking."""
@@ -366,6 +383,8 @@ class RuntimeConfig:
     history as ``nonfinite_skips``), ``stop`` saves the last good state and exits with status 3."""
     max_nonfinite_skips: int = 25
     """With on_nonfinite=skip: stop as ``stop`` would after this many consecutive skipped steps."""
+    spikes: SpikesConfig = field(default_factory=SpikesConfig)
+    """Finite loss spikes: skip the step (off by default)."""
     demo_sentences: list[str] = field(default_factory=list)
     """Printed at the end: MicroBERT's top-5 guesses for these masked sentences (``[MASK]``, or
     ``[MASK=word]`` to also print the true word's rank); a decoder's greedy continuation of these prompts."""

@@ -171,6 +171,12 @@ def validate(c: Config) -> None:
         raise ConfigError("'runtime.evaluation.tasks' applies to model.type=decoder: lm-evaluation-harness scores "
                           "causal LMs; MicroBERT's downstream figure is its masked-token accuracy (eval_accuracy)")
     _positive("runtime.max_nonfinite_skips", r.max_nonfinite_skips, allow_none=False)
+    _positive("runtime.spikes.sigma", r.spikes.sigma, allow_none=False)
+    _positive("runtime.spikes.window", r.spikes.window, allow_none=False)
+    _positive("runtime.spikes.min_steps", r.spikes.min_steps, allow_none=False)
+    if r.spikes.min_steps < 2 or r.spikes.min_steps > r.spikes.window:
+        raise ConfigError(f"'runtime.spikes.min_steps' must be from 2 (a standard deviation needs two steps) to "
+                          f"runtime.spikes.window ({r.spikes.window}), got {r.spikes.min_steps}")
     _positive("runtime.logging.peak_tflops", r.logging.peak_tflops)
     check_report_to(r.logging.report_to)
     if r.resume.startswith("hub:"):

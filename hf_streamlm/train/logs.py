@@ -61,6 +61,7 @@ class Window:
             "tokens_per_s": float(stats[1]) / elapsed,
             "data_wait_pct": 100.0 * self.wait / elapsed,
             "nonfinite_skips": state["nonfinite_skips"],
+            "spike_skips": state.get("spike_skips", 0),
         }
         if self.z_loss is not None:
             row["z_loss"] = float(stats[2]) / accelerator.num_processes

@@ -42,6 +42,7 @@ from hf_streamlm.train.logs import Window, log_row, source_counts
 from hf_streamlm.train.monitor import NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.prepare import count_steps_per_epoch, prepare_tokenizer
 from hf_streamlm.train.signals import StopSignal, shielded
+from hf_streamlm.train.spikes import SpikeLog, check_spikes_engine
 from hf_streamlm.train.stops import fetch_step, shared_failure, stop_nonfinite, stop_on_data_failure
 from hf_streamlm.train.trackers import log_with, start_trackers
 from hf_streamlm.train.zero import accelerator_placement, configure_deepspeed
@@ -79,6 +80,7 @@ def train(config: Config, command: str | None = None) -> Path:
 
     check_loop_tasks(config, accelerator)  # runtime.evaluation.tasks: lm_eval there, tasks found (fail early)
     check_optimizer_engine(config, accelerator.distributed_type)
+    check_spikes_engine(config, accelerator.distributed_type)  # runtime.spikes: refused where DeepSpeed steps in backward
     tokenizer = prepare_tokenizer(config, accelerator, out)
     model = build_model(config, tokenizer)
     optimizer = build_optimizer(model, config, accelerator.device)
@@ -105,7 +107,8 @@ def train(config: Config, command: str | None = None) -> Path:
     eval_bytes = token_bytes(tokenizer)  # bytes per token id (byte-level BPE): eval_bits_per_byte
 
     best_dir = Path(r.evaluation.best.directory or out / "best")
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0, "nonfinite_skips": 0}
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches": 0, "tokens": 0, "nonfinite_skips": 0,
+                             "spike_skips": 0}
     if resume_from is not None:
         state = {**state, **load_checkpoint(accelerator, resume_from, loader, d.batch_size)}
         accelerator.print(f"Resuming from {resume_from} (step {state['step']})")
@@ -113,7 +116,8 @@ def train(config: Config, command: str | None = None) -> Path:
     state["command"] = command or state.get("command")
     flops_per_token = estimate(config.model, len(tokenizer), d.sequence_length, d.batch_size)["flops_per_token"]
     peak = peak_flops(config, accelerator.device)
-    guard = NonFiniteGuard(config, accelerator)
+    guard = NonFiniteGuard(config, accelerator, state.pop("spike_window", None))  # runtime.spikes: the checkpoint's window
+    spike_log = SpikeLog(out, state, accelerator.is_main_process, rank)  # spikes.jsonl cut back to the resumed step
     history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
 
     resumed_at = state["step"]
@@ -147,10 +151,13 @@ def train(config: Config, command: str | None = None) -> Path:
                         # Clipping at inf still returns the norm: logged, and checked for NaN/inf.
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                                 config.optimizer.max_grad_norm or math.inf)
-                        # The step's one read-back: the guard's verdict and the stop flags of all ranks, together.
+                        # The step's one read-back: the guard's verdict and the stop flags of all ranks, together
+                        # (with runtime.spikes, the step's loss and gradient norm too: hf_streamlm.train.spikes).
                         update, stopping = guard.decide(grad_norm, stop_requested=stop.received is not None)
                         if update:
                             optimizer.step()
+                        elif accelerator.scaler is not None:  # fp16: GradScaler needs an update() after the unscale_
+                            accelerator.scaler.update()       # of clip_grad_norm_, or the next step's unscale_ raises
                     optimizer.zero_grad()
                 window.add(loss, tokens, getattr(output, "z_loss", None))
                 state["micro_batches"] += 1
@@ -161,6 +168,8 @@ def train(config: Config, command: str | None = None) -> Path:
                 logger.warning("step %d: non-finite loss or gradient norm (loss %s, grad norm %s); update skipped "
                                "(%d skipped so far)", state["step"] + 1, loss.item(), float(grad_norm),
                                state["nonfinite_skips"])
+            if guard.spikes:  # runtime.spikes: a skipped spike counted, in spikes.jsonl; the window kept in the state
+                spike_log.after_step(guard.spikes, guard.spike, state)
             scheduler.step()
             state["step"] += 1
             if trace:

@@ -8,6 +8,7 @@ import math
 import torch
 
 from hf_streamlm.config import Config
+from hf_streamlm.train.spikes import SpikeWindow
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,13 @@ class NonFiniteGuard:
 
     ``skip``: the update is dropped (weights and optimizer state unchanged), the step is counted;
     after ``max_nonfinite_skips`` skipped steps in a row, or with ``stop``, :meth:`check` says stop.
-    All ranks reach the same decision (the flag is summed over processes)."""
+    All ranks reach the same decision (the flag is summed over processes).
 
-    def __init__(self, config: Config, accelerator):
+    With ``runtime.spikes``, the step's mean loss and gradient norm travel in the same read-back and a
+    :class:`~hf_streamlm.train.spikes.SpikeWindow` (``spike_window``: a checkpoint's) judges them: ``spike`` is then
+    what made the step a spike, or None."""
+
+    def __init__(self, config: Config, accelerator, spike_window: dict | None = None):
         self.mode = config.runtime.on_nonfinite
         self.patience = config.runtime.max_nonfinite_skips
         self.fp16 = config.runtime.precision == "fp16"
@@ -76,9 +81,16 @@ class NonFiniteGuard:
         self.accelerator = accelerator
         self.in_a_row = 0
         self.bad_loss = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        self.spikes = SpikeWindow(config.runtime.spikes, spike_window) if config.runtime.spikes.enabled else None
+        self.spike: dict | None = None
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+        self.micro = 0
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.bad_loss |= ~torch.isfinite(loss.detach())
+        if self.spikes is not None:  # summed on the device: read back with the verdict, at the step's end
+            self.loss_sum += loss.detach().float()
+            self.micro += 1
 
     def check(self, grad_norm: torch.Tensor | float | None) -> bool:
         """True when the optimizer may step. Resets the loss flag for the next step."""
@@ -96,6 +108,8 @@ class NonFiniteGuard:
         if grad_norm is not None and not self.fp16:
             bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).reshape(())
         self.bad_loss.zero_()
+        if self.spikes is not None:
+            return self._decide_with_spikes(bad, grad_norm, stop_requested)
         if self.accelerator.num_processes > 1:
             # Both flags in one integer, summed over the ranks: bad + (world + 1) x stop, so the sum is
             # (bad ranks) + (world + 1) x (stopping ranks) and one scalar read says both.
@@ -107,6 +121,25 @@ class NonFiniteGuard:
             is_bad, stop = bool(bad), stop_requested
         self.in_a_row = self.in_a_row + 1 if is_bad else 0
         return not is_bad, stop
+
+    def _decide_with_spikes(self, bad: torch.Tensor, grad_norm, stop_requested: bool) -> tuple[bool, bool]:
+        """:meth:`decide` with the spike check: (bad ranks, stopping ranks, mean loss, grad norm) summed over the ranks
+        in one all-reduce, read back in one copy; every rank then judges the same numbers with the same window."""
+        world = self.accelerator.num_processes
+        norm = bad.new_zeros((), dtype=torch.float32)
+        if grad_norm is not None:
+            norm = torch.as_tensor(grad_norm, device=bad.device).reshape(()).float()
+        flag = bad.new_zeros((), dtype=torch.float32) + float(stop_requested)  # a scalar operand: no copy to the device
+        payload = torch.stack([bad.float(), flag, self.loss_sum / max(self.micro, 1), norm])
+        self.loss_sum.zero_()
+        self.micro = 0
+        if world > 1:
+            payload = self.accelerator.reduce(payload, reduction="sum")
+        bad_ranks, stopping, loss, norm_sum = payload.tolist()  # the step's one read-back
+        is_bad, stop = bad_ranks > 0, stopping > 0
+        self.in_a_row = self.in_a_row + 1 if is_bad else 0
+        self.spike = None if is_bad else self.spikes.judge(loss / world, None if grad_norm is None else norm_sum / world)
+        return not is_bad and self.spike is None, stop
 
     @property
     def must_stop(self) -> bool:
