@@ -207,8 +207,8 @@ class DataConfig:
     whatever its documents' lengths). With ``tokens`` or a ``schedule`` each source is read, shuffled and
     tokenized on its own and the pipeline mixes whole documents (docs/data.md, "Data schedules")."""
     schedule: list[dict[str, Any]] = field(default_factory=list)
-    """Stages of the mixture by tokens trained: ``{until, weights: {label: weight}, interpolate: none|linear}``;
-    ``until`` up to 1 is a fraction of the run's tokens, above 1 a number of tokens. Sources a stage does not
+    """Stages of the mixture by tokens trained: ``{until, weights: {label: weight}, interpolate}`` (``none`` or
+    ``linear``); ``until`` up to 1 is a fraction of the run's tokens, above 1 a number of tokens. Sources a stage does not
     name are not read in it; the last stage holds to the end of the run (docs/data.md, "Data schedules")."""
     mlm_probability: float | list[dict[str, Any]] = 0.15
     """Share of tokens masked for MicroBERT (80% [MASK], 10% random, 10% kept); or stages
@@ -351,6 +351,14 @@ class SpikesConfig:
     """Steps in the rolling window the mean and standard deviation are computed over (part of every checkpoint)."""
     min_steps: int = 64
     """Steps the window must hold before any step is judged (OLMo-core: half the window)."""
+    rollback_after: int = 3
+    """Roll back after this many skipped steps within ``rollback_within`` steps: the run returns to the last
+    checkpoint before the first of them and skips their documents (``<output_dir>/skipped_documents.jsonl``); 0: never
+    roll back, skip spikes one by one."""
+    rollback_within: int = 128
+    """The span of steps (the window's default) in which ``rollback_after`` skipped steps trigger a rollback."""
+    max_rollbacks: int = 3
+    """Rollbacks a run may make; at the next one due it stops instead (one line, exit status 5)."""
 
 
 @dataclass
