@@ -152,19 +152,34 @@ def test_an_elastic_resume_across_the_boundary_keeps_each_source_pass_once(corpu
             next(it)
             trace += ld.take_documents()
     states = [copy.deepcopy(ld.state_dict()) for ld in old]
+    # Each source's readers are passes ahead (a tokenizing chunk is 256 documents, a reader's pass 12 or 30): the
+    # passes in flight must be finished from the old readers' shares, per source.
+    read = [s["read_epochs"][0] for s in states]
+    assert all(isinstance(r, list) and r[1] >= 2 for r in read), read
     new_config = config_for(root, 2)
     new = loader(new_config, tokenizer)
     new.load_elastic(origins(states, 1, new.num_workers, 0, reader_settings(old_config, 2, 0)),
                      min(s["epoch"] for s in states))
     it = iter(new)
-    for _ in range(140):  # past the boundary, far enough for each source's second pass to end
+    # Each source's old readers read many passes ahead (their tokenizing chunks): train until every source's trace
+    # is two passes past the newest one any old reader had started.
+    ahead = [max(r[source] for r in read) + 2 for source in (0, 1)]
+    newest = [0, 0]
+    for _ in range(3000):
         next(it)
-        trace += new.take_documents()
+        for source, key, epoch in new.take_documents():
+            trace.append([source, key, epoch])
+            newest[source] = max(newest[source], epoch)
+        if newest[0] >= ahead[0] and newest[1] >= ahead[1]:
+            break
+    assert newest[0] >= ahead[0] and newest[1] >= ahead[1], (newest, ahead)
     by_pass: dict[tuple[int, int], Counter] = {}
     for source, key, epoch in trace:
         by_pass.setdefault((source, epoch), Counter())[key] += 1
     for source in (0, 1):
-        for epoch in (0, 1):
+        # Every pass the old readers had started is trained whole (the run goes on past the pass after them: the
+        # block shuffle may still hold the last blocks of the pass before the newest one traced).
+        for epoch in range(newest[source] - 1):
             got = by_pass[(source, epoch)]
             assert got == want[source], (source, epoch, len(want[source] - got), sum(n > 1 for n in got.values()))
     stage, stage_tokens, _ = new.mixture()

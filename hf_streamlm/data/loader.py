@@ -97,7 +97,7 @@ class ResumableLoader:
         if self.num_workers == 0 and self.stream.live is not None:
             # No prefetching without workers: the live pipeline has produced exactly the batches consumed.
             self.workers[0] = {"snapshot": self.stream.live.state_dict(), "skip": 0}
-            self.read_epochs[0] = self.stream.live.epoch
+            self.read_epochs[0] = self.stream.live.read_epoch()
         return {
             "num_workers": self.num_workers,
             "next_worker": self.next_worker,
@@ -115,7 +115,7 @@ class ResumableLoader:
         optimizer step): a read failure can leave that pipeline in the middle of a batch."""
         live = None
         if self.num_workers == 0 and self.stream.live is not None:
-            live = {"snapshot": self.stream.live.state_dict(), "skip": 0}, self.stream.live.epoch
+            live = {"snapshot": self.stream.live.state_dict(), "skip": 0}, self.stream.live.read_epoch()
         self._mark = {
             "workers": {w: dict(entry) for w, entry in self.workers.items()}, "live": live,
             "next_worker": self.next_worker, "turns": list(self.turns), "epoch": self.epoch,

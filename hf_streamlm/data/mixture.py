@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_streamlm.config import ConfigError
 from hf_streamlm.data.elastic import packed_ahead, take_counts
 from hf_streamlm.data.schedule import Schedule
 from hf_streamlm.data.stream import WorkerPipeline
@@ -89,7 +90,9 @@ class MixedPipeline(WorkerPipeline):
         while True:
             live = [s for s, w in enumerate(weights) if w > 0 and s not in self.empty]
             if not live:
-                return False
+                raise ConfigError(f"data.schedule stage {stage} reads only sources with no documents for this reader "
+                                  f"({', '.join(self.names[s] for s, w in enumerate(weights) if w > 0)}): their shards "
+                                  "went to other ranks and DataLoader workers, or every document was filtered out")
             total = sum(weights[s] for s in live)
             share = {s: weights[s] / total for s in live}
             pick = max(live, key=lambda s: (self.credit[s] + share[s], share[s], -s))
@@ -120,6 +123,9 @@ class MixedPipeline(WorkerPipeline):
             counts[source] = counts.get(source, 0) + len(tokens)
         super()._emitted(pieces, pad)
 
+    def read_epoch(self) -> list[int]:
+        return [sub.epoch for sub in self.subs]
+
     def skipped(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for sub in self.subs:
@@ -130,8 +136,7 @@ class MixedPipeline(WorkerPipeline):
     def next_batch(self):
         batch = super().next_batch()
         if batch is not None:
-            epochs = [sub.epoch for sub in self.subs]
-            batch["_epoch"], batch["_read_epoch"] = min(epochs), epochs  # (per source: elastic.origins)
+            batch["_epoch"] = min(sub.epoch for sub in self.subs)
             # The stage of the batch's last token.
             mix = {"stage": self.schedule.stage_at(self.trained(-1)), "stages": len(self.schedule.ends),
                    "stage_tokens": {k: dict(v) for k, v in self.stage_tokens.items()}}

@@ -124,6 +124,7 @@ class WorkerPipeline:
         self._skips = skip_counter(skips_key)
         self._skips_at_start = Counter(self._skips)
         self.skipped_before: dict[str, int] = {}
+        self.skip = None  # documents a rollback after spikes named (hf_streamlm.data.skips.DocumentSkips), by the factory
         self.rng = random.Random(seed)
         # The block shuffle after packing: packed blocks (as pieces, see `blocks.cut_block`), one pass at a time; a block
         # of the next pass waits in `block_wait` while the buffer drains.
@@ -274,6 +275,8 @@ class WorkerPipeline:
             self._submit([found[int(s)] for s, _ in state["pending"]])
         self.skipped_before = dict(state["skipped"])
         self._skips_at_start = Counter(self._skips)  # the re-read counted its skips again
+        if self.skip is not None:  # what the state holds tokenized of documents skipped since it was written
+            self.skip.purge(self)
 
     def _seek(self, state: dict[str, Any], held: dict[int, int] | None = None) -> dict[int, Doc]:
         """Re-open the reading at ``state``'s anchor and read forward to its ``read`` (no tokenizing), keeping the
@@ -378,6 +381,11 @@ class WorkerPipeline:
         del self.tokens[:end - self.cut]
         self.cut = end
         return ids, source, key, epoch
+
+    def read_epoch(self) -> int | list[int]:
+        """The pass being read (per source when sources are read on their own): how far an elastic resume must
+        finish the old readers' shares."""
+        return self.epoch
 
     def trained(self, ahead: int = 0) -> int:
         """Global tokens trained when this reader's next token, or the one ``ahead`` tokens after it, is."""
@@ -531,6 +539,8 @@ class WorkerPipeline:
         head, tail, tokens = self.head, self.tail, self.tokens
         extra = len(head) + len(tail)
         for doc, ids in zip(docs, encoded):
+            if self.skip is not None and self.skip.drops(self, doc):
+                continue
             source = doc.source
             self.source_docs[source] = self.source_docs.get(source, 0) + 1
             self.source_tokens[source] = self.source_tokens.get(source, 0) + len(ids) + extra
@@ -576,7 +586,7 @@ class WorkerPipeline:
             self.collate.mlm_probability = self.mlm_schedule.value_at(self.trained(-len(blocks) * self.block_size))
         batch = self.collate(blocks)
         batch["_epoch"] = self.batch_epoch
-        batch["_read_epoch"] = self.epoch  # the pass being read: how far an elastic resume must finish old shares
+        batch["_read_epoch"] = self.read_epoch()
         self.produced += 1
         batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens), self.skipped())
         if self.trace:
