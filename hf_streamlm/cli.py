@@ -1,7 +1,7 @@
 """The ``hf-streamlm`` console script: one argparse subcommand per job, each with the same ``--help``
 shape (usage, description, arguments, options; the config key reference for those that take a config).
 
-``train``, ``config``, ``tokenizer``, ``stats``, ``eval`` and ``cache`` take ``recipe=NAME key=value``
+``train``, ``config``, ``tokenizer``, ``stats``, ``plan``, ``eval`` and ``cache`` take ``recipe=NAME key=value``
 config arguments as ``python -m hf_streamlm.run`` does: ``parse_known_args`` leaves them, wherever they
 stand among the flags, to :func:`hf_streamlm.config.load_config`.
 """
@@ -22,7 +22,9 @@ COMMANDS = {
     "recipes": "list the shipped recipes",
     "tokenizer": "train the recipe's tokenizer from its stream: tokenizer recipe=NAME [key=value ...] [--output DIR]",
     "stats": "measure the recipe's data pipeline: stats recipe=NAME [key=value ...] [--json] [--plot FILE]",
-    "models": "list the named model shapes (model.preset=NAME) with parameter counts",
+    "models": "list the named model shapes (model.preset=NAME) with parameter counts and traced training memory",
+    "plan": "will recipe=NAME fit, how fast, how long, what cost: plan recipe=NAME [key=value ...] [--gpus N] "
+            "[--gpu NAME] [--config FILE] [--price-per-gpu-hour USD] [--json]",
     "eval": "score a model on the held-out stream: eval PATH [recipe=NAME] [key=value ...] [--json FILE]; or on "
             "lm-evaluation-harness tasks: eval PATH --tasks NAMES [--include-path DIR] [--limit N]",
     "export": "export a checkpoint or run directory in Hub format: export PATH [--format native|custom] --output DIR",
@@ -350,35 +352,103 @@ def _write_vocab_and_merges(folder) -> None:
 
 
 def models_command(ns: argparse.Namespace, overrides: list[str]) -> int:
-    """Seed 003's model_config_comparison.py: every recipe's and preset's model, sized without memory."""
+    """Seed 003's model_config_comparison.py: every recipe's and preset's model, its training memory traced
+    (``hf-streamlm plan``'s step on fake tensors, one GPU)."""
+    import hf_streamlm.models  # noqa: F401  (registers the families with the Auto classes)
     from hf_streamlm.config import ModelConfig, build
     from hf_streamlm.models.presets import MODEL_PRESETS, PRESET_VOCAB, SEED_PARAMETER_COUNTS
+    from hf_streamlm.plan import read_layout
+    from hf_streamlm.plan.planner import rank_memory
     from hf_streamlm.train.builders import estimate
+
+    one_gpu = read_layout(None, 1)
+    peaks: dict[tuple, int] = {}
+
+    def traced_peak(config) -> int:  # recipes of one shape (runpod_1b and its variants) are traced once
+        d = config.data
+        key = (repr(config.model), d.batch_size, d.sequence_length, d.gradient_accumulation_steps, d.document_masking,
+               d.mlm_probability, config.runtime.precision, config.optimizer.algorithm, config.tokenizer.vocab_size)
+        if key not in peaks:
+            peaks[key] = rank_memory(config, one_gpu).peak
+        return peaks[key]
 
     rows = []
     for name in available_recipes():
         config = load_config([f"recipe={name}"])
         vocab = config.model.vocab_size or config.tokenizer.vocab_size
-        rows.append((f"recipe={name}", estimate(config.model, vocab, config.data.sequence_length,
-                                                config.data.batch_size, config.optimizer.algorithm), ""))
+        e = estimate(config.model, vocab, config.data.sequence_length, config.data.batch_size)
+        rows.append((f"recipe={name}", e, traced_peak(config), ""))
     for name, values in MODEL_PRESETS.items():
         m = build(ModelConfig, values)
-        rows.append((f"preset={name}", estimate(m, PRESET_VOCAB[m.type], m.max_position_embeddings, 1),
+        vocab, length = PRESET_VOCAB[m.type], m.max_position_embeddings
+        config = load_config([f"model.preset={name}", f"tokenizer.vocab_size={vocab}", "data.batch_size=1",
+                              f"data.sequence_length={length}", "data.gradient_accumulation_steps=1",
+                              "runtime.precision=bf16", *(["tokenizer.kind=bpe"] if m.type == "decoder" else [])])
+        rows.append((f"preset={name}", estimate(m, vocab, length, 1), traced_peak(config),
                      SEED_PARAMETER_COUNTS.get(name, "")))
-    width = max(34, *(len(label) + 1 for label, _, _ in rows))  # the longest name, at least the old width
+    width = max(34, *(len(label) + 1 for label, *_ in rows))  # the longest name, at least the old width
     header = (f"{'model':<{width}}{'family':<11}{'layers':>7}{'heads':>6}{'kv':>4}{'hidden':>7}{'inter':>7}{'vocab':>7}"
               f"{'params':>15}{'FLOPs/token':>13}{'train mem':>11}  seed")
     print(header)
-    for label, e, seed in rows:
+    for label, e, peak, seed in rows:
         print(f"{label:<{width}}{e['type']:<11}{e['layers']:>7}{e['heads']:>6}{e['kv_heads']:>4}{e['hidden']:>7}"
               f"{e['intermediate']:>7}{e['vocab']:>7}{e['params']:>15,}{e['flops_per_token']:>13.3g}"
-              f"{e['train_memory_gib']:>9.2f}Gi  {seed}")
-    print("\nFLOPs/token = 6N + 12·L·d·T (Kaplan et al. 2020 + attention; T = sequence length). train mem = bf16"
-          " mixed precision with AdamW: 16 bytes/param (fp32 weights, grads, two moments; 12 for the matrices Muon"
-          " trains with optimizer.algorithm=muon: one moment) + activations of one"
-          " micro-batch without checkpointing (Korthikanti et al. 2022: T·b·d·(34 + 5·a·T/d) bytes per layer) + ~12"
-          " bytes per logit of the LM head and its loss (all T·b positions; one model.loss_chunk_size chunk for a"
-          " decoder's fused loss).")
+              f"{peak / 2**30:>9.2f}Gi  {seed}")
+    print("\nFLOPs/token = 6N + 12·L·d·T (Kaplan et al. 2020 + attention; T = sequence length). train mem = the"
+          " storage peak of one optimizer step on one GPU, traced on fake tensors as `hf-streamlm plan` traces it"
+          " (docs/plan.md): the recipe's micro-batch, sequence length, precision, attention kernel (fused SDPA: no"
+          " T x T scores), activation checkpointing and loss chunk; fused AdamW (Muon with optimizer.algorithm=muon)."
+          " Presets: micro-batch 1 at their full length, bf16. Per-GPU figures under DDP, ZeRO or FSDP2, and the"
+          " headroom on a given GPU: hf-streamlm plan recipe=NAME --config FILE.")
+    return 0
+
+
+def add_plan_args(parser: ArgumentParser) -> None:
+    from hf_streamlm.plan.gpus import CALIBRATION_FILE, GPUS
+
+    add_overrides(parser)
+    parser.add_argument("--gpus", type=positive_count, metavar="N",
+                        help="GPUs (one process each); default: the --config file's num_processes, else 1")
+    parser.add_argument("--gpu", choices=GPUS, default="h100-80gb", help="the GPU model (default h100-80gb)")
+    parser.add_argument("--config", metavar="FILE", help="an accelerate config (accelerate_configs/*.yaml): DDP, "
+                                                         "DeepSpeed ZeRO-2/3 (+offload) or FSDP2")
+    parser.add_argument("--price-per-gpu-hour", type=price, metavar="USD", help="price of one GPU for an hour")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help=f"measured MFU and memory ratio per GPU (default: {CALIBRATION_FILE} here, if present)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    parser.needs.update({"--gpus": "a number (e.g. --gpus 8)", "--config": "a file (e.g. --config "
+                         "accelerate_configs/deepspeed_zero2.yaml)", "--price-per-gpu-hour": "a price (e.g. 2.49)",
+                         "--calibration": "a file (e.g. --calibration plan_calibration.json)"})
+
+
+def positive_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--gpus takes a positive number of GPUs, got '{value}'")
+    return int(value)
+
+
+def price(value: str) -> float:
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = -1.0
+    if not amount >= 0:
+        raise argparse.ArgumentTypeError(f"--price-per-gpu-hour takes a price (e.g. 2.49), got '{value}'")
+    return amount
+
+
+def plan_command(ns: argparse.Namespace, overrides: list[str]) -> int:
+    """Trace one optimizer step of the recipe on fake tensors under the accelerate config's sharding: per-GPU
+    peak memory and headroom, what to change when it does not fit, tokens/s, time to the budget, cost."""
+    import json
+
+    import hf_streamlm.models  # noqa: F401  (registers the families with the Auto classes)
+    from hf_streamlm.plan import format_plan, make_plan
+
+    if not overrides:
+        fail("plan needs a recipe: plan recipe=NAME [key=value ...] [--gpus N] [--gpu NAME] [--config FILE]")
+    plan = make_plan(overrides, ns.gpus, ns.gpu, ns.config, ns.price_per_gpu_hour, ns.calibration)
+    print(json.dumps(plan) if ns.json else format_plan(plan))
     return 0
 
 
@@ -417,6 +487,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[ArgumentParser], None] | None, Handler, b
     "tokenizer": (add_tokenizer_args, tokenizer_command, True),
     "stats": (add_stats_args, stats_command, True),
     "models": (None, models_command, False),
+    "plan": (add_plan_args, plan_command, True),
     "eval": (add_eval_args, eval_command, True),
     "export": (add_export_args, export_command, False),
     "push": (add_push_args, push_command, False),
