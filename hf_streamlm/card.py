@@ -126,6 +126,11 @@ def model_card(model, config: Config, fmt: str, summary: dict | None = None) -> 
     spikes = (f"\n- Loss spikes (`runtime.spikes`, {config.runtime.spikes.sigma:g} sigma over {config.runtime.spikes.window} "
               f"steps): {summary.get('spike_skips', 0)} step(s) skipped, listed in the run's `spikes.jsonl`"
               if config.runtime.spikes.enabled else "")
+    if spikes and summary.get("rollbacks"):  # hf_streamlm.train.rollback
+        spikes += (f"; {summary['rollbacks']} rollback(s) after repeated spikes (`rollbacks.jsonl`), "
+                   f"{summary.get('skipped_documents', 0)} document(s) skipped since, listed in the run's "
+                   f"`skipped_documents.jsonl`" + (f", {summary['dropped_micro_batches']} micro-batches dropped "
+                   "(no document trace)" if summary.get("dropped_micro_batches") else ""))
     figures = summary.get("eval") or {}
     results = "\n".join(f"| {k.removeprefix('eval_')} | {v:.4f} |" for k, v in figures.items())
     results = f"| metric | value |\n|---|---|\n{results}" if results else "No evaluation was recorded."

@@ -3,7 +3,8 @@
 Exit statuses (docs/troubleshooting.md): 0 finished or stopped by a signal with a checkpoint; 2 bad
 input (unknown key, wrong type, unknown recipe, impossible combination, unreadable data before any
 step, a refused resume), one line naming what is wrong; 3 stopped on a NaN/inf with the last good state
-saved; 4 a data source failed after training started, with the last completed step saved.
+saved; 4 a data source failed after training started, with the last completed step saved; 5 stopped after
+``runtime.spikes.max_rollbacks`` rollbacks after loss spikes.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_streamlm.train.loop import train
     from hf_streamlm.train.stops import DataFailure
     from hf_streamlm.train.monitor import NonFiniteError
+    from hf_streamlm.train.rollback import SPIKE_STOP_STATUS, SpikeStop
 
     try:
         train(config, command=command_line(argv))
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataFailure as err:  # a source failed mid-run; the last completed step is saved
         print(f"hf-streamlm: error: {err}", file=sys.stderr)
         raise SystemExit(4) from None
+    except SpikeStop as err:  # repeated loss spikes after runtime.spikes.max_rollbacks rollbacks
+        print(f"hf-streamlm: error: {one_line(str(err))}", file=sys.stderr)
+        raise SystemExit(SPIKE_STOP_STATUS) from None
     return 0
 
 

@@ -174,6 +174,9 @@ def validate(c: Config) -> None:
     _positive("runtime.spikes.sigma", r.spikes.sigma, allow_none=False)
     _positive("runtime.spikes.window", r.spikes.window, allow_none=False)
     _positive("runtime.spikes.min_steps", r.spikes.min_steps, allow_none=False)
+    _positive("runtime.spikes.rollback_within", r.spikes.rollback_within, allow_none=False)
+    _positive("runtime.spikes.rollback_after", r.spikes.rollback_after, allow_none=False, allow_zero=True)
+    _positive("runtime.spikes.max_rollbacks", r.spikes.max_rollbacks, allow_none=False, allow_zero=True)
     if r.spikes.min_steps < 2 or r.spikes.min_steps > r.spikes.window:
         raise ConfigError(f"'runtime.spikes.min_steps' must be from 2 (a standard deviation needs two steps) to "
                           f"runtime.spikes.window ({r.spikes.window}), got {r.spikes.min_steps}")

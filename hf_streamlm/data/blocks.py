@@ -147,6 +147,7 @@ def block_of(self: Any, pieces: list[tuple], pad: int) -> dict[str, list[int]]:
     # document that holds its last token.
     if self.trace:
         self.batch_docs += [[source, f"{key:016x}", epoch] for _, source, key, epoch, ends in pieces if ends]
+        self.batch_open += [[source, f"{key:016x}", epoch] for _, source, key, epoch, ends in pieces if not ends]
     self.batch_epoch = pieces[-1][3]
     return block
 

@@ -90,6 +90,9 @@ class ResumableLoader:
         self.next_worker = 0
         self.epoch = 0
         self.docs: list[list] = []  # with data.trace_documents: documents that ended in the batches handed out
+        # ... and those with tokens in them that end later: the last step's (step_open), for a rollback after spikes.
+        self.open: list[list] = []
+        self.step_open: list[list] = []
         self.sources: dict[int, tuple[dict, dict]] = {}  # per worker: cumulative (docs, tokens) by source
         self.read_epochs: dict[int, int] = {}  # per worker: the pass it was reading when its last batch was made
 
@@ -168,6 +171,7 @@ class ResumableLoader:
         """``[source_index, key, epoch]`` of the documents whose last token was in the batches handed out
         since the last call (``data.trace_documents``): an optimizer step's, called once per step."""
         docs, self.docs = self.docs, []
+        self.step_open, self.open = self.open, []
         return docs
 
     def source_counts(self) -> tuple[dict[int, int], dict[int, int]]:
@@ -239,6 +243,7 @@ class ResumableLoader:
                 self.epoch = out.pop("_epoch")
                 self.read_epochs[worker] = out.pop("_read_epoch")
                 self.docs.extend(out.pop("_docs", ()))
+                self.open.extend(out.pop("_open", ()))
                 self.sources[worker] = out.pop("_sources")
                 self.next_worker = (self.next_worker + 1) % len(self.turns)
                 yield out

@@ -28,6 +28,7 @@ from hf_streamlm.data.sources import (ROW_BATCH, _shard_source, apply_network_se
 from hf_streamlm.data.loader import BlockStream, ResumableLoader
 from hf_streamlm.data.mixture import MixedPipeline, SourceReader
 from hf_streamlm.data.schedule import check_schedules, mixture_schedule
+from hf_streamlm.data.skips import DocumentSkips
 from hf_streamlm.data.stream import WorkerPipeline
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class PipelineFactory:
         self.buffer_per_worker = config.data.shuffle_buffer_size if buffer_per_worker is None else buffer_per_worker
         self.blocks_per_worker = blocks_per_worker
         self.layout = layout
+        self.skip = DocumentSkips.of_run(config.output_dir)  # after a rollback (runtime.spikes): hf_streamlm.data.skips
 
     def settings(self, worker: int, rank: int | None, settings: dict | None, passes: int | None = None,
                  pad_id: int | None = None) -> dict[str, Any]:
@@ -304,7 +306,7 @@ class PipelineFactory:
         pipeline = WorkerPipeline(self.texts if texts is None else texts, collate=self.collator_factory(kwargs["seed"]),
                                   **kwargs)
         clock(pipeline, self.config, self.layout if settings is None else (settings["processes"], settings["workers"]))
-        pipeline.open_reader = self.old_reader
+        pipeline.open_reader, pipeline.skip = self.old_reader, self.skip
         return pipeline
 
     def old_reader(self, part: dict) -> WorkerPipeline:
@@ -358,7 +360,7 @@ class MixtureFactory(PipelineFactory):
                               source_names(self.config), collate=self.collator_factory(kwargs["seed"]),
                               **{k: v for k, v in kwargs.items() if k not in ("encode", "skips_key")})
         clock(mixer, self.config, layout)
-        mixer.open_reader = self.old_reader
+        mixer.open_reader, mixer.skip = self.old_reader, self.skip
         return mixer
 
     def _source_reader(self, s: int, worker: int, texts, rank: int | None, settings: dict | None,
@@ -368,7 +370,7 @@ class MixtureFactory(PipelineFactory):
                       block_shuffle_size=0)
         sub = SourceReader(s, self._rebuilt_mixer, texts, collate=None, **kwargs)
         clock(sub, self.config, layout)
-        sub.mlm_schedule = None
+        sub.mlm_schedule, sub.skip = None, self.skip
         sub.open_reader = lambda part, s=s: self.old_source_reader(part, s)
         return sub
 

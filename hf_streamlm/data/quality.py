@@ -2,9 +2,10 @@
 dropped; files that cannot be read stop the run with one line naming the file and line.
 
 Skip kinds: ``none`` (null text), ``not_text`` (a number, list ...), ``empty`` (empty or
-whitespace only), ``short`` (fewer words than ``min_words``). Counts live in a per-process registry
-keyed by the stream that counts them, so DataLoader workers count their own reads; the training
-stream carries them into ``history.jsonl`` (``skipped``) and ``hf-streamlm stats`` reports them.
+whitespace only), ``short`` (fewer words than ``min_words``), ``spike`` (named by a rollback after
+loss spikes: hf_streamlm.data.skips). Counts live in a per-process registry keyed by the stream that
+counts them, so DataLoader workers count their own reads; the training stream carries them into
+``history.jsonl`` (``skipped``) and ``hf-streamlm stats`` reports them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SKIP_KINDS = ("none", "not_text", "empty", "short")
+SKIP_KINDS = ("none", "not_text", "empty", "short", "spike")
 
 _COUNTS: dict[str, Counter] = {}
 

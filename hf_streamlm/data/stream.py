@@ -150,6 +150,7 @@ class WorkerPipeline:
         self.handed: deque[list[tuple]] = deque()
         self.batch_epoch = 0
         self.batch_docs: list[list] = []
+        self.batch_open: list[list] = []  # with the trace: documents with tokens in the batch, not ending there
         self._rows: Iterator[dict] | None = None
         self._resumed_pass = False  # a pass resumed at its very end yields no rows yet is not empty
         self._clamp_warned = False
@@ -571,7 +572,7 @@ class WorkerPipeline:
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
         blocks = []
-        self.batch_docs = []
+        self.batch_docs, self.batch_open = [], []
         for _ in range(self.batch_size):
             block = self.next_block()
             if block is None:
@@ -590,6 +591,6 @@ class WorkerPipeline:
         self.produced += 1
         batch["_sources"] = (dict(self.source_docs), dict(self.source_tokens), self.skipped())
         if self.trace:
-            batch["_docs"] = self.batch_docs
+            batch["_docs"], batch["_open"] = self.batch_docs, self.batch_open
         return batch
 

@@ -41,6 +41,7 @@ from hf_streamlm.train.hub_sync import resume_choice, start_pusher
 from hf_streamlm.train.logs import Window, log_row, source_counts
 from hf_streamlm.train.monitor import NonFiniteGuard, peak_flops, total_steps_for
 from hf_streamlm.train.prepare import count_steps_per_epoch, prepare_tokenizer
+from hf_streamlm.train.rollback import Rollback, Rollbacks
 from hf_streamlm.train.signals import StopSignal, shielded
 from hf_streamlm.train.spikes import SpikeLog, check_spikes_engine
 from hf_streamlm.train.stops import fetch_step, shared_failure, stop_nonfinite, stop_on_data_failure
@@ -52,7 +53,17 @@ logger = logging.getLogger(__name__)
 
 def train(config: Config, command: str | None = None) -> Path:
     """Train according to ``config``; return the run directory. ``command`` (the command line that
-    started the run) goes into the checkpoints and the model card."""
+    started the run) goes into the checkpoints and the model card. A rollback after repeated loss spikes
+    (hf_streamlm.train.rollback) starts the run again here, from the checkpoint it chose."""
+    while True:
+        try:
+            return train_once(config, command)
+        except Rollback as back:  # from the checkpoint latest.json now names; none: the start (not the Hub's)
+            config.runtime.resume = "auto" if back.args[0] else "never"
+
+
+def train_once(config: Config, command: str | None = None) -> Path:
+    """:func:`train` up to its end, or up to a rollback (:class:`~hf_streamlm.train.rollback.Rollback` raised)."""
     r, d = config.runtime, config.data
     out = config.output_dir
     trackers = log_with(config, out)  # a tracker that is not installed: one line, before anything starts
@@ -119,6 +130,7 @@ def train(config: Config, command: str | None = None) -> Path:
     guard = NonFiniteGuard(config, accelerator, state.pop("spike_window", None))  # runtime.spikes: the checkpoint's window
     spike_log = SpikeLog(out, state, accelerator.is_main_process, rank)  # spikes.jsonl cut back to the resumed step
     history = History(out / "history.jsonl", resume_step=state["step"]) if accelerator.is_main_process else None
+    rollbacks = Rollbacks(config, out, ckpt_dir, accelerator, state, resume_from)  # runtime.spikes.rollback_after
 
     resumed_at = state["step"]
     stop = StopSignal()  # SIGTERM (RunPod preemption) / SIGINT: checkpoint at the next step boundary, exit 0
@@ -136,6 +148,8 @@ def train(config: Config, command: str | None = None) -> Path:
         while state["step"] < total_steps:
             with window.waiting():
                 step_batches, failure = fetch_step(batches, d.gradient_accumulation_steps, loader)
+                while failure is None and rollbacks.drops(state, loader):  # a rolled-back spike's token range
+                    step_batches, failure = fetch_step(batches, d.gradient_accumulation_steps, loader)
             if failure := shared_failure(accelerator, failure):  # a source failed on some rank: no rank trains
                 raise stop_on_data_failure(accelerator, config, tokenizer, ckpt_dir, state, loader, failure, resumed_at)
             state["epoch"] = loader.epoch
@@ -174,6 +188,8 @@ def train(config: Config, command: str | None = None) -> Path:
             state["step"] += 1
             if trace:
                 trace.write(state["step"], loader.take_documents())
+            if guard.spikes:  # repeated spikes: back to the checkpoint before them (Rollback raised)
+                rollbacks.after_step(guard.spike is not None, state, loader)
             bar.update(1)
 
             logs = state["step"] % r.log_every_n_steps == 0 or state["step"] == total_steps
@@ -220,6 +236,9 @@ def train(config: Config, command: str | None = None) -> Path:
                                   f"(save {time.perf_counter() - t_save:.1f} s, {stop.elapsed():.1f} s after the "
                                   "signal). Run the same command again to resume.")
                 break
+    except Rollback:  # the run starts over (hf_streamlm.train.rollback): the queued pushes first
+        pusher.finish()
+        raise
     finally:
         bar.close()
         batches.close()  # DataLoader workers stopped here, on every way out (hf_streamlm.train.signals)
