@@ -221,6 +221,16 @@ def open_prelude(reader, position: dict[str, Any]) -> None:
                              position["current"])
 
 
+def rebuilt(old, part: dict[str, Any]):
+    """``old`` (a reader of the layout ``part`` names, just opened) where it stood: its snapshot loaded, the batches
+    consumed after it replayed."""
+    if part["snapshot"] is not None:
+        old.load_state_dict(part["snapshot"])
+        for _ in range(part["skip"]):
+            old.next_batch()
+    return old
+
+
 def take_counts(reader, old) -> None:
     """Add ``old``'s documents and tokens per source and its skips to ``reader``'s counts."""
     for source, n in old.source_docs.items():

@@ -22,7 +22,7 @@ from hf_streamlm.config import Config, ConfigError, SourceConfig
 from hf_streamlm.data.cap import cap_per_shard
 from hf_streamlm.data.packing import pack
 from hf_streamlm.data.quality import TextFilter
-from hf_streamlm.data.elastic import ShareStream
+from hf_streamlm.data.elastic import ShareStream, rebuilt
 from hf_streamlm.data.sources import (ROW_BATCH, _shard_source, apply_network_settings, load_source, source_names,
                                       training_sources)
 from hf_streamlm.data.loader import BlockStream, ResumableLoader
@@ -387,12 +387,7 @@ class MixtureFactory(PipelineFactory):
         return self._source_reader(s, part["worker"], self._old_texts(part)[s], part["rank"], part, layout)
 
     def _rebuilt_mixer(self, part: dict) -> MixedPipeline:
-        old = self.old_reader(part)
-        if part["snapshot"] is not None:
-            old.load_state_dict(part["snapshot"])
-            for _ in range(part["skip"]):
-                old.next_batch()
-        return old
+        return rebuilt(self.old_reader(part), part)
 
 
 def describe_read_failure(config: Config, err: Exception) -> str:

@@ -43,7 +43,7 @@ import torch
 
 from hf_streamlm.config import ConfigError
 from hf_streamlm.data.documents import Doc, document_key
-from hf_streamlm.data.elastic import Prelude, needs_origin, open_prelude, packed_ahead, take_counts
+from hf_streamlm.data.elastic import Prelude, needs_origin, open_prelude, packed_ahead, rebuilt, take_counts
 from hf_streamlm.data.blocks import (Packed, block_of, cut_block, decode_blocks, decode_packed, encode_blocks,
                                      encode_packed, shuffled_block)
 from hf_streamlm.data.quality import skip_counter
@@ -356,12 +356,7 @@ class WorkerPipeline:
 
     def _rebuild(self, part: dict[str, Any]) -> WorkerPipeline:
         """The old reader ``part`` names, where it stood: its snapshot loaded, the batches consumed since replayed."""
-        old = self.open_reader(part)
-        if part["snapshot"] is not None:
-            old.load_state_dict(part["snapshot"])
-            for _ in range(part["skip"]):
-                old.next_batch()
-        return old
+        return rebuilt(self.open_reader(part), part)
 
     def _ahead(self, old: WorkerPipeline, part: dict[str, Any]) -> list[list[tuple]]:
         """This reader's part of ``old``'s packing content: the blocks it would make next, block ``u`` to part
