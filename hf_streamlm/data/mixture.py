@@ -77,12 +77,12 @@ class MixedPipeline(WorkerPipeline):
         self.empty: set[int] = set()  # sources with no document for this reader (recomputed after a resume)
         self.stage_tokens: dict[int, dict[int, int]] = {}  # stage -> source -> tokens handed out
 
-    def _ahead_tokens(self) -> int:
-        """Tokens this reader holds between its last one handed out and its next document's first."""
-        return len(self.tokens) + self.block_size * (len(self.blocks) + (self.block_wait is not None))
+    def _buffered_tokens(self) -> int:
+        """Tokens in the block-shuffle buffer: cut, not handed out yet."""
+        return self.block_size * (len(self.blocks) + (self.block_wait is not None))
 
     def _fill(self) -> bool:
-        position = self.trained(self._ahead_tokens())
+        position = self.trained(self._buffered_tokens() + len(self.tokens))  # where the next document starts
         stage = self.schedule.stage_at(position)
         if stage != self.mix_stage:
             self.mix_stage, self.credit = stage, [0.0] * len(self.subs)
@@ -115,7 +115,7 @@ class MixedPipeline(WorkerPipeline):
         return True
 
     def _block_phase(self) -> int:
-        return self.schedule.stage_at(self.trained(self.block_size * (len(self.blocks) + (self.block_wait is not None))))
+        return self.schedule.stage_at(self.trained(self._buffered_tokens()))
 
     def _emitted(self, pieces: list[tuple], pad: int) -> None:
         counts = self.stage_tokens.setdefault(self.schedule.stage_at(self.trained()), {})

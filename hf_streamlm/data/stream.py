@@ -124,9 +124,9 @@ class WorkerPipeline:
         self._skips = skip_counter(skips_key)
         self._skips_at_start = Counter(self._skips)
         self.skipped_before: dict[str, int] = {}
-        self.skip = None  # documents a rollback after spikes named (hf_streamlm.data.skips.DocumentSkips), by the factory
+        self.skip = None  # documents a rollback after spikes named (data.skips.DocumentSkips), set by the factory
         self.rng = random.Random(seed)
-        # The block shuffle after packing: packed blocks (as pieces, see `blocks.cut_block`), one pass at a time; a block
+        # The block shuffle after packing: packed blocks (pieces: see `blocks.cut_block`), one pass at a time; a block
         # of the next pass waits in `block_wait` while the buffer drains.
         self.block_rng = random.Random(seed * 7919 + 1)
         self.blocks: list[Packed] = []
