@@ -157,7 +157,8 @@ def test_a_loaded_state_is_purged_of_skipped_documents_and_later_passes_drop_the
 
 
 def test_two_processes_roll_back_together_when_one_rank_read_the_poison(rolled, tmp_path, bpe_500):
-    """Rank 1 alone reads the poisons (one file per rank, as tests/test_spikes.py's launch). Both ranks log the same
+    """Rank 1 alone reads the poisons (one file per rank, as tests/test_spikes.py's launch), in a DataLoader worker
+    per rank, with gradient accumulation 2 and micro-batch 2. Both ranks log the same
     rollback; the record names the documents of both ranks' skipped steps (rank 1's cut documents gathered to the
     main process); after it, neither rank's trace holds a poison, and the launch ends with status 0."""
     import re
@@ -177,7 +178,8 @@ def test_two_processes_roll_back_together_when_one_rank_read_the_poison(rolled, 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), "-m", "hf_streamlm.run", *tiny(source, bpe_500), *WINDOW, *ROLLBACK,
-           "data.trace_documents=true", "runtime.log_every_n_steps=10", f"runtime.output_dir={run}"]
+           "data.trace_documents=true", "runtime.log_every_n_steps=10", "data.num_workers=1",  # the recipe's shape:
+           f"runtime.output_dir={run}"]  # a DataLoader worker per rank, accumulation 2, micro-batch 2
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rollback,) = read_rollbacks(run)
