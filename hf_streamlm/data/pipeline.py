@@ -27,7 +27,7 @@ from hf_streamlm.data.sources import (ROW_BATCH, _shard_source, apply_network_se
                                       training_sources)
 from hf_streamlm.data.loader import BlockStream, ResumableLoader
 from hf_streamlm.data.mixture import MixedPipeline, SourceReader
-from hf_streamlm.data.schedule import check_schedules, mixture_schedule
+from hf_streamlm.data.schedule import check_schedules, mixture_schedule, mlm_schedule
 from hf_streamlm.data.skips import DocumentSkips
 from hf_streamlm.data.stream import WorkerPipeline
 
@@ -255,8 +255,8 @@ def build_eval_blocks(config: Config, tokenizer, max_blocks: int) -> list[dict[s
 
 
 class PipelineFactory:
-    """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers). ``readers``:
-    ``layout``: processes x DataLoader workers, for the data schedules' clock."""
+    """Builds the :class:`WorkerPipeline` of one DataLoader worker (picklable, for spawned workers). ``layout``:
+    processes x DataLoader workers, for the data schedules' clock."""
 
     def __init__(
         self, texts: datasets.IterableDataset, tokenizer, config: Config, rank: int, collator_factory, skips_key: str,
@@ -320,8 +320,6 @@ class PipelineFactory:
 def clock(pipeline: WorkerPipeline, config: Config, layout: tuple[int, int]) -> None:
     """Set ``pipeline``'s data-schedule clock: the readers of its ``layout`` (processes x DataLoader workers), and
     the masking rate's stages."""
-    from hf_streamlm.data.schedule import mlm_schedule
-
     processes, workers = layout
     pipeline.readers = processes * max(1, workers)
     if config.model.type == "microbert":
@@ -355,8 +353,7 @@ class MixtureFactory(PipelineFactory):
         kwargs = self.settings(worker, rank, settings)
         layout = self.layout if settings is None else (settings["processes"], settings["workers"])
         subs = [self._source_reader(s, worker, part, rank, settings, layout) for s, part in enumerate(texts)]
-        processes = layout[0]
-        mixer = MixedPipeline(subs, mixture_schedule(self.config, processes), self.config.data.mix_by == "tokens",
+        mixer = MixedPipeline(subs, mixture_schedule(self.config, layout[0]), self.config.data.mix_by == "tokens",
                               source_names(self.config), collate=self.collator_factory(kwargs["seed"]),
                               **{k: v for k, v in kwargs.items() if k not in ("encode", "skips_key")})
         clock(mixer, self.config, layout)
